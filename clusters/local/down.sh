@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Stop what clusters/local/up.sh started (only those processes: other Ray clusters are left alone).
+set -uo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+RUN="${FARM_HOME:-$ROOT/.farm}/run"
+for svc in ray mlflow; do
+  f="$RUN/$svc.pid"
+  [ -f "$f" ] || continue
+  pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid"
+    for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$f"
+  echo "farm: stopped $svc"
+done

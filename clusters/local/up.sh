@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Start a local farm: a Ray head node labelled with this machine's CPU facts (one bench slot) and an
+# MLflow tracking server (sqlite + local artifact store), both bound to 127.0.0.1. Idempotent.
+#   env: FARM_HOME (default ./.farm)  RAY_PORT (6379)  RAY_DASHBOARD_PORT (8265)  MLFLOW_PORT (5000)
+#        FARM_PORT_BASE: if set, every other Ray port is taken from FARM_PORT_BASE.. (a second cluster)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+export PATH="$ROOT/.venv/bin:$PATH"
+export FARM_HOME=${FARM_HOME:-$ROOT/.farm}
+RAY_PORT=${RAY_PORT:-6379}
+DASH_PORT=${RAY_DASHBOARD_PORT:-8265}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+RUN="$FARM_HOME/run"
+mkdir -p "$RUN" "$FARM_HOME/mlflow/artifacts"
+# Ray token authentication on (Ray creates ~/.ray/auth_token; `ray job submit` and tasks read it).
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+
+up() {
+  local auth=()
+  [ -f "$HOME/.ray/auth_token" ] && auth=(-H "Authorization: Bearer $(cat "$HOME/.ray/auth_token")")
+  curl -sf -o /dev/null "${auth[@]}" "$1"
+}
+
+if ! up "http://127.0.0.1:$MLFLOW_PORT/health"; then
+  # --workers 1 and no job execution: ~0.5 GB instead of ~2.4 GB on a small machine
+  setsid nohup mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$FARM_HOME/mlflow/mlflow.db" \
+    --serve-artifacts --artifacts-destination "$FARM_HOME/mlflow/artifacts" \
+    >"$RUN/mlflow.log" 2>&1 </dev/null &
+  echo $! >"$RUN/mlflow.pid"
+fi
+
+if ! up "http://127.0.0.1:$DASH_PORT/api/version"; then
+  extra=()
+  if [ -n "${FARM_PORT_BASE:-}" ]; then
+    b=$FARM_PORT_BASE
+    extra=(--ray-client-server-port $((b + 1)) --object-manager-port $((b + 2)) --node-manager-port $((b + 3))
+           --dashboard-agent-listen-port $((b + 4)) --dashboard-agent-grpc-port $((b + 5))
+           --runtime-env-agent-port $((b + 6)) --metrics-export-port $((b + 7))
+           --min-worker-port $((b + 100)) --max-worker-port $((b + 199)) --temp-dir "$RUN/ray-tmp")
+  fi
+  # FARM_HOME travels to every task through the node's environment (storage is a local path here).
+  setsid nohup ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus "$(nproc)" \
+    --resources '{"bench_slot": 1}' --labels "$(farm labels ${FARM_EXTRA_LABELS:-})" "${extra[@]}" \
+    >"$RUN/ray.log" 2>&1 </dev/null &
+  echo $! >"$RUN/ray.pid"
+fi
+
+for i in $(seq 1 120); do
+  if up "http://127.0.0.1:$MLFLOW_PORT/health" && up "http://127.0.0.1:$DASH_PORT/api/version"; then
+    echo "farm: Ray dashboard http://127.0.0.1:$DASH_PORT  MLflow http://127.0.0.1:$MLFLOW_PORT  (FARM_HOME=$FARM_HOME)"
+    exit 0
+  fi
+  for svc in mlflow ray; do
+    if [ -f "$RUN/$svc.pid" ] && ! kill -0 "$(cat "$RUN/$svc.pid")" 2>/dev/null; then
+      echo "farm: $svc failed to start; its log:" >&2; tail -30 "$RUN/$svc.log" >&2; exit 1
+    fi
+  done
+  sleep 1
+done
+echo "farm: services did not come up within 120 s; logs in $RUN" >&2
+exit 1

@@ -1,0 +1,133 @@
+"""Process-isolated speed and memory: each benchmark runs in a fresh Python process.
+
+In the child: load the artifact through its runtime, warm up, then `repeats` times: prefill a prompt
+of `prompt_tokens` tokens (fresh context) and decode `decode_tokens` tokens greedily, one step at a
+time. Reported: prefill and decode tokens/s (medians over repeats) with their coefficient of
+variation, time to first token, per-token latency p50/p90 over every decode step, the child's peak
+RSS, and the artifact's size on disk.
+
+The child watches the machine during its timed window: CPU time spent by *other* processes is
+recorded as `foreign_cpus` (average busy CPUs), and a run above CONTAMINATED_CPUS is flagged rather
+than silently reported as clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONTAMINATED_CPUS = 0.3
+
+
+def _busy_seconds() -> float:
+    """Seconds of CPU time used by all processes on this machine since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: that survives exec() and would report
+    the RSS of the (large) Ray worker this process was forked from."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: int, repeats: int,
+            threads: int) -> dict:
+    from farm.runtimes import load
+
+    t0 = time.perf_counter()
+    rt = load(fmt, artifact, threads=threads, n_ctx=len(prompt) + decode + 8)
+    load_s = time.perf_counter() - t0
+    prefill_s, decode_s, ttft_s, steps = [], [], [], []
+    for i in range(warmup + repeats):
+        if i == warmup:  # the timed window starts: watch the rest of the machine from here
+            busy0, own0, wall0 = _busy_seconds(), _own_cpu(), time.monotonic()
+        t0 = time.perf_counter()
+        tok = int(np.argmax(rt.prefill(prompt)))
+        t1 = time.perf_counter()
+        lat = []
+        for _ in range(decode):
+            s = time.perf_counter()
+            tok = int(np.argmax(rt.step(tok)))
+            lat.append(time.perf_counter() - s)
+        if i >= warmup:
+            prefill_s.append(t1 - t0)
+            ttft_s.append(t1 - t0)
+            decode_s.append(sum(lat))
+            steps.extend(lat)
+    foreign = max(0.0, (_busy_seconds() - busy0) - (_own_cpu() - own0)) / (time.monotonic() - wall0)
+    prefill_tps = [len(prompt) / s for s in prefill_s]
+    decode_tps = [decode / s for s in decode_s]
+    return {
+        "prefill_tok_s": float(np.median(prefill_tps)),
+        "decode_tok_s": float(np.median(decode_tps)),
+        "ttft_ms": float(np.median(ttft_s) * 1e3),
+        "token_latency_p50_ms": float(np.percentile(steps, 50) * 1e3),
+        "token_latency_p90_ms": float(np.percentile(steps, 90) * 1e3),
+        "peak_rss_mb": peak_rss_mb(),
+        "prefill_tok_s_cv": float(np.std(prefill_tps) / np.mean(prefill_tps)),
+        "decode_tok_s_cv": float(np.std(decode_tps) / np.mean(decode_tps)),
+        "load_s": load_s,
+        "foreign_cpus": foreign,
+        "contaminated": foreign > CONTAMINATED_CPUS,
+        "threads": threads,
+        "raw": {"prefill_s": prefill_s, "decode_s": decode_s, "step_s": steps},
+    }
+
+
+def run(fmt: str, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path) -> dict:
+    """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json)."""
+    cmd = [sys.executable, "-m", "farm.bench", "--format", fmt, "--artifact", str(artifact),
+           "--reference", str(reference), "--threads", str(threads), "--prompt-tokens",
+           str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
+           "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"benchmark process failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(out_json.read_text())
+
+
+def prompt_tokens(reference: Path, n: int) -> list[int]:
+    ids = np.concatenate([np.load(reference / "eval_tokens.npy").ravel(), np.load(reference / "calib_tokens.npy")])
+    if len(ids) < n:
+        raise ValueError(f"bench.prompt_tokens={n} exceeds the {len(ids)} tokens of text available")
+    return ids[:n].tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="One isolated benchmark (used by farm's bench stage).")
+    p.add_argument("--format", required=True)
+    p.add_argument("--artifact", type=Path, required=True)
+    p.add_argument("--reference", type=Path, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--prompt-tokens", type=int, required=True)
+    p.add_argument("--decode-tokens", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    prompt = prompt_tokens(a.reference, a.prompt_tokens)
+    result = measure(a.format, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads)
+    a.out.write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

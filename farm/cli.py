@@ -1,0 +1,137 @@
+"""`farm validate | run | pareto | promote | generate | schema | labels | nodes`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from farm.errors import FarmError, SpecError
+
+
+def cmd_validate(a) -> int:
+    from farm import grid, spec
+
+    sweep = spec.load(a.file)
+    g = grid.build(sweep)
+    print(f"{a.file}: valid — sweep '{sweep.name}', {len(g.cells)} cells, {len(g.stages)} stages")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from farm import driver
+
+    return driver.run(a.file)
+
+
+def cmd_pareto(a) -> int:
+    from farm.report import pareto_report
+
+    r = pareto_report(a.name, a.sweep_run)
+    print(r["table"])
+    best = r["best"]
+    print(f"\npromote policy ({r['spec']['promote']['metric']}) picks: "
+          f"{best['label'] + ' (run ' + best['id'] + ')' if best else 'nothing (empty front)'}")
+    return 0
+
+
+def cmd_promote(a) -> int:
+    from farm.promote import promote
+
+    r = promote(a.name, a.run, a.model_name, a.alias, a.sweep_run)
+    print(f"promoted {r['label']} (run {r['run_id']}) as {r['model_name']} version {r['version']}, "
+          f"alias '{r['alias']}': load it with mlflow.pyfunc.load_model('{r['uri']}') "
+          f"(tracking server {r['tracking_uri']})")
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from farm.promote import generate
+
+    for text in generate(a.uri, a.prompt, a.max_tokens):
+        print(text)
+    return 0
+
+
+def cmd_schema(a) -> int:
+    from farm.spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if a.output:
+        from pathlib import Path
+
+        from farm.storage import atomic_write_text
+
+        atomic_write_text(Path(a.output), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_labels(a) -> int:
+    from farm.nodes import labels_arg
+
+    extra = dict(kv.split("=", 1) for kv in a.extra)
+    print(labels_arg(extra))
+    return 0
+
+
+def cmd_nodes(a) -> int:
+    import ray
+
+    ray.init(address=a.address or os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
+    for n in ray.nodes():
+        if n["Alive"]:
+            labels = {k: v for k, v in n.get("Labels", {}).items() if k != "ray.io/node-id"}
+            print(f"node {n['NodeID'][:12]} {n['NodeManagerAddress']}\n  labels: {labels}\n"
+                  f"  resources: {dict(n['Resources'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="farm", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("validate", help="check a sweep file without running anything")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_validate)
+    s = sub.add_parser("run", help="run a sweep (what `ray job submit` runs on the cluster)")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_run)
+    for name, fn, text in (("pareto", cmd_pareto, "print and record the Pareto front of a sweep"),
+                           ("promote", cmd_promote, "register the chosen cell's model and set an alias")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("name", help="the sweep name (= MLflow experiment)")
+        s.add_argument("--sweep-run", help="the sweep's parent run id (default: the latest submission)")
+        if name == "promote":
+            s.add_argument("--run", help="the cell run to promote (default: the promote policy's pick)")
+            s.add_argument("--model-name", help="registered model name (default: promote.model_name or the sweep)")
+            s.add_argument("--alias", help="alias to set (default: promote.alias, 'champion')")
+        s.set_defaults(fn=fn)
+    s = sub.add_parser("generate", help="generate text with a registered model, e.g. models:/demo@champion")
+    s.add_argument("uri")
+    s.add_argument("prompt", nargs="+")
+    s.add_argument("--max-tokens", type=int, default=48)
+    s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("schema", help="JSON schema of sweep files, for editors")
+    s.add_argument("-o", "--output")
+    s.set_defaults(fn=cmd_schema)
+    s = sub.add_parser("labels", help="this machine's CPU labels, as `ray start --labels` takes them")
+    s.add_argument("extra", nargs="*", help="more labels, key=value")
+    s.set_defaults(fn=cmd_labels)
+    s = sub.add_parser("nodes", help="labels and resources of every node of the Ray cluster")
+    s.add_argument("--address")
+    s.set_defaults(fn=cmd_nodes)
+    a = p.parse_args(argv)
+    try:
+        return a.fn(a)
+    except SpecError as e:
+        print(f"farm: invalid sweep — {e}", file=sys.stderr)
+        return 2
+    except FarmError as e:
+        print(f"farm: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Compression methods. The `method` of a step in the sweep picks one; each module has
+
+    apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict
+
+which writes a Hugging Face directory to `out` and returns what it did (logged as the stage's info).
+Adding a method: one module here, one line below, one pydantic model in farm/spec.py, one test.
+"""
+
+from farm.registry import Registry
+
+METHODS = Registry(
+    "compression method",
+    {
+        "none": "farm.compress.none:apply",
+        "prune_layers": "farm.compress.prune_layers:apply",
+    },
+)

@@ -1,0 +1,135 @@
+"""The sweep driver: the only module that imports ray.
+
+Validate the sweep, expand the grid, then submit one Ray task per stage; a stage's dependencies are
+passed as ObjectRefs of their small result dicts (paths in storage, never weights). Benchmarks take
+every CPU of their node plus its `bench_slot`, so nothing else runs beside them, and a label selector
+per target. Cells are logged to MLflow as soon as their evaluate and bench stages finish; a failed
+cell becomes a FAILED run with its traceback and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from farm import grid as gridmod
+from farm import spec as specmod
+from farm.errors import SpecError
+from farm.stages import run_stage
+
+BENCH_SLOT = "bench_slot"
+
+
+@ray.remote(max_retries=1, retry_exceptions=False)
+def stage_task(stage, *deps):
+    result = run_stage(stage, list(deps))
+    result["node_id"] = ray.get_runtime_context().get_node_id()
+    return result
+
+
+def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    """Ray's label_selector semantics: 'v', '!v', 'in(a,b)', '!in(a,b)'."""
+    for key, want in selector.items():
+        have = labels.get(key)
+        negate = want.startswith("!")
+        want = want[1:] if negate else want
+        values = [v.strip() for v in want[3:-1].split(",")] if want.startswith("in(") and want.endswith(")") else [want]
+        hit = have in values
+        if hit == negate:
+            return False
+    return True
+
+
+def check_targets(sweep) -> dict[str, int]:
+    """target name -> CPUs a benchmark there reserves; a target no node satisfies is a SpecError."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    inventory = "\n".join(
+        f"      node {n['NodeID'][:12]}: {n.get('Labels', {})} resources {dict(n['Resources'])}" for n in nodes)
+    problems, cpus = [], {}
+    for i, t in enumerate(sweep.targets):
+        match = [n for n in nodes if selector_matches(t.labels, n.get("Labels", {}))
+                 and n["Resources"].get(BENCH_SLOT, 0) >= 1]
+        if not match:
+            problems.append(f"targets[{i}] '{t.name}': no alive node with a {BENCH_SLOT} matches labels "
+                            f"{t.labels}; the cluster has:\n{inventory}")
+            continue
+        cpus[t.name] = int(min(n["Resources"].get("CPU", 1) for n in match))
+    if problems:
+        raise SpecError(problems, "cluster")
+    return cpus
+
+
+def task_options(stage, bench_cpus: dict[str, int]) -> dict:
+    name = f"{stage.kind}:{stage.id}"
+    if stage.kind == "bench":
+        target = stage.params["target"]
+        opts = {"num_cpus": bench_cpus[target["name"]], "resources": {BENCH_SLOT: 1}, "name": name}
+        if target["labels"]:
+            opts["label_selector"] = dict(target["labels"])
+        return opts
+    return {"num_cpus": 1, "name": name}
+
+
+def submit(grid, sweep) -> dict:
+    bench_cpus = check_targets(sweep)
+    refs: dict = {}
+    for sid, stage in grid.stages.items():  # insertion order is topological
+        refs[sid] = stage_task.options(**task_options(stage, bench_cpus)).remote(stage, *[refs[d] for d in stage.deps])
+    return refs
+
+
+def _get(ref):
+    try:
+        return ray.get(ref), None
+    except Exception as e:  # a failed stage, or one whose dependency failed
+        return None, e
+
+
+def run(path: str) -> int:
+    from farm import tracking
+    from farm.report import pareto_report
+
+    t0 = time.time()
+    sweep = specmod.load(path)  # raises SpecError before anything is written anywhere
+    grid = gridmod.build(sweep)
+    ray.init(address="auto", log_to_driver=False)
+    refs = submit(grid, sweep)  # check_targets may raise: still nothing written to MLflow
+    log = tracking.SweepLog(sweep, grid, Path(path).read_text())
+    print(f"farm: sweep '{sweep.name}': {len(grid.cells)} cells, {len(grid.stages)} stages; "
+          f"MLflow run {log.run_id}", flush=True)
+    pending = {cell.id: cell for cell in grid.cells}
+    waiting = {refs[c.bench]: c for c in grid.cells}
+    failed = 0
+    while pending:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        cell = waiting.pop(ready[0])
+        bench, err = _get(refs[cell.bench])
+        evaluate, err2 = _get(refs[cell.evaluate])
+        export, err3 = _get(refs[cell.export])
+        error = err or err2 or err3
+        log.log_cell(cell, export, evaluate, bench, error=error)
+        del pending[cell.id]
+        failed += error is not None
+        done = len(grid.cells) - len(pending)
+        label = tracking.cell_label(cell)
+        if error is None:
+            m = {**evaluate["metrics"], **bench["metrics"]}
+            print(f"[{done}/{len(grid.cells)}] {label}: ppl {m['perplexity']:.3f}  kl {m['kl_div']:.4f}  "
+                  f"top1 {m['top1_agree']:.3f}  decode {m['decode_tok_s']:.1f} tok/s  "
+                  f"prefill {m['prefill_tok_s']:.0f} tok/s  {m['size_mb']:.1f} MB"
+                  f"{'  (CONTAMINATED: other load on the node)' if bench.get('contaminated') else ''}", flush=True)
+        else:
+            print(f"[{done}/{len(grid.cells)}] {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+    log.finish(failed)
+    report = pareto_report(sweep.name, log.run_id)
+    print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
+    print(f"\nfarm: {len(grid.cells) - failed} cells finished, {failed} failed, in {time.time() - t0:.0f} s",
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1]))

@@ -1,0 +1,70 @@
+"""Quality through the runtime that serves an artifact, on the same tokens and windows for every cell.
+
+The reference stage tokenizes the calibration and evaluation text once with the base tokenizer and
+stores the base model's next-token log-probabilities over the evaluation windows. Each cell then feeds
+the very same token ids to its own runtime and reports
+  perplexity  exp(mean NLL of the next token),
+  kl_div      mean KL(base || cell) of the next-token distributions (nats),
+  top1_agree  share of positions whose argmax equals the base model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from farm.data import split, take_tokens
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def tokenize_data(tokenizer, data: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration ids [calib_tokens], evaluation ids [eval_windows, eval_window_tokens])."""
+    calib_text, eval_text = split(data["files"])
+    calib = tokenizer(calib_text, add_special_tokens=False)["input_ids"]
+    evals = tokenizer(eval_text, add_special_tokens=False)["input_ids"]
+    n_eval = data["eval_windows"] * data["eval_window_tokens"]
+    calib = np.array(take_tokens(calib, data["calib_tokens"], "calibration"), dtype=np.int64)
+    evals = np.array(take_tokens(evals, n_eval, "evaluation"), dtype=np.int64)
+    return calib, evals.reshape(data["eval_windows"], data["eval_window_tokens"])
+
+
+def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dict:
+    """Write calib/eval token ids and the base model's log-probs; return the base's own metrics."""
+    from farm.models import load_tokenizer
+    from farm.runtimes import load
+
+    calib, evals = tokenize_data(load_tokenizer(model_dir), data)
+    rt = load("torch", model_dir, threads=threads, n_ctx=evals.shape[1])
+    base = np.stack([log_softmax(rt.logits(w.tolist())[:-1]).astype(np.float16) for w in evals])
+    np.save(out / "calib_tokens.npy", calib)
+    np.save(out / "eval_tokens.npy", evals)
+    np.save(out / "base_logprobs.npy", base)
+    return {"eval_tokens": int(evals.size), "calib_tokens": int(calib.size)}
+
+
+def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray) -> dict:
+    nll, kl, agree, n = 0.0, 0.0, 0, 0
+    for window, base in zip(evals, base_logprobs):
+        lp = log_softmax(rt.logits(window.tolist())[:-1])
+        base = base.astype(np.float64)
+        targets = window[1:]
+        nll -= lp[np.arange(len(targets)), targets].sum()
+        kl += (np.exp(base) * (base - lp)).sum()
+        agree += int((lp.argmax(-1) == base.argmax(-1)).sum())
+        n += len(targets)
+    return {"perplexity": float(np.exp(nll / n)), "kl_div": float(kl / n), "top1_agree": agree / n}
+
+
+def evaluate(fmt: str, artifact: Path, reference: Path, threads: int) -> dict:
+    from farm.runtimes import load
+
+    evals = np.load(reference / "eval_tokens.npy")
+    base = np.load(reference / "base_logprobs.npy")
+    rt = load(fmt, artifact, threads=threads, n_ctx=evals.shape[1])
+    return quality(rt, evals, base)

@@ -1,0 +1,95 @@
+"""GGUF export through llama.cpp's own tools: convert_hf_to_gguf.py, then llama_model_quantize.
+
+The converter is taken from the sdist of the *installed* llama-cpp-python version (the wheel has no
+converter), so converter, gguf-py and runtime always come from the same llama.cpp commit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from farm import storage
+from farm.errors import ToolError
+
+# spec quant level -> llama.cpp ftype name
+FTYPES = {
+    "F32": "LLAMA_FTYPE_ALL_F32",
+    "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
+    "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+    "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0",
+    "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
+    "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
+
+def converter_dir() -> Path:
+    """llama.cpp's converter for the installed llama-cpp-python, fetched once from its sdist."""
+    ver = llama_cpp_version()
+    final = storage.home() / "tools" / f"llama.cpp-convert-{ver}"
+    if (final / "convert_hf_to_gguf.py").is_file():
+        return final
+    with tempfile.TemporaryDirectory() as dl:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", dl,
+               f"llama-cpp-python=={ver}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        sdists = list(Path(dl).glob("*.tar.gz"))
+        if res.returncode != 0 or not sdists:
+            raise ToolError(f"could not download the llama-cpp-python {ver} sdist for its converter:\n{res.stderr}")
+        with storage.publishing(final) as tmp, tarfile.open(sdists[0]) as tar:
+            prefix = f"{sdists[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers()
+                       if m.name.startswith(prefix) and m.name[len(prefix):].startswith(MEMBERS)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(tmp, members=members, filter="data")
+    return final
+
+
+def convert(model_dir: Path, out: Path, outtype: str) -> None:
+    conv = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]),
+           "NO_LOCAL_GGUF": ""}
+    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
+           "--outtype", outtype.lower()]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not out.is_file():
+        raise ToolError(f"convert_hf_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
+
+
+def quantize(src: Path, out: Path, level: str, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[level])
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0 or not out.is_file():
+        raise ToolError(f"llama_model_quantize to {level} failed (rc={rc})")
+
+
+def export(source: Path, quant: str, out_dir: Path, threads: int = 1) -> Path:
+    """source: a Hugging Face directory (F32/F16/BF16) or an F16 GGUF file (other levels)."""
+    out = out_dir / f"model-{quant}.gguf"
+    if source.is_dir():
+        convert(source, out, quant)
+    else:
+        quantize(source, out, quant, threads)
+    return out

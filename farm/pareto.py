@@ -1,0 +1,117 @@
+"""The Pareto front: non-dominated cells under the sweep's objectives, after its constraints. Pure.
+
+A row is {"id", "target", "baseline": bool, "metrics": {...}}. Constraints relative to the baseline
+use the baseline row of the same target. A row dominates another when it is at least as good on every
+objective and strictly better on one; equal points do not dominate each other. The front is computed
+per target, since speed measured on different nodes is not comparable.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def feasible(row: dict, constraints: list[dict], baseline: dict | None) -> tuple[bool, str]:
+    m = row["metrics"]
+    for c in constraints:
+        v = m.get(c["metric"])
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return False, f"{c['metric']} missing"
+        if c.get("max") is not None and v > c["max"]:
+            return False, f"{c['metric']}={v:.4g} above max {c['max']}"
+        if c.get("min") is not None and v < c["min"]:
+            return False, f"{c['metric']}={v:.4g} below min {c['min']}"
+        for key, ok in (("max_ratio_to_baseline", lambda r, b: v <= r * b),
+                        ("min_ratio_to_baseline", lambda r, b: v >= r * b)):
+            if c.get(key) is not None:
+                if baseline is None or c["metric"] not in baseline["metrics"]:
+                    return False, f"no baseline value of {c['metric']}"
+                b = baseline["metrics"][c["metric"]]
+                if not ok(c[key], b):
+                    return False, f"{c['metric']}={v:.4g} violates {key} {c[key]} x baseline {b:.4g}"
+    return True, ""
+
+
+def dominates(a: dict, b: dict, objectives: dict[str, str]) -> bool:
+    better = False
+    for metric, direction in objectives.items():
+        x, y = a["metrics"][metric], b["metrics"][metric]
+        if direction == "min":
+            x, y = -x, -y
+        if x < y:
+            return False
+        if x > y:
+            better = True
+    return better
+
+
+def front(rows: list[dict], objectives: dict[str, str], constraints: list[dict]) -> dict[str, dict]:
+    """id -> {"feasible", "reason", "pareto"} for every row."""
+    out: dict[str, dict] = {}
+    by_target: dict[str, list[dict]] = {}
+    for r in rows:
+        by_target.setdefault(r["target"], []).append(r)
+    for group in by_target.values():
+        baseline = next((r for r in group if r.get("baseline")), None)
+        ok = []
+        for r in group:
+            missing = [m for m in objectives if m not in r["metrics"]]
+            good, reason = feasible(r, constraints, baseline)
+            if missing:
+                good, reason = False, f"missing objective(s) {missing}"
+            out[r["id"]] = {"feasible": good, "reason": reason, "pareto": False}
+            if good:
+                ok.append(r)
+        for r in ok:
+            out[r["id"]]["pareto"] = not any(dominates(o, r, objectives) for o in ok if o is not r)
+    return out
+
+
+def pick(rows: list[dict], status: dict[str, dict], metric: str, direction: str) -> dict | None:
+    """The Pareto row best on one metric (ties: the first)."""
+    cands = [r for r in rows if status[r["id"]]["pareto"] and metric in r["metrics"]]
+    if not cands:
+        return None
+    sign = 1 if direction == "max" else -1
+    return max(cands, key=lambda r: sign * r["metrics"][metric])
+
+
+def table(rows: list[dict], status: dict[str, dict], columns: list[str]) -> str:
+    head = ["cell", "target", "compress", "export"] + columns + ["pareto"]
+    lines = [head]
+    for r in sorted(rows, key=lambda r: (r["target"], r["label"])):
+        vals = [r["id"][:12], r["target"], r.get("compress", ""), r.get("export", "")]
+        for c in columns:
+            v = r["metrics"].get(c)
+            vals.append("-" if v is None else f"{v:.4g}")
+        s = status[r["id"]]
+        vals.append("*" if s["pareto"] else ("" if s["feasible"] else "x"))
+        lines.append(vals)
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def plot(rows: list[dict], status: dict[str, dict], x: str, y: str, path) -> None:
+    """Scatter of two metrics; the front in colour, infeasible cells as crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for r in rows:
+        if x not in r["metrics"] or y not in r["metrics"]:
+            continue
+        s = status[r["id"]]
+        style = dict(c="tab:red", marker="o", s=60) if s["pareto"] else (
+            dict(c="grey", marker="o", s=30) if s["feasible"] else dict(c="grey", marker="x", s=30))
+        ax.scatter(r["metrics"][x], r["metrics"][y], **style)
+        ax.annotate(r["label"], (r["metrics"][x], r["metrics"][y]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title("Pareto front (red), other feasible (grey dots), infeasible (x)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

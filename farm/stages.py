@@ -1,0 +1,130 @@
+"""Run one stage of the grid: base -> reference -> compress -> export -> evaluate / bench.
+
+`run_stage(stage, deps)` is plain Python: tests call it inline, the driver calls it inside a Ray task.
+Each stage writes into its own directory in storage (published atomically) and returns a small dict,
+never model weights; a stage whose result.json already exists is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+
+from farm import nodes, storage
+from farm.grid import Stage
+
+LIBRARIES = ("farm", "torch", "transformers", "llama-cpp-python", "ray", "mlflow", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = version(lib)
+        except PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def threads_here() -> int:
+    """CPUs this process may use (Ray sets OMP_NUM_THREADS to a task's num_cpus)."""
+    return int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+
+
+def _model_dir(dep: dict) -> Path:
+    return Path(dep["model_dir"])
+
+
+def run_base(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.models import resolve
+
+    return {"model_dir": str(resolve(stage.params["model"], stage.params.get("revision")))}
+
+
+def run_reference(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.evaluate import build_reference
+
+    info = build_reference(_model_dir(deps[0]), stage.params["data"], out, threads_here())
+    return {**info, "reference_dir": "."}
+
+
+def run_compress(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.compress import METHODS
+
+    model, reference = deps
+    step = stage.params["step"]
+    calib = np.load(Path(reference["reference_dir"]) / "calib_tokens.npy")
+    (out / "model").mkdir()
+    info = METHODS.get(step["method"])(_model_dir(model), step, calib, out / "model", threads_here())
+    return {"model_dir": "model", "info": info}
+
+
+def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
+    fmt, quant = stage.params["format"], stage.params["quant"]
+    src = deps[0]
+    if fmt == "torch":  # the Hugging Face directory itself is the artifact
+        artifact = _model_dir(src)
+        return {"format": fmt, "quant": quant, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
+    from farm.export import EXPORTERS
+
+    source = Path(src["artifact"]) if "artifact" in src else _model_dir(src)
+    path = EXPORTERS.get(fmt)(source, quant, out, threads_here())
+    return {"format": fmt, "quant": quant, "artifact": path.name, "size_mb": storage.size_mb(path),
+            "sha256": storage.sha256(path)}
+
+
+def run_evaluate(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.evaluate import evaluate
+
+    export, reference = deps
+    metrics = evaluate(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]), threads_here())
+    return {"metrics": metrics}
+
+
+def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm import bench
+
+    export, reference = deps
+    spec = stage.params["bench"]
+    threads = spec["threads"] or threads_here()
+    raw = bench.run(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]), spec,
+                    threads, out / "bench.json")
+    metrics = {k: raw[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms",
+                                   "token_latency_p90_ms", "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv",
+                                   "foreign_cpus")}
+    metrics["size_mb"] = export["size_mb"]
+    return {"metrics": metrics, "contaminated": raw["contaminated"], "threads": threads,
+            "bench_json": "bench.json"}
+
+
+RUNNERS = {"base": run_base, "reference": run_reference, "compress": run_compress, "export": run_export,
+           "evaluate": run_evaluate, "bench": run_bench}
+PATH_KEYS = ("model_dir", "reference_dir", "artifact", "bench_json")
+
+
+def _absolute(result: dict, final: Path) -> dict:
+    """Paths a stage wrote inside its own directory are stored relative and resolved on read."""
+    out = dict(result)
+    for k in PATH_KEYS:
+        if k in out and not os.path.isabs(out[k]):
+            out[k] = str((final / out[k]).resolve())
+    return out
+
+
+def run_stage(stage: Stage, deps: list[dict]) -> dict:
+    final = storage.stage_dir(stage.name)
+    cached = storage.read_result(stage.name)
+    if cached is not None:
+        return {**_absolute(cached, final), "cached": True}
+    t0 = time.time()
+    with storage.publishing(final) as tmp:
+        result = RUNNERS[stage.kind](stage, deps, tmp)
+        result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
+                       "host": nodes.facts(), "versions": library_versions()})
+        (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return {**_absolute(result, final), "cached": False}

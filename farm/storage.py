@@ -1,0 +1,74 @@
+"""Where artifacts live. A stage writes into a private temporary directory and publishes it with one
+atomic rename, so a reader sees either nothing or the whole result, never half of it.
+
+The root is $FARM_STORAGE, else $FARM_HOME/storage, else ~/.cache/farm/storage. Only local (or
+NFS-mounted) directories for now; the path is what stages hand each other, never the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def home() -> Path:
+    return Path(os.environ.get("FARM_HOME", Path.home() / ".cache" / "farm")).expanduser().resolve()
+
+
+def root() -> Path:
+    env = os.environ.get("FARM_STORAGE")
+    path = Path(env).expanduser().resolve() if env else home() / "storage"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def stage_dir(name: str) -> Path:
+    return root() / "stages" / name
+
+
+def read_result(name: str) -> dict | None:
+    f = stage_dir(name) / "result.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+@contextmanager
+def publishing(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success rename it to `final` atomically."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():  # someone else finished the same content first: theirs is as good
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e6
