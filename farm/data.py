@@ -1,6 +1,6 @@
 """Calibration and evaluation text: the embedded corpus (Python's pydoc topics) or the user's files.
 
-Documents (pydoc topics, or paragraphs of the user's files) are split by a hash of their name into
+Documents (pydoc topics, or paragraphs of the user's files) are split by a hash of their text into
 two disjoint parts, so no evaluation text is ever seen during calibration.
 """
 
@@ -27,15 +27,18 @@ def documents(files: list[str]) -> dict[str, str]:
     return docs
 
 
-def is_eval(name: str) -> bool:
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % EVAL_SHARE == 0
+def is_eval(text: str) -> bool:
+    """Decided by the document's content: several pydoc topics ('if', 'else', ...) share one text,
+    and a split by name would put the same text on both sides."""
+    return int(hashlib.sha256(text.encode()).hexdigest(), 16) % EVAL_SHARE == 0
 
 
 def split(files: list[str]) -> tuple[str, str]:
-    """(calibration text, evaluation text), disjoint by document."""
+    """(calibration text, evaluation text), disjoint by document content."""
     docs = documents(files)
-    calib = [docs[k] for k in sorted(docs) if not is_eval(k)]
-    evals = [docs[k] for k in sorted(docs) if is_eval(k)]
+    unique = list(dict.fromkeys(docs[k] for k in sorted(docs)))  # identical documents once, stable order
+    calib = [t for t in unique if not is_eval(t)]
+    evals = [t for t in unique if is_eval(t)]
     if not calib or not evals:
         raise FarmError("data.files: need at least two paragraphs (blank-line separated) to split calibration/eval")
     return "\n\n".join(calib), "\n\n".join(evals)

@@ -25,9 +25,10 @@ BENCH_SLOT = "bench_slot"
 
 @ray.remote(max_retries=1, retry_exceptions=False)
 def stage_task(stage, *deps):
-    result = run_stage(stage, list(deps))
-    result["node_id"] = ray.get_runtime_context().get_node_id()
-    return result
+    ctx = ray.get_runtime_context()
+    node = {"node_id": ctx.get_node_id(),
+            "node_labels": {k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")}}
+    return run_stage(stage, list(deps), node)
 
 
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:

@@ -41,22 +41,24 @@ def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dic
 
     calib, evals = tokenize_data(load_tokenizer(model_dir), data)
     rt = load("torch", model_dir, threads=threads, n_ctx=evals.shape[1])
-    base = np.stack([log_softmax(rt.logits(w.tolist())[:-1]).astype(np.float16) for w in evals])
+    logits = [rt.logits(w.tolist())[:-1] for w in evals]
+    # log-probs in float16 (KL resolution ~1e-5 nats); the argmax from the float32 logits, exactly
+    np.save(out / "base_logprobs.npy", np.stack([log_softmax(x).astype(np.float16) for x in logits]))
+    np.save(out / "base_top1.npy", np.stack([x.argmax(-1) for x in logits]).astype(np.int32))
     np.save(out / "calib_tokens.npy", calib)
     np.save(out / "eval_tokens.npy", evals)
-    np.save(out / "base_logprobs.npy", base)
     return {"eval_tokens": int(evals.size), "calib_tokens": int(calib.size)}
 
 
-def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray) -> dict:
+def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray, base_top1: np.ndarray) -> dict:
     nll, kl, agree, n = 0.0, 0.0, 0, 0
-    for window, base in zip(evals, base_logprobs):
+    for window, base, top1 in zip(evals, base_logprobs, base_top1):
         lp = log_softmax(rt.logits(window.tolist())[:-1])
         base = base.astype(np.float64)
         targets = window[1:]
         nll -= lp[np.arange(len(targets)), targets].sum()
         kl += (np.exp(base) * (base - lp)).sum()
-        agree += int((lp.argmax(-1) == base.argmax(-1)).sum())
+        agree += int((lp.argmax(-1) == top1).sum())
         n += len(targets)
     return {"perplexity": float(np.exp(nll / n)), "kl_div": float(kl / n), "top1_agree": agree / n}
 
@@ -66,5 +68,6 @@ def evaluate(fmt: str, artifact: Path, reference: Path, threads: int) -> dict:
 
     evals = np.load(reference / "eval_tokens.npy")
     base = np.load(reference / "base_logprobs.npy")
+    top1 = np.load(reference / "base_top1.npy")
     rt = load(fmt, artifact, threads=threads, n_ctx=evals.shape[1])
-    return quality(rt, evals, base)
+    return quality(rt, evals, base, top1)

@@ -110,23 +110,31 @@ class PruneLayersStep(Strict):
         return v
 
 
-Step = Annotated[Union[NoneStep, PruneLayersStep], Field(discriminator="method")]
+STEPS = (NoneStep, PruneLayersStep)
+STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
+Step = Annotated[Union[STEPS], Field(discriminator="method")]
 
 
 class ExportSpec(Strict):
     format: Literal["gguf", "torch"]
     quant: str | list[str] = Field(..., description="Quantization level(s) of this format.")
 
-    @model_validator(mode="after")
-    def _levels(self) -> "ExportSpec":
-        allowed = EXPORT_LEVELS[self.format]
-        for q in self.levels():
+    @field_validator("quant")
+    @classmethod
+    def _levels(cls, quant: str | list[str], info) -> str | list[str]:
+        fmt = info.data.get("format")
+        if fmt is None:  # the format itself is wrong; that is reported on its own
+            return quant
+        allowed = EXPORT_LEVELS[fmt]
+        levels = quant if isinstance(quant, list) else [quant]
+        if not levels:
+            raise ValueError("give at least one quantization level")
+        for q in levels:
             if q not in allowed:
                 raise ValueError(
-                    f"quant '{q}' is not a level of format '{self.format}'{_suggest(q, allowed)} "
-                    f"(allowed: {', '.join(allowed)})"
+                    f"'{q}' is not a level of format '{fmt}'{_suggest(q, allowed)} (allowed: {', '.join(allowed)})"
                 )
-        return self
+        return quant
 
     def levels(self) -> list[str]:
         return list(self.quant) if isinstance(self.quant, list) else [self.quant]
@@ -206,7 +214,7 @@ class Sweep(Strict):
 
 
 def _suggest(name: str, choices: Any) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" — did you mean '{close[0]}'?" if close else ""
 
 
@@ -215,7 +223,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("NoneStep", "PruneLayersStep") or str(part).startswith(("function-", "list[", "int", "str")):
+        elif part in STEP_METHODS or str(part).startswith(("function-", "list[", "int", "str")):
             continue  # pydantic's union branch names are noise for a user
         else:
             out += ("." if out else "") + str(part)
@@ -236,7 +244,7 @@ def _format_error(err: dict) -> str:
         expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
         return f"{where}: {value!r} is not allowed{_suggest(value, expected)} (allowed: {', '.join(expected)})"
     if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
+        return f"{where}: {msg.removeprefix('Value error, ')}"
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     return f"{where}: {msg} (got {shown[:120]})"
 
@@ -245,18 +253,16 @@ def parse(data: Any, source: str = "sweep") -> Sweep:
     """Validate a sweep given as plain data; raise SpecError with one message per problem."""
     if not isinstance(data, dict):
         raise SpecError([f"(top level): expected a mapping of keys, got {type(data).__name__}"], source)
+    problems: list[str] = []
+    sweep = None
     try:
         sweep = Sweep.model_validate(data)
     except ValidationError as e:
-        seen, problems = set(), []
         for err in e.errors():
-            # a bad key inside a discriminated union is reported once, not once per branch
             text = _format_error(err)
-            if text not in seen:
-                seen.add(text)
+            if text not in problems:  # a bad key inside a union is reported once, not once per branch
                 problems.append(text)
-        raise SpecError(problems, source) from None
-    problems = check_world(sweep)
+    problems += check_world(data)
     if problems:
         raise SpecError(problems, source)
     return sweep
@@ -295,10 +301,14 @@ def base_num_layers(ref: str) -> int | None:
     return None
 
 
-def check_world(sweep: Sweep) -> list[str]:
-    """Checks against the files the sweep names; cheap, before any task runs."""
+def check_world(data: dict) -> list[str]:
+    """Checks against the files a sweep names; cheap, before any task runs. Works on the raw data, so
+    these problems are reported together with the schema's even when the schema check failed."""
     problems: list[str] = []
-    ref = sweep.base.model
+    base = data.get("base") if isinstance(data.get("base"), dict) else {}
+    ref = base.get("model", BaseSpec().model)
+    if not isinstance(ref, str):
+        return problems
     kind = model_kind(ref)
     if kind == "unknown":
         problems.append(
@@ -311,19 +321,24 @@ def check_world(sweep: Sweep) -> list[str]:
             problems.append(f"base.model: directory '{ref}' does not exist — give an existing model directory")
         elif not (d / "config.json").is_file():
             problems.append(f"base.model: '{ref}' has no config.json — is it a Hugging Face model directory?")
-    for i, f in enumerate(sweep.data.files):
-        if not Path(f).expanduser().is_file():
+    files = (data.get("data") or {}).get("files") if isinstance(data.get("data"), dict) else None
+    for i, f in enumerate(files if isinstance(files, list) else []):
+        if isinstance(f, str) and not Path(f).expanduser().is_file():
             problems.append(f"data.files[{i}]: file '{f}' does not exist")
     layers = base_num_layers(ref)
-    for i, pipeline in enumerate(sweep.pipelines):
-        for j, step in enumerate(pipeline):
-            if isinstance(step, PruneLayersStep) and layers is not None:
-                too_many = [k for k in (step.drop if isinstance(step.drop, list) else [step.drop]) if k >= layers]
-                if too_many:
-                    problems.append(
-                        f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
-                        f"(the base model has {layers}); use 1..{layers - 1}"
-                    )
+    pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
+    for i, pipeline in enumerate(pipelines):
+        for j, step in enumerate(pipeline if isinstance(pipeline, list) else []):
+            if not (isinstance(step, dict) and step.get("method") == "prune_layers") or layers is None:
+                continue
+            drop = step.get("drop")
+            values = drop if isinstance(drop, list) else [drop]
+            too_many = [k for k in values if isinstance(k, int) and k >= layers]
+            if too_many:
+                problems.append(
+                    f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
+                    f"(the base model has {layers}); use 1..{layers - 1}"
+                )
     return problems
 
 

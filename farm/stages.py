@@ -116,7 +116,8 @@ def _absolute(result: dict, final: Path) -> dict:
     return out
 
 
-def run_stage(stage: Stage, deps: list[dict]) -> dict:
+def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
+    """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
     final = storage.stage_dir(stage.name)
     cached = storage.read_result(stage.name)
     if cached is not None:
@@ -125,6 +126,6 @@ def run_stage(stage: Stage, deps: list[dict]) -> dict:
     with storage.publishing(final) as tmp:
         result = RUNNERS[stage.kind](stage, deps, tmp)
         result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
-                       "host": nodes.facts(), "versions": library_versions()})
+                       "host": nodes.facts(), "versions": library_versions(), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return {**_absolute(result, final), "cached": False}

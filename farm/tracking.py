@@ -76,7 +76,9 @@ class SweepLog:
                               "farm.artifact_sha256": export.get("sha256", "")})
         if bench:
             host = bench.get("host", {})
-            more_tags.update({f"farm.node.{k}": v for k, v in nodes.labels(host).items()} if host else {})
+            # the labels of the Ray node it ran on (those the label selector matched); else this machine's
+            labels = bench.get("node_labels") or (nodes.labels(host) if host else {})
+            more_tags.update({f"farm.node.{k}": v for k, v in labels.items()})
             more_tags.update({"farm.cpu_model": host.get("model_name", ""), "farm.isa": host.get("isa", ""),
                               "farm.hostname": host.get("hostname", ""), "farm.node_id": bench.get("node_id", ""),
                               "farm.bench.contaminated": str(bench.get("contaminated")).lower(),

@@ -15,3 +15,4 @@ for svc in ray mlflow; do
   rm -f "$f"
   echo "farm: stopped $svc"
 done
+if [ -f "$RUN/ray-temp-dir" ]; then rm -rf "$(cat "$RUN/ray-temp-dir")" "$RUN/ray-temp-dir"; fi

@@ -37,7 +37,8 @@ if ! up "http://127.0.0.1:$DASH_PORT/api/version"; then
     extra=(--ray-client-server-port $((b + 1)) --object-manager-port $((b + 2)) --node-manager-port $((b + 3))
            --dashboard-agent-listen-port $((b + 4)) --dashboard-agent-grpc-port $((b + 5))
            --runtime-env-agent-port $((b + 6)) --metrics-export-port $((b + 7))
-           --min-worker-port $((b + 100)) --max-worker-port $((b + 199)) --temp-dir "$RUN/ray-tmp")
+           --min-worker-port $((b + 100)) --max-worker-port $((b + 199)) --temp-dir "/tmp/farm-ray-$RAY_PORT")
+    echo "/tmp/farm-ray-$RAY_PORT" >"$RUN/ray-temp-dir"  # short: Ray's socket paths must fit 107 bytes
   fi
   # FARM_HOME travels to every task through the node's environment (storage is a local path here).
   setsid nohup ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$RAY_PORT" \

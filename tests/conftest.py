@@ -1,0 +1,50 @@
+"""Shared fixtures. Stage outputs go to a per-session temporary storage; the embedded model's one-time
+float conversion is cached under FARM_HOME (./.farm by default), like any other model cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("FARM_HOME", str(ROOT / ".farm"))
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+@pytest.fixture(scope="session")
+def storage_root(tmp_path_factory):
+    path = tmp_path_factory.mktemp("storage")
+    old = os.environ.get("FARM_STORAGE")
+    os.environ["FARM_STORAGE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FARM_STORAGE", None)
+    else:
+        os.environ["FARM_STORAGE"] = old
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    from farm.models import convert_embedded
+
+    return convert_embedded("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
+    """A tiny random Llama with the embedded model's real tokenizer, saved as a local HF directory."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

@@ -1,0 +1,129 @@
+"""End to end, as a user runs it: the project's scripts start a real Ray head and MLflow server on
+127.0.0.1 (ports of their own, so a running `make demo` cluster is left alone), `ray job submit` runs a
+sweep of a tiny in-process model from a local directory, then `farm pareto` and `farm promote`, and the
+registered model is loaded back through MLflow and generates text."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PORTS = {"RAY_PORT": "16379", "RAY_DASHBOARD_PORT": "18265", "MLFLOW_PORT": "15000", "FARM_PORT_BASE": "16400"}
+METRIC_NAMES = ["perplexity", "kl_div", "top1_agree", "prefill_tok_s", "decode_tok_s", "ttft_ms",
+                "token_latency_p50_ms", "token_latency_p90_ms", "peak_rss_mb", "size_mb"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    home = tmp_path_factory.mktemp("farm-home")
+    env = {**os.environ, **PORTS, "FARM_HOME": str(home), "FARM_EXTRA_LABELS": "farm/test=e2e",
+           "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['MLFLOW_PORT']}",
+           "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("FARM_STORAGE", None)
+    try:
+        subprocess.run([str(ROOT / "clusters/local/up.sh")], env=env, check=True, timeout=300)
+        yield env
+    finally:
+        subprocess.run([str(ROOT / "clusters/local/down.sh")], env=env, timeout=120)
+
+
+def submit(env, sweep_file: Path) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": {"FARM_HOME": env["FARM_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}}
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}",
+           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "-m", "farm", "run", str(sweep_file)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+
+
+def farm(env, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "farm"), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = {
+        "name": "tiny",
+        "base": {"model": str(tiny_model_dir)},
+        "data": {"calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 64},
+        "pipelines": [[], [{"method": "prune_layers", "drop": 1, "calib_samples": 2, "seq_len": 64}]],
+        "exports": [{"format": "gguf", "quant": ["F16", "Q4_0"]}],
+        "targets": [{"name": "tagged", "labels": {"farm/test": "e2e"}}],
+        "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 1, "repeats": 2},
+        "objectives": {"kl_div": "min", "decode_tok_s": "max"},
+        "promote": {"model_name": "tiny-llm", "alias": "champion", "metric": "decode_tok_s"},
+    }
+    f = tmp_path / "tiny.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    res = submit(cluster, f)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "5 cells finished, 0 failed" in res.stdout
+
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("tiny")
+    parents = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    cells = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(cells) == 5
+    for r in cells:
+        assert r.info.status == "FINISHED"
+        assert set(METRIC_NAMES) <= set(r.data.metrics)
+        assert {"compress.method", "export.format", "export.quant", "target.name"} <= set(r.data.params)
+        tags = r.data.tags
+        assert tags["farm.node.farm/test"] == "e2e"  # landed on the node its label selector asked for
+        assert tags["farm.node.farm/isa"] and tags["farm.cpu_model"] and tags["farm.cell_id"]
+        assert tags["farm.version.llama-cpp-python"] and tags["farm.version.transformers"]
+        assert tags["farm.artifact_uri"].startswith("file://")
+        names = {a.path for a in c.list_artifacts(r.info.run_id)}
+        assert {"cell_spec.json", "bench.json", "stages.json"} <= names
+    baseline = [r for r in cells if r.data.tags["farm.baseline"] == "true"]
+    assert len(baseline) == 1 and baseline[0].data.params["export.format"] == "torch"
+    assert {r.data.params["compress.method"] for r in cells} == {"none", "prune_layers"}
+
+    res = farm(cluster, "pareto", "tiny")
+    assert res.returncode == 0, res.stderr
+    assert "promote policy (decode_tok_s) picks" in res.stdout
+    cells = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    on_front = [r for r in cells if r.data.tags.get("farm.pareto") == "true"]
+    assert on_front and all(r.data.tags.get("farm.pareto") in ("true", "false") for r in cells)
+    assert {"pareto.txt", "pareto.png", "pareto.json"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+    res = farm(cluster, "promote", "tiny")
+    assert res.returncode == 0, res.stderr
+    version = c.get_model_version_by_alias("tiny-llm", "champion")
+    promoted = c.get_run(version.run_id)
+    best = max(on_front, key=lambda r: r.data.metrics["decode_tok_s"])
+    assert promoted.info.run_id == best.info.run_id
+
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(cluster["MLFLOW_TRACKING_URI"])
+    model = mlflow.pyfunc.load_model("models:/tiny-llm@champion")
+    out = model.predict(["The if statement"], params={"max_tokens": 5})
+    assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str) and out[0]
+
+
+def test_bad_sweep_fails_fast_and_writes_nothing(cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    bad = {"name": "broken", "base": {"model": "/no/such/model"}, "exports": [{"format": "gguf", "quant": "Q4_KM"}],
+           "bench": {"repaets": 3}}
+    f = tmp_path / "broken.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    res = farm(cluster, "validate", str(f))
+    assert res.returncode == 2
+    for needle in ("base.model:", "exports[0].quant:", "did you mean 'Q4_K_M'", "bench.repaets"):
+        assert needle in res.stderr
+    res = submit(cluster, f)
+    assert res.returncode != 0 and "bench.repaets" in res.stdout + res.stderr
+    assert MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_experiment_by_name("broken") is None

@@ -1,0 +1,47 @@
+"""Integration on the embedded SmolLM2-135M-Instruct: the float checkpoint converted from the shipped
+Q4_1 GGUF must reproduce the GGUF's own perplexity on the same tokens, and llama.cpp's F16 export of
+that checkpoint must match PyTorch."""
+
+from pathlib import Path
+
+import json
+import pytest
+
+from farm import evaluate
+from farm.models import embedded_gguf
+
+pytestmark = pytest.mark.integration
+DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 256}
+
+
+@pytest.fixture(scope="module")
+def reference(embedded_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    evaluate.build_reference(embedded_dir, DATA, out, threads=2)
+    return out
+
+
+def test_converted_checkpoint_keeps_config(embedded_dir):
+    cfg = json.loads((embedded_dir / "config.json").read_text())
+    assert cfg["rope_theta"] == 100000.0 and cfg["num_hidden_layers"] == 30 and cfg["tie_word_embeddings"]
+
+
+def test_converted_checkpoint_matches_the_original_gguf(embedded_dir, reference):
+    torch_q = evaluate.evaluate("torch", embedded_dir, reference, threads=2)
+    gguf_q = evaluate.evaluate("gguf", embedded_gguf("smollm2-135m-instruct"), reference, threads=2)
+    # same weights (Q4_1 dequantized exactly); llama.cpp multiplies Q4_1 x Q8 activations, hence ~1%
+    assert abs(torch_q["perplexity"] / gguf_q["perplexity"] - 1) < 0.02, (torch_q, gguf_q)
+    assert gguf_q["top1_agree"] > 0.9 and gguf_q["kl_div"] < 0.02
+    assert 5 < torch_q["perplexity"] < 40  # a trained model on English prose, not a broken one
+
+
+def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
+    from farm.export.gguf_export import export
+
+    f16 = export(embedded_dir, "F16", tmp_path)
+    q = evaluate.evaluate("gguf", f16, reference, threads=2)
+    assert q["kl_div"] < 1e-3 and q["top1_agree"] > 0.98
+    from farm.runtimes import load
+
+    text = load("gguf", f16, threads=2, n_ctx=256).generate("The capital of France is", max_tokens=8)
+    assert "Paris" in text

@@ -1,0 +1,77 @@
+import copy
+from pathlib import Path
+
+import yaml
+
+from farm import grid, spec
+
+DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
+
+
+def build(mutate=None):
+    d = copy.deepcopy(DEMO)
+    if mutate:
+        mutate(d)
+    return grid.build(spec.parse(d))
+
+
+def test_cells_are_pipelines_x_exports_x_targets_plus_baseline():
+    g = build()
+    # pipelines: base, drop 2, drop 4 (a grid); exports: 4 GGUF levels; 1 target; + the torch baseline
+    assert len(g.cells) == 3 * 4 + 1
+    baselines = [c for c in g.cells if c.baseline]
+    assert len(baselines) == 1 and baselines[0].spec["export"] == {"format": "torch", "quant": "fp32"}
+
+
+def test_shared_stages_appear_once():
+    g = build()
+    kinds = [s.kind for s in g.stages.values()]
+    assert kinds.count("base") == 1 and kinds.count("reference") == 1
+    assert kinds.count("compress") == 2  # drop 2, drop 4
+    # per model: F16 + 3 levels quantized from that F16; + the torch baseline export
+    assert kinds.count("export") == 3 * 4 + 1
+    f16 = [s for s in g.stages.values() if s.kind == "export" and s.params["quant"] == "F16"]
+    for s in g.stages.values():
+        if s.kind == "export" and s.params["quant"] in ("Q8_0", "Q4_K_M", "Q4_0"):
+            assert s.deps[0] in {f.id for f in f16}
+
+
+def test_dependencies_come_first():
+    g = build()
+    seen = set()
+    for sid, s in g.stages.items():
+        assert all(d in seen for d in s.deps)
+        seen.add(sid)
+
+
+def test_ids_are_content_derived():
+    a, b = build(), build()
+    assert list(a.stages) == list(b.stages) and [c.id for c in a.cells] == [c.id for c in b.cells]
+
+    def more_eval(d):
+        d["bench"]["repeats"] = 5
+
+    c = build(more_eval)
+    # only bench stages (and so cells) change; compress/export/evaluate stay shared
+    changed = {s.kind for sid, s in c.stages.items() if sid not in a.stages}
+    assert changed == {"bench"}
+
+
+def test_two_targets_share_everything_but_bench():
+    def two(d):
+        d["targets"] = [{"name": "amx", "labels": {"farm/isa": "amx"}}, {"name": "avx512", "labels": {}}]
+
+    g = build(two)
+    assert len(g.cells) == 2 * 13
+    kinds = [s.kind for s in g.stages.values()]
+    assert kinds.count("bench") == 2 * 13 and kinds.count("evaluate") == 13
+
+
+def test_flat_params():
+    g = build()
+    pruned = next(c for c in g.cells if c.spec["compress"])
+    p = pruned.params()
+    assert p["compress.method"] == "prune_layers"
+    assert p["compress.prune_layers.drop"] in ("2", "4")
+    assert p["export.format"] == "gguf" and p["target.name"] == "local"
+    assert next(c for c in g.cells if c.baseline).params()["compress.method"] == "none"

@@ -1,0 +1,43 @@
+import re
+
+from farm import nodes
+from farm.spec import LABEL_KEY
+
+SPR = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+stepping\t: 8
+flags\t\t: fpu avx avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+"""
+ICX = SPR.replace("143", "106").replace("Platinum 8488C", "Platinum 8375C").replace(
+    " amx_bf16 amx_tile amx_int8", "")
+ZEN4 = "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9R14\nflags\t\t: avx2 avx512f\n"
+OLD = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 63\nmodel name\t: Intel Xeon E5\nflags\t\t: avx avx2\n"
+
+
+def test_families_and_isa():
+    assert nodes.parse_cpuinfo(SPR) == {"vendor": "intel", "model_name": "Intel(R) Xeon(R) Platinum 8488C",
+                                        "family": "sapphire-rapids", "isa": "amx"}
+    icx = nodes.parse_cpuinfo(ICX)
+    assert (icx["family"], icx["isa"]) == ("icelake", "avx512-vnni")
+    assert nodes.parse_cpuinfo(ZEN4)["family"] == "zen4"
+    assert nodes.parse_cpuinfo(OLD)["isa"] == "avx2" and nodes.parse_cpuinfo(OLD)["family"] == "haswell"
+
+
+def test_labels_are_valid_ray_labels():
+    facts = {**nodes.parse_cpuinfo(SPR), "cores": 48, "memory_gb": 384, "numa_nodes": 2}
+    labels = nodes.labels(facts)
+    assert labels["farm/cpu-model"] == "intel-xeon-platinum-8488c"
+    assert labels["farm/isa"] == "amx" and labels["farm/cpu-family"] == "sapphire-rapids"
+    for k, v in labels.items():
+        assert re.match(LABEL_KEY, k) and re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$", v)
+
+
+def test_this_machine():
+    f = nodes.facts()
+    assert f["cores"] >= 1 and f["memory_gb"] >= 1
+    assert "farm/isa" in nodes.labels_arg()
