@@ -77,10 +77,10 @@ def pick(rows: list[dict], status: dict[str, dict], metric: str, direction: str)
 
 
 def table(rows: list[dict], status: dict[str, dict], columns: list[str]) -> str:
-    head = ["cell", "target", "compress", "export"] + columns + ["pareto"]
+    head = ["run", "cell"] + columns + ["pareto"]
     lines = [head]
     for r in sorted(rows, key=lambda r: (r["target"], r["label"])):
-        vals = [r["id"][:12], r["target"], r.get("compress", ""), r.get("export", "")]
+        vals = [r["id"][:8], r["label"]]
         for c in columns:
             v = r["metrics"].get(c)
             vals.append("-" if v is None else f"{v:.4g}")

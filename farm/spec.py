@@ -6,7 +6,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -94,6 +94,7 @@ class NoneStep(Strict):
 
 
 class PruneLayersStep(Strict):
+    LABEL: ClassVar[str] = "drop{drop}"  # how a cell's label shows this step
     method: Literal["prune_layers"]
     drop: int | list[int] = Field(
         ..., description="How many decoder blocks to drop; a list makes one pipeline per value (grid)."
@@ -113,6 +114,13 @@ class PruneLayersStep(Strict):
 STEPS = (NoneStep, PruneLayersStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
 Step = Annotated[Union[STEPS], Field(discriminator="method")]
+
+
+def step_label(step: dict) -> str:
+    """e.g. 'prune_layers-drop4' for {'method': 'prune_layers', 'drop': 4, ...}."""
+    model = STEPS[STEP_METHODS.index(step["method"])]
+    fmt = getattr(model, "LABEL", "")
+    return f"{step['method']}-{fmt.format(**step)}" if fmt else step["method"]
 
 
 class ExportSpec(Strict):

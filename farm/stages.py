@@ -96,7 +96,7 @@ def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
                     threads, out / "bench.json")
     metrics = {k: raw[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms",
                                    "token_latency_p90_ms", "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv",
-                                   "foreign_cpus")}
+                                   "foreign_cpus", "repeats_set_aside")}
     metrics["size_mb"] = export["size_mb"]
     return {"metrics": metrics, "contaminated": raw["contaminated"], "threads": threads,
             "bench_json": "bench.json"}

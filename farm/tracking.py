@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from farm import nodes
 from farm.errors import FarmError
+from farm.spec import step_label
 
 DEFAULT_URI = "http://127.0.0.1:5000"
 
@@ -107,7 +108,7 @@ class SweepLog:
 
 def cell_label(cell) -> str:
     p = cell.params()
-    steps = "+".join(f"{s['method']}{s.get('drop', '')}" for s in cell.spec["compress"]) or "base"
+    steps = "+".join(step_label(s) for s in cell.spec["compress"]) or "base"
     return f"{steps}/{p['export.format']}-{p['export.quant']}@{p['target.name']}"
 
 
