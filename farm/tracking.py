@@ -75,6 +75,9 @@ class SweepLog:
             more_tags.update({"farm.artifact_uri": Path(export["artifact"]).as_uri(),
                               "farm.artifact_format": export["format"],
                               "farm.artifact_sha256": export.get("sha256", "")})
+        for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
+            if result:  # reused from an earlier submission (same content id) rather than run again
+                more_tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
         if bench:
             host = bench.get("host", {})
             # the labels of the Ray node it ran on (those the label selector matched); else this machine's
