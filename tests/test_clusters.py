@@ -1,0 +1,41 @@
+"""The cluster definitions in clusters/ agree with what the farm schedules on."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+from farm import nodes
+from farm.spec import LABEL_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+FARM_KEYS = set(nodes.labels({"vendor": "intel", "model_name": "x", "family": "icelake", "isa": "avx2", "cores": 1,
+                              "memory_gb": 1, "numa_nodes": 1}))
+
+
+def check_labels(labels: dict):
+    for k, v in labels.items():
+        assert re.match(LABEL_KEY, k) and k in FARM_KEYS, k
+        assert re.match(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$", v), v
+
+
+def test_aws_bench_node_types_have_a_slot_and_valid_labels():
+    cfg = yaml.safe_load((ROOT / "clusters/aws/farm.yaml").read_text())
+    types = cfg["available_node_types"]
+    bench = {n: t for n, t in types.items() if t["resources"].get("bench_slot")}
+    assert set(bench) == {"spr", "icl"} and types["head"]["resources"] == {"CPU": 0}
+    for t in bench.values():
+        assert t["resources"]["bench_slot"] == 1
+        check_labels(t["labels"])
+    start = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host 127.0.0.1" in start and "farm labels" in start
+
+
+def test_kuberay_worker_groups_per_cpu_family():
+    cfg = yaml.safe_load((ROOT / "clusters/kuberay/raycluster.yaml").read_text())
+    groups = {g["groupName"]: g for g in cfg["spec"]["workerGroupSpecs"]}
+    assert {"sapphire-rapids", "icelake"} <= set(groups)
+    for name in ("sapphire-rapids", "icelake"):
+        assert groups[name]["resources"] == {"bench_slot": "1"}
+        check_labels(groups[name]["labels"])
+        assert groups[name]["labels"]["farm/cpu-family"] == name

@@ -1,0 +1,25 @@
+from farm.driver import selector_matches, task_options
+from farm.grid import Stage
+
+LABELS = {"farm/isa": "amx", "farm/cpu-family": "sapphire-rapids", "farm/node": "a"}
+
+
+def test_label_selector_semantics():
+    assert selector_matches({}, LABELS)
+    assert selector_matches({"farm/isa": "amx"}, LABELS)
+    assert not selector_matches({"farm/isa": "avx2"}, LABELS)
+    assert selector_matches({"farm/isa": "!avx2"}, LABELS) and not selector_matches({"farm/isa": "!amx"}, LABELS)
+    assert selector_matches({"farm/cpu-family": "in(icelake,sapphire-rapids)"}, LABELS)
+    assert not selector_matches({"farm/cpu-family": "!in(icelake,sapphire-rapids)"}, LABELS)
+    assert not selector_matches({"farm/missing": "x"}, LABELS)
+
+
+def test_benchmarks_take_a_whole_node_and_others_a_memory_request():
+    bench = Stage("b1", "bench", {"target": {"name": "t", "labels": {"farm/isa": "amx"}}}, ())
+    opts = task_options(bench, {"t": 8}, 10**9)
+    assert opts["num_cpus"] == 8 and opts["resources"] == {"bench_slot": 1}
+    assert opts["label_selector"] == {"farm/isa": "amx"} and "memory" not in opts
+    export = Stage("e1", "export", {"format": "gguf", "quant": "F16"}, ())
+    opts = task_options(export, {"t": 8}, 10**9)
+    assert opts["num_cpus"] == 1 and opts["memory"] == 3 * 10**9 + 2**30
+    assert "memory" not in task_options(export, {}, None)
