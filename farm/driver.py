@@ -101,11 +101,14 @@ def run(path: str) -> int:
     from farm.report import pareto_report
 
     t0 = time.time()
-    sweep = specmod.load(path)  # raises SpecError before anything is written anywhere
+    if not Path(path).is_file():
+        raise SpecError([f"file '{path}' does not exist — give the path of a sweep YAML file"], path)
+    text = Path(path).read_text(encoding="utf-8")  # read once: ray.init may change the working directory
+    sweep = specmod.loads(text, path)  # raises SpecError before anything is written anywhere
     grid = gridmod.build(sweep)
     ray.init(address="auto", log_to_driver=False)
     refs = submit(grid, sweep)  # check_targets may raise: still nothing written to MLflow
-    log = tracking.SweepLog(sweep, grid, Path(path).read_text())
+    log = tracking.SweepLog(sweep, grid, text)
     print(f"farm: sweep '{sweep.name}': {len(grid.cells)} cells, {len(grid.stages)} stages; "
           f"MLflow run {log.run_id}", flush=True)
     pending = {cell.id: cell for cell in grid.cells}

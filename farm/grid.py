@@ -7,17 +7,56 @@ several exports, the F16 GGUF that every GGUF quant level starts from) appears o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
-from farm import __version__
 from farm.spec import Sweep
 
 # GGUF levels that llama.cpp's converter writes directly; every other level is quantized from F16.
 GGUF_DIRECT = ("F32", "F16", "BF16")
+
+# The source files whose code decides each stage's output ({method}, {format}: the stage's own), and
+# the libraries whose version does. A change to either gives the stage, and so what depends on it, a
+# new id: it runs again, while every other stage stays reused.
+PACKAGE = Path(__file__).parent
+RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "torch": "runtimes/torch_rt.py"}
+CODE = {
+    "base": ["models.py"],
+    "reference": ["evaluate.py", "data.py", "models.py", "runtimes/torch_rt.py"],
+    "compress": ["compress/{method}.py", "models.py"],
+    "export": ["export/{format}_export.py"],
+    "evaluate": ["evaluate.py", "{runtime}"],
+    "bench": ["bench.py", "{runtime}"],
+}
+LIBRARIES = ("torch", "transformers", "llama-cpp-python", "numpy")
+
+
+@functools.cache
+def _file_hash(rel: str) -> str:
+    path = PACKAGE / rel
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
+
+
+@functools.cache
+def _library_versions() -> tuple:
+    out = []
+    for lib in LIBRARIES:
+        try:
+            out.append((lib, version(lib)))
+        except PackageNotFoundError:
+            out.append((lib, "absent"))
+    return tuple(out)
+
+
+def code_version(kind: str, method: str = "", fmt: str = "") -> dict:
+    files = [f.format(method=method, format=fmt, runtime=RUNTIME_MODULE.get(fmt, "")) for f in CODE[kind]]
+    return {"files": {f: _file_hash(f) for f in files}, "libraries": dict(_library_versions())}
 
 
 def content_id(obj: Any) -> str:
@@ -55,8 +94,8 @@ class Grid:
     stages: dict[str, Stage] = field(default_factory=dict)  # insertion order is a topological order
     cells: list[Cell] = field(default_factory=list)
 
-    def add(self, kind: str, params: dict, deps: tuple[str, ...] = ()) -> str:
-        sid = content_id({"kind": kind, "params": params, "deps": deps, "farm": __version__})
+    def add(self, kind: str, params: dict, deps: tuple[str, ...] = (), method: str = "", fmt: str = "") -> str:
+        sid = content_id({"kind": kind, "params": params, "deps": deps, "code": code_version(kind, method, fmt)})
         if sid not in self.stages:
             self.stages[sid] = Stage(sid, kind, params, deps)
         return sid
@@ -115,15 +154,15 @@ def build(sweep: Sweep) -> Grid:
     for steps, fmt, quant, baseline in plan:
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
-            model = g.add("compress", {"step": step}, (model, reference))
+            model = g.add("compress", {"step": step}, (model, reference), method=step["method"])
         if fmt == "gguf" and quant not in GGUF_DIRECT:
-            src = g.add("export", {"format": "gguf", "quant": "F16"}, (model,))
-            export = g.add("export", {"format": fmt, "quant": quant}, (src,))
+            src = g.add("export", {"format": "gguf", "quant": "F16"}, (model,), fmt=fmt)
+            export = g.add("export", {"format": fmt, "quant": quant}, (src,), fmt=fmt)
         else:
-            export = g.add("export", {"format": fmt, "quant": quant}, (model,))
-        evaluate = g.add("evaluate", {"data": data}, (export, reference))
+            export = g.add("export", {"format": fmt, "quant": quant}, (model,), fmt=fmt)
+        evaluate = g.add("evaluate", {"data": data}, (export, reference), fmt=fmt)
         for target in sweep.targets:
-            b = g.add("bench", {"bench": bench, "target": target.model_dump()}, (export, reference))
+            b = g.add("bench", {"bench": bench, "target": target.model_dump()}, (export, reference), fmt=fmt)
             spec = {
                 "sweep": sweep.name,
                 "base": base_params,

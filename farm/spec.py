@@ -231,9 +231,10 @@ def _loc(loc: tuple) -> str:
 def _format_error(err: dict) -> str:
     where = _loc(err["loc"])
     kind, msg, value = err["type"], err["msg"], err.get("input")
-    if kind == "extra_forbidden":
-        parent = _loc(err["loc"][:-1])
-        return f"{where}: unknown key '{err['loc'][-1]}' in {parent} — remove it or check its spelling"
+    if kind == "extra_forbidden":  # the last part is the user's key, whatever it is called
+        parent, key = _loc(err["loc"][:-1]), err["loc"][-1]
+        where = f"{parent}.{key}" if err["loc"][:-1] else str(key)
+        return f"{where}: unknown key '{key}' in {parent} — remove it or check its spelling"
     if kind == "union_tag_invalid":
         expected = [e.strip(" '") for e in err["ctx"]["expected_tags"].split(",")]
         tag = err["ctx"]["tag"]
@@ -270,11 +271,15 @@ def load(path: str | Path) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise SpecError([f"file '{path}' does not exist — give the path of a sweep YAML file"], str(path))
+    return loads(path.read_text(encoding="utf-8"), str(path))
+
+
+def loads(text: str, source: str = "sweep") -> Sweep:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError([f"not valid YAML: {e}"], str(path)) from None
-    return parse(data, str(path))
+        raise SpecError([f"not valid YAML: {e}"], source) from None
+    return parse(data, source)
 
 
 def model_kind(ref: str) -> str:

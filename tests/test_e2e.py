@@ -175,3 +175,29 @@ def test_a_target_no_node_satisfies_fails_before_anything_runs(cluster, tiny_mod
     assert res.returncode != 0 and "targets[0] 'elsewhere': no alive node" in out
     assert "farm/node': 'b'" in out  # the message lists the cluster's label inventory
     assert MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_experiment_by_name("nowhere") is None
+
+
+def test_a_failing_stage_is_data_and_the_rest_finishes(cluster, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    sweep = {"name": "partly-broken", "base": {"model": str(tiny_model_dir)},
+             "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 32},
+             # needs 4096 calibration tokens but the sweep has 512: a deterministic runtime error
+             "pipelines": [[], [{"method": "prune_layers", "drop": 1, "seq_len": 4096}]],
+             "exports": [{"format": "gguf", "quant": "Q8_0"}],
+             "targets": [{"name": "a", "labels": {"farm/node": "a"}}],
+             "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 0, "repeats": 1}}
+    f = tmp_path / "partly.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    res = submit(cluster, f)
+    assert res.returncode != 0  # the job says that cells failed ...
+    assert "2 cells finished, 1 failed" in res.stdout  # ... and the rest of the sweep finished
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("partly-broken")
+    runs = {r.data.tags["farm.label"]: r for r in c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")}
+    failed = runs["prune_layers-drop1/gguf-Q8_0@a"]
+    assert failed.info.status == "FAILED" and "need 4096 calibration tokens" in failed.data.tags["farm.error"]
+    assert "error.txt" in {a.path for a in c.list_artifacts(failed.info.run_id)}
+    assert all(r.info.status == "FINISHED" for k, r in runs.items() if k != "prune_layers-drop1/gguf-Q8_0@a")
+    parent = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")[0]
+    assert parent.data.metrics["cells_failed"] == 1 and parent.info.status == "FAILED"

@@ -75,3 +75,17 @@ def test_flat_params():
     assert p["compress.prune_layers.drop"] in ("2", "4")
     assert p["export.format"] == "gguf" and p["target.name"] == "local"
     assert next(c for c in g.cells if c.baseline).params()["compress.method"] == "none"
+
+
+def test_a_code_change_invalidates_that_stage_and_its_dependents_only(monkeypatch):
+    a = build()
+    grid._file_hash.cache_clear()
+    real = grid._file_hash.__wrapped__
+    monkeypatch.setattr(grid, "_file_hash", lambda rel: "edited" if rel == "export/gguf_export.py" else real(rel))
+    b = build()
+    new = {s.kind for sid, s in b.stages.items() if sid not in a.stages}
+    kept = {s.kind for sid, s in b.stages.items() if sid in a.stages}
+    assert new == {"export", "evaluate", "bench"}  # the GGUF exports and what measures them
+    assert {"base", "reference", "compress"} <= kept
+    torch_export = [s for s in b.stages.values() if s.kind == "export" and s.params["format"] == "torch"]
+    assert torch_export[0].id in a.stages  # the torch baseline's export does not use that module

@@ -1,0 +1,91 @@
+"""Generated bad sweeps: every malformed variant of a valid sweep is rejected before any task runs,
+with the offending field named."""
+
+import copy
+from pathlib import Path
+
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from farm import spec
+from farm.errors import SpecError
+
+DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
+TRIED = {"n": 0}
+
+# (path into the sweep, bad values that must be refused there)
+INT_FIELDS = [("data", "calib_tokens"), ("data", "eval_windows"), ("data", "eval_window_tokens"),
+              ("bench", "prompt_tokens"), ("bench", "decode_tokens"), ("bench", "repeats"), ("bench", "warmup")]
+SECTIONS = ["base", "data", "bench", "promote"]
+wrong_types = st.one_of(st.text(min_size=1, max_size=8).filter(lambda s: not s.strip().lstrip("-").isdigit()),
+                        st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(),
+                                                                              max_size=1), st.none())
+key_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+
+
+def rejected(d) -> list[str]:
+    TRIED["n"] += 1
+    try:
+        spec.parse(d)
+    except SpecError as e:
+        return e.problems
+    raise AssertionError(f"accepted a malformed sweep: {d}")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(section=st.sampled_from(SECTIONS), key=key_names)
+def test_unknown_keys(section, key):
+    d = copy.deepcopy(DEMO)
+    d.setdefault(section, {})
+    if key in spec.Sweep.model_fields[section].annotation.model_fields:
+        return
+    d[section][key] = 1
+    assert any(p.startswith(f"{section}.{key}:") and "unknown key" in p for p in rejected(d))
+
+
+@settings(max_examples=60, deadline=None)
+@given(field=st.sampled_from(INT_FIELDS), value=st.one_of(wrong_types, st.integers(max_value=-1),
+                                                          st.integers(min_value=10**7)))
+def test_wrong_types_and_out_of_range(field, value):
+    d = copy.deepcopy(DEMO)
+    section, key = field
+    d.setdefault(section, {})[key] = value
+    assert any(p.startswith(f"{section}.{key}:") for p in rejected(d))
+
+
+@settings(max_examples=40, deadline=None)
+@given(method=key_names.filter(lambda m: m not in spec.STEP_METHODS))
+def test_unknown_methods(method):
+    d = copy.deepcopy(DEMO)
+    d["pipelines"] = [[{"method": method}]]
+    assert any(p.startswith("pipelines[0][0].method:") and "unknown method" in p for p in rejected(d))
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(sorted(spec.EXPORT_LEVELS)), quant=st.text(min_size=1, max_size=6))
+def test_levels_a_format_lacks(fmt, quant):
+    if quant in spec.EXPORT_LEVELS[fmt]:
+        return
+    d = copy.deepcopy(DEMO)
+    d["exports"] = [{"format": fmt, "quant": [quant]}]
+    assert any(p.startswith("exports[0].quant:") for p in rejected(d))
+
+
+@settings(max_examples=30, deadline=None)
+@given(drop=st.integers(min_value=30, max_value=500), empty=st.sampled_from(["exports", "targets", "pipelines",
+                                                                           "objectives"]))
+def test_empty_grids_and_impossible_pipelines(drop, empty):
+    d = copy.deepcopy(DEMO)
+    d["pipelines"] = [[{"method": "prune_layers", "drop": drop}]]
+    d[empty] = [] if empty != "objectives" else {}
+    problems = rejected(d)
+    assert any(p.startswith(f"{empty}:") for p in problems)  # the empty grid axis is named
+    if empty != "pipelines":  # and the pipeline that would drop every block, when it is still there
+        assert any(p.startswith("pipelines[0][0].drop:") for p in problems)
+
+
+def test_report_how_many_were_tried():
+    # runs last in this module: the generated cases above all went through `rejected`
+    assert TRIED["n"] >= 100
+    print(f"\n{TRIED['n']} generated bad sweeps tried, all rejected with the field named")
