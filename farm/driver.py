@@ -9,6 +9,7 @@ cell becomes a FAILED run with its traceback and the sweep goes on.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -109,6 +110,12 @@ def run(path: str) -> int:
     ray.init(address="auto", log_to_driver=False)
     refs = submit(grid, sweep)  # check_targets may raise: still nothing written to MLflow
     log = tracking.SweepLog(sweep, grid, text)
+
+    def stopped(signum, frame):  # `ray job stop` sends SIGTERM: say so in MLflow, then go
+        log.abort(f"stopped by signal {signum}")
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
     print(f"farm: sweep '{sweep.name}': {len(grid.cells)} cells, {len(grid.stages)} stages; "
           f"MLflow run {log.run_id}", flush=True)
     pending = {cell.id: cell for cell in grid.cells}

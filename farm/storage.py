@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,11 +38,33 @@ def read_result(name: str) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+def _remove_stale(final: Path) -> None:
+    """Temporary directories left by a writer on this host that was killed (its pid is gone)."""
+    host = socket.gethostname()
+    for tmp in final.parent.glob(f".{final.name}.tmp-{host}-*"):
+        pid = tmp.name.split(f".tmp-{host}-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def publishing(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success rename it to `final` atomically."""
+    """Yield a temporary directory beside `final`; on success rename it to `final` atomically.
+    The directory's name carries host and pid, so what a killed writer left is recognised and removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_stale(final)
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         yield tmp
         if final.exists():  # someone else finished the same content first: theirs is as good

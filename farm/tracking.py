@@ -104,6 +104,12 @@ class SweepLog:
         self.c.set_terminated(rid, "FAILED" if (error is not None or error_text) else "FINISHED")
         return rid
 
+    def abort(self, reason: str) -> None:
+        """The submission was stopped: its finished cells stay, the parent run says KILLED and why.
+        Resubmitting the sweep reuses every finished stage and logs a complete new parent run."""
+        self.c.set_tag(self.run_id, "farm.stopped", reason)
+        self.c.set_terminated(self.run_id, "KILLED")
+
     def finish(self, failed: int) -> None:
         self.c.log_metric(self.run_id, "cells_failed", failed)
         self.c.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")

@@ -44,3 +44,18 @@ def test_registry_did_you_mean():
     assert callable(r.get("prune_layers"))
     with pytest.raises(FarmError, match="did you mean 'prune_layers'"):
         r.get("prune_layer")
+
+
+def test_what_a_killed_writer_left_is_removed(tmp_path):
+    import socket
+    import subprocess
+
+    final = tmp_path / "stage"
+    child = subprocess.Popen(["true"])  # a writer that has exited
+    child.wait()
+    stale = tmp_path / f".stage.tmp-{socket.gethostname()}-{child.pid}-abc"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    with storage.publishing(final) as tmp:
+        (tmp / "whole.bin").write_bytes(b"y")
+    assert not stale.exists() and (final / "whole.bin").is_file()

@@ -201,3 +201,86 @@ def test_a_failing_stage_is_data_and_the_rest_finishes(cluster, tiny_model_dir, 
     assert all(r.info.status == "FINISHED" for k, r in runs.items() if k != "prune_layers-drop1/gguf-Q8_0@a")
     parent = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")[0]
     assert parent.data.metrics["cells_failed"] == 1 and parent.info.status == "FAILED"
+
+
+def _wait_for_cells(c, name, n, timeout=600):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        exp = c.get_experiment_by_name(name)
+        if exp and len(c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")) >= n:
+            return
+        time.sleep(2)
+    raise AssertionError(f"fewer than {n} cells of {name} logged in {timeout} s")
+
+
+def _slow_sweep(name, tiny_model_dir, window):
+    return {"name": name, "base": {"model": str(tiny_model_dir)},
+            "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": window},  # fresh stage ids
+            "pipelines": [[], [{"method": "prune_layers", "drop": 1, "calib_samples": 2, "seq_len": 64}]],
+            "exports": [{"format": "gguf", "quant": ["F16", "Q8_0", "Q4_0"]}],
+            "targets": [{"name": "a", "labels": {"farm/node": "a"}}],
+            "bench": {"prompt_tokens": 32, "decode_tokens": 32, "warmup": 1, "repeats": 3}}
+
+
+def _submit_no_wait(env, sweep_file, submission_id):
+    runtime_env = {"env_vars": {"FARM_HOME": env["FARM_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}}
+    subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}",
+                    "--submission-id", submission_id, "--no-wait", "--working-dir", str(ROOT),
+                    "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "farm", "run",
+                    str(sweep_file)], env=env, check=True, capture_output=True, timeout=120)
+
+
+def _ray_job(env, *args, timeout=900):
+    return subprocess.run([str(VENV_BIN / "ray"), "job", *args, "--address",
+                           f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}"], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_mlflow_restart_mid_sweep_loses_nothing(cluster, tiny_model_dir, tmp_path):
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    f = tmp_path / "outage.yaml"
+    f.write_text(yaml.safe_dump(_slow_sweep("outage", tiny_model_dir, 40)))
+    _submit_no_wait(cluster, f, "farm-e2e-outage")
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    _wait_for_cells(c, "outage", 1)
+    pid = int((Path(cluster["FARM_HOME"]) / "run" / "mlflow.pid").read_text())
+    os.killpg(pid, signal.SIGTERM)  # the tracking server goes away mid-sweep ...
+    time.sleep(10)
+    subprocess.run([str(ROOT / "clusters/local/up.sh")], env=cluster, check=True, timeout=300)  # ... and returns
+    logs = _ray_job(cluster, "logs", "--follow", "farm-e2e-outage")
+    assert "7 cells finished, 0 failed" in logs.stdout, logs.stdout[-3000:]
+    exp = c.get_experiment_by_name("outage")
+    cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+    assert len(cells) == 7 and all(r.info.status == "FINISHED" for r in cells)  # none lost, none doubled
+    assert all(set(METRIC_NAMES) <= set(r.data.metrics) for r in cells)
+
+
+def test_stopped_driver_resubmitted_reuses_finished_stages(cluster, tiny_model_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    f = tmp_path / "resume.yaml"
+    f.write_text(yaml.safe_dump(_slow_sweep("resume", tiny_model_dir, 36)))
+    _submit_no_wait(cluster, f, "farm-e2e-resume-1")
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    _wait_for_cells(c, "resume", 2)
+    _ray_job(cluster, "stop", "farm-e2e-resume-1", timeout=120)
+    exp = c.get_experiment_by_name("resume")
+    [first] = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")
+    assert first.info.status == "KILLED" and "signal" in first.data.tags["farm.stopped"]
+    done_before = [r for r in c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+                   if r.info.status == "FINISHED"]
+    res = submit(cluster, f)
+    assert res.returncode == 0 and "7 cells finished, 0 failed" in res.stdout
+    second = [r for r in c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")
+              if r.info.run_id != first.info.run_id]
+    assert len(second) == 1 and second[0].info.status == "FINISHED"
+    cells = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{second[0].info.run_id}'")
+    assert len(cells) == 7
+    reused = {r.data.tags["farm.cell_id"] for r in cells if r.data.tags["farm.cached.bench"] == "true"}
+    assert {r.data.tags["farm.cell_id"] for r in done_before} <= reused  # nothing finished was measured again
