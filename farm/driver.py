@@ -18,7 +18,7 @@ import ray
 
 from farm import grid as gridmod
 from farm import spec as specmod
-from farm.errors import SpecError
+from farm.errors import SpecError, StageError
 from farm.stages import run_stage
 
 BENCH_SLOT = "bench_slot"
@@ -64,10 +64,13 @@ def check_targets(sweep) -> dict[str, int]:
     return cpus
 
 
-def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None) -> dict:
+def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, trust_code: bool = False) -> dict:
     """Benchmarks: every CPU of a node that matches the target's labels, plus its bench slot. Other
     stages: one CPU anywhere, and memory for ~3 copies of the float model (load, transform, save)."""
     name = f"{stage.kind}:{stage.id}"
+    if trust_code:  # the sweep opted in to the model's own code: only its tasks get the permission
+        return {**task_options(stage, bench_cpus, model_bytes),
+                "runtime_env": {"env_vars": {"FARM_TRUST_REMOTE_CODE": "1"}}}
     if stage.kind == "bench":
         target = stage.params["target"]
         opts = {"num_cpus": bench_cpus[target["name"]], "resources": {BENCH_SLOT: 1}, "name": name}
@@ -85,9 +88,34 @@ def submit(grid, sweep) -> dict:
     model_bytes = specmod.base_bytes(sweep.base.model)
     refs: dict = {}
     for sid, stage in grid.stages.items():  # insertion order is topological
-        opts = task_options(stage, bench_cpus, model_bytes)
+        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code)
         refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps])
     return refs
+
+
+def strand(waiting: dict, stranded: dict) -> None:
+    """Cancel benchmarks whose target has lost every node it could run on (a node died): Ray would
+    keep them pending forever. Tasks on a lost node that another node can run are retried by Ray."""
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(BENCH_SLOT, 0) >= 1]
+    for ref, cell in waiting.items():
+        target = cell.spec["target"]
+        if cell.id not in stranded and not any(selector_matches(target["labels"], n.get("Labels", {})) for n in nodes):
+            stranded[cell.id] = (f"target '{target['name']}' lost every node that matches {target['labels']}; "
+                                 "its benchmark was cancelled")
+            ray.cancel(ref)
+
+
+def print_cell(done: int, total: int, cell, evaluate: dict | None, bench: dict | None, error) -> None:
+    from farm.tracking import cell_label
+
+    label = cell_label(cell)
+    if error is not None:
+        print(f"[{done}/{total}] {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+        return
+    m = {**evaluate["metrics"], **bench["metrics"]}
+    print(f"[{done}/{total}] {label}: ppl {m['perplexity']:.3f}  kl {m['kl_div']:.4f}  top1 {m['top1_agree']:.3f}  "
+          f"decode {m['decode_tok_s']:.1f} tok/s  prefill {m['prefill_tok_s']:.0f} tok/s  {m['size_mb']:.1f} MB"
+          f"{'  (CONTAMINATED: other load on the node)' if bench.get('contaminated') else ''}", flush=True)
 
 
 def _get(ref):
@@ -120,27 +148,22 @@ def run(path: str) -> int:
           f"MLflow run {log.run_id}", flush=True)
     pending = {cell.id: cell for cell in grid.cells}
     waiting = {refs[c.bench]: c for c in grid.cells}
+    stranded: dict[str, str] = {}  # cell id -> why its benchmark can no longer run anywhere
     failed = 0
     while pending:
-        ready, _ = ray.wait(list(waiting), num_returns=1)
+        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=15)
+        if not ready:
+            strand(waiting, stranded)
+            continue
         cell = waiting.pop(ready[0])
         bench, err = _get(refs[cell.bench])
         evaluate, err2 = _get(refs[cell.evaluate])
         export, err3 = _get(refs[cell.export])
-        error = err or err2 or err3
+        error = StageError(stranded[cell.id]) if cell.id in stranded else (err or err2 or err3)
         log.log_cell(cell, export, evaluate, bench, error=error)
         del pending[cell.id]
         failed += error is not None
-        done = len(grid.cells) - len(pending)
-        label = tracking.cell_label(cell)
-        if error is None:
-            m = {**evaluate["metrics"], **bench["metrics"]}
-            print(f"[{done}/{len(grid.cells)}] {label}: ppl {m['perplexity']:.3f}  kl {m['kl_div']:.4f}  "
-                  f"top1 {m['top1_agree']:.3f}  decode {m['decode_tok_s']:.1f} tok/s  "
-                  f"prefill {m['prefill_tok_s']:.0f} tok/s  {m['size_mb']:.1f} MB"
-                  f"{'  (CONTAMINATED: other load on the node)' if bench.get('contaminated') else ''}", flush=True)
-        else:
-            print(f"[{done}/{len(grid.cells)}] {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+        print_cell(len(grid.cells) - len(pending), len(grid.cells), cell, evaluate, bench, error)
     log.finish(failed)
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)

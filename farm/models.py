@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 from farm import storage
 from farm.errors import ModelError
-from farm.spec import EMBEDDED_MODELS, model_kind
+from farm.spec import EMBEDDED_MODELS, model_dir_problems, model_kind
 
 # Special tokens of SmolLM2-Instruct (the GGUF's metadata maps eos to <|im_start|>, which is wrong).
 SMOLLM2_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
@@ -52,16 +53,9 @@ def resolve(ref: str, revision: str | None = None) -> Path:
 
 
 def check_dir(d: Path) -> Path:
-    if not d.is_dir():
-        raise ModelError(f"base.model: directory '{d}' does not exist")
-    if not (d / "config.json").is_file():
-        raise ModelError(f"base.model: '{d}' has no config.json — not a Hugging Face model directory")
-    if not list(d.glob("*.safetensors")):
-        pickles = [p.name for p in d.glob("*.bin")] + [p.name for p in d.glob("*.pt")]
-        hint = f" (found pickle checkpoints {pickles}: re-save them with safetensors)" if pickles else ""
-        raise ModelError(f"base.model: '{d}' has no *.safetensors weights{hint}")
-    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()):
-        raise ModelError(f"base.model: '{d}' has no tokenizer (tokenizer.json or tokenizer.model)")
+    problems = model_dir_problems(d, trust_remote_code())
+    if problems:
+        raise ModelError("base.model: " + "; ".join(problems))
     return d
 
 
@@ -123,15 +117,22 @@ def _clean_tokenizer(gguf: Path):
     return tok
 
 
+def trust_remote_code() -> bool:
+    """Set per task by the driver when the sweep opts in (base.trust_remote_code); off otherwise."""
+    return os.environ.get("FARM_TRUST_REMOTE_CODE") == "1"
+
+
 def load_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code())
 
 
 def load_model(model_dir: Path):
+    """float32, safetensors only: pickle checkpoints can run code when loaded."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code())
     return model.eval()

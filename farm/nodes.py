@@ -67,7 +67,7 @@ def physical_cores() -> int:
 
 def label_value(text: str) -> str:
     """A Ray/Kubernetes label value: [A-Za-z0-9._-], at most 63, alphanumeric at both ends."""
-    text = re.sub(r"\((r|tm)\)", "", text, flags=re.I)
+    text = re.sub(r"\((r|tm)\)", "", text, flags=re.IGNORECASE)
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-._").lower()
     return text[:63].strip("-._") or "unknown"
 

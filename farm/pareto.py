@@ -21,14 +21,14 @@ def feasible(row: dict, constraints: list[dict], baseline: dict | None) -> tuple
             return False, f"{c['metric']}={v:.4g} above max {c['max']}"
         if c.get("min") is not None and v < c["min"]:
             return False, f"{c['metric']}={v:.4g} below min {c['min']}"
-        for key, ok in (("max_ratio_to_baseline", lambda r, b: v <= r * b),
-                        ("min_ratio_to_baseline", lambda r, b: v >= r * b)):
-            if c.get(key) is not None:
-                if baseline is None or c["metric"] not in baseline["metrics"]:
-                    return False, f"no baseline value of {c['metric']}"
-                b = baseline["metrics"][c["metric"]]
-                if not ok(c[key], b):
-                    return False, f"{c['metric']}={v:.4g} violates {key} {c[key]} x baseline {b:.4g}"
+        for key, sign in (("max_ratio_to_baseline", 1), ("min_ratio_to_baseline", -1)):
+            if c.get(key) is None:
+                continue
+            if baseline is None or c["metric"] not in baseline["metrics"]:
+                return False, f"no baseline value of {c['metric']}"
+            b = baseline["metrics"][c["metric"]]
+            if sign * v > sign * c[key] * b:
+                return False, f"{c['metric']}={v:.4g} violates {key} {c[key]} x baseline {b:.4g}"
     return True, ""
 
 
@@ -103,8 +103,8 @@ def plot(rows: list[dict], status: dict[str, dict], x: str, y: str, path) -> Non
         if x not in r["metrics"] or y not in r["metrics"]:
             continue
         s = status[r["id"]]
-        style = dict(c="tab:red", marker="o", s=60) if s["pareto"] else (
-            dict(c="grey", marker="o", s=30) if s["feasible"] else dict(c="grey", marker="x", s=30))
+        style = {"c": "tab:red", "marker": "o", "s": 60} if s["pareto"] else (
+            {"c": "grey", "marker": "o", "s": 30} if s["feasible"] else {"c": "grey", "marker": "x", "s": 30})
         ax.scatter(r["metrics"][x], r["metrics"][y], **style)
         ax.annotate(r["label"], (r["metrics"][x], r["metrics"][y]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")

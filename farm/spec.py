@@ -66,6 +66,9 @@ class BaseSpec(Strict):
         description="An embedded model name, a local Hugging Face directory, or a hub id 'org/name'.",
     )
     revision: str | None = Field(None, description="Hub revision (hub ids only).")
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own Python code (auto_map in config.json). Off unless you trust it."
+    )
 
 
 class DataSpec(Strict):
@@ -103,7 +106,7 @@ class PruneLayersStep(Strict):
 
 STEPS = (NoneStep, PruneLayersStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
-Step = Annotated[Union[STEPS], Field(discriminator="method")]
+Step = Annotated[Union[STEPS], Field(discriminator="method")]  # noqa: UP007 (a tuple of types)
 
 
 def step_label(step: dict) -> str:
@@ -169,7 +172,7 @@ class Constraint(Strict):
     min_ratio_to_baseline: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one_bound(self) -> "Constraint":
+    def _one_bound(self) -> Constraint:
         bounds = [self.max, self.min, self.max_ratio_to_baseline, self.min_ratio_to_baseline]
         if all(b is None for b in bounds):
             raise ValueError("give at least one of max, min, max_ratio_to_baseline, min_ratio_to_baseline")
@@ -199,7 +202,7 @@ class Sweep(Strict):
     promote: PromoteSpec = Field(default_factory=PromoteSpec)
 
     @model_validator(mode="after")
-    def _unique_targets(self) -> "Sweep":
+    def _unique_targets(self) -> Sweep:
         names = [t.name for t in self.targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -314,6 +317,25 @@ def base_bytes(ref: str) -> int | None:
     return None
 
 
+def model_dir_problems(d: Path, trust_remote_code: bool = False) -> list[str]:
+    """What makes a directory unusable as a base model; empty when it is fine."""
+    if not d.is_dir():
+        return [f"directory '{d}' does not exist — give an existing model directory"]
+    if not (d / "config.json").is_file():
+        return [f"'{d}' has no config.json — is it a Hugging Face model directory?"]
+    problems = []
+    if not list(d.glob("*.safetensors")):
+        pickles = sorted(p.name for p in [*d.glob("*.bin"), *d.glob("*.pt")])
+        hint = f" (found pickle checkpoints {pickles}: re-save them with safetensors)" if pickles else ""
+        problems.append(f"'{d}' has no *.safetensors weights{hint}")
+    if not ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()):
+        problems.append(f"'{d}' has no tokenizer (tokenizer.json or tokenizer.model)")
+    if "auto_map" in json.loads((d / "config.json").read_text()) and not trust_remote_code:
+        problems.append(f"'{d}' ships its own Python code (auto_map in config.json); farm runs it only with "
+                        "base.trust_remote_code: true — set that if you trust its source")
+    return problems
+
+
 def check_world(data: dict) -> list[str]:
     """Checks against the files a sweep names; cheap, before any task runs. Works on the raw data, so
     these problems are reported together with the schema's even when the schema check failed."""
@@ -329,11 +351,8 @@ def check_world(data: dict) -> list[str]:
             f"directory, or a hub id 'org/name' (embedded: {', '.join(EMBEDDED_MODELS)})"
         )
     elif kind == "local":
-        d = Path(ref).expanduser()
-        if not d.is_dir():
-            problems.append(f"base.model: directory '{ref}' does not exist — give an existing model directory")
-        elif not (d / "config.json").is_file():
-            problems.append(f"base.model: '{ref}' has no config.json — is it a Hugging Face model directory?")
+        trust = bool(base.get("trust_remote_code"))
+        problems += [f"base.model: {p}" for p in model_dir_problems(Path(ref).expanduser(), trust)]
     files = (data.get("data") or {}).get("files") if isinstance(data.get("data"), dict) else None
     for i, f in enumerate(files if isinstance(files, list) else []):
         if isinstance(f, str) and not Path(f).expanduser().is_file():

@@ -29,10 +29,9 @@ def test_user_files_split_by_paragraph(tmp_path):
 
 def test_publishing_is_all_or_nothing(tmp_path):
     final = tmp_path / "stage"
-    with pytest.raises(RuntimeError):
-        with storage.publishing(final) as tmp:
-            (tmp / "half.bin").write_bytes(b"x")
-            raise RuntimeError("killed midway")
+    with pytest.raises(RuntimeError), storage.publishing(final) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("killed midway")
     assert not final.exists() and list(tmp_path.iterdir()) == []
     with storage.publishing(final) as tmp:
         (tmp / "whole.bin").write_bytes(b"y")

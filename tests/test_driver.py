@@ -23,3 +23,10 @@ def test_benchmarks_take_a_whole_node_and_others_a_memory_request():
     opts = task_options(export, {"t": 8}, 10**9)
     assert opts["num_cpus"] == 1 and opts["memory"] == 3 * 10**9 + 2**30
     assert "memory" not in task_options(export, {}, None)
+
+
+def test_remote_code_permission_only_when_the_sweep_opts_in():
+    export = Stage("e1", "export", {"format": "gguf", "quant": "F16"}, ())
+    assert "runtime_env" not in task_options(export, {}, None)
+    opts = task_options(export, {}, None, trust_code=True)
+    assert opts["runtime_env"] == {"env_vars": {"FARM_TRUST_REMOTE_CODE": "1"}} and opts["num_cpus"] == 1

@@ -284,3 +284,38 @@ def test_stopped_driver_resubmitted_reuses_finished_stages(cluster, tiny_model_d
     assert len(cells) == 7
     reused = {r.data.tags["farm.cell_id"] for r in cells if r.data.tags["farm.cached.bench"] == "true"}
     assert {r.data.tags["farm.cell_id"] for r in done_before} <= reused  # nothing finished was measured again
+
+
+def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
+    """Node b is killed (SIGKILL to its raylet and workers) after the first cell lands. Work that node a
+    can do is retried there; benchmarks that must run on b fail with the reason; nothing hangs."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    sweep = _slow_sweep("node-loss", tiny_model_dir, 44)
+    sweep["pipelines"] = [[]]
+    sweep["targets"] = [{"name": "anywhere", "labels": {}}, {"name": "on-b", "labels": {"farm/node": "b"}}]
+    f = tmp_path / "node-loss.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    _submit_no_wait(cluster, f, "farm-e2e-node-loss")
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    pid_file = Path(cluster["FARM_HOME"]) / "run" / "node-b.pid"
+    try:
+        _wait_for_cells(c, "node-loss", 1)
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        logs = _ray_job(cluster, "logs", "--follow", "farm-e2e-node-loss")
+        exp = c.get_experiment_by_name("node-loss")
+        cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+        assert len(cells) == 8, logs.stdout[-3000:]  # every cell accounted for
+        for r in cells:
+            if r.data.params["target.name"] == "anywhere":
+                assert r.info.status == "FINISHED"
+            elif r.info.status == "FAILED":
+                assert "lost every node" in r.data.tags["farm.error"]
+            else:
+                assert r.data.tags["farm.node.farm/node"] == "b"  # finished on b before it died
+        assert any(r.info.status == "FAILED" for r in cells)
+    finally:
+        pid_file.unlink(missing_ok=True)
+        subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=cluster, check=True, timeout=120)

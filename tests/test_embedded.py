@@ -2,9 +2,9 @@
 Q4_1 GGUF must reproduce the GGUF's own perplexity on the same tokens, and llama.cpp's F16 export of
 that checkpoint must match PyTorch."""
 
-from pathlib import Path
 
 import json
+
 import pytest
 
 from farm import evaluate

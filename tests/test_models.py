@@ -1,0 +1,59 @@
+"""Malformed model directories get clear errors, before any task runs where possible."""
+
+import json
+import shutil
+
+import pytest
+
+from farm import spec
+from farm.errors import ModelError, SpecError
+from farm.models import check_dir
+
+
+def sweep_for(d):
+    return {"name": "m", "base": {"model": str(d)}, "exports": [{"format": "gguf", "quant": "F16"}]}
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, d)
+    return d
+
+
+def test_a_good_directory_passes(model_copy):
+    assert check_dir(model_copy) == model_copy
+    spec.parse(sweep_for(model_copy))
+
+
+def test_no_config(model_copy):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(SpecError, match="has no config.json"):
+        spec.parse(sweep_for(model_copy))
+    with pytest.raises(ModelError, match="no config.json"):
+        check_dir(model_copy)
+
+
+def test_pickle_only_checkpoint(model_copy):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")
+    with pytest.raises(SpecError, match=r"pickle checkpoints \['pytorch_model.bin'\]: re-save them with safetensors"):
+        spec.parse(sweep_for(model_copy))
+    with pytest.raises(ModelError, match="pickle checkpoints"):
+        check_dir(model_copy)
+
+
+def test_tokenizer_missing(model_copy):
+    (model_copy / "tokenizer.json").unlink()
+    with pytest.raises(SpecError, match="has no tokenizer"):
+        spec.parse(sweep_for(model_copy))
+
+
+def test_custom_code_needs_an_explicit_opt_in(model_copy):
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SpecError, match="trust_remote_code: true"):
+        spec.parse(sweep_for(model_copy))
+    opted = sweep_for(model_copy)
+    opted["base"]["trust_remote_code"] = True
+    assert spec.parse(opted).base.trust_remote_code
