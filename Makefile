@@ -40,7 +40,6 @@ demo: up
 	  -- python -m farm run jobs/demo.yaml; \
 	rc=$$?; echo "farm: the demo job took $$(( $$(date +%s) - start )) s"; \
 	if [ $$rc -ne 0 ]; then echo "farm: the demo job failed (exit $$rc); see above" >&2; exit $$rc; fi
-	.venv/bin/farm pareto demo
 	.venv/bin/farm promote demo
 	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)   Ray dashboard: $(RAY_DASHBOARD)   (make down stops both)"
 

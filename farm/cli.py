@@ -40,9 +40,10 @@ def cmd_promote(a) -> int:
     from farm.promote import promote
 
     r = promote(a.name, a.run, a.model_name, a.alias, a.sweep_run)
-    print(f"promoted {r['label']} (run {r['run_id']}) as {r['model_name']} version {r['version']}, "
-          f"alias '{r['alias']}': load it with mlflow.pyfunc.load_model('{r['uri']}') "
-          f"(tracking server {r['tracking_uri']})")
+    print(r["table"] + "\n")
+    what = "already is" if r["unchanged"] else "promoted:"
+    print(f"{r['model_name']}@{r['alias']} {what} {r['label']} (run {r['run_id']}), version {r['version']}; "
+          f"load it with mlflow.pyfunc.load_model('{r['uri']}') (tracking server {r['tracking_uri']})")
     return 0
 
 

@@ -65,6 +65,14 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     fmt = run.data.tags["farm.artifact_format"]
     model_name = model_name or policy.get("model_name") or name
     alias = alias or policy.get("alias") or "champion"
+    out = {"run_id": run_id, "model_name": model_name, "alias": alias, "uri": f"models:/{model_name}@{alias}",
+           "label": run.data.tags.get("farm.label", ""), "tracking_uri": mlflow.get_tracking_uri(),
+           "table": report["table"]}
+    identity = {"farm.artifact_uri": run.data.tags["farm.artifact_uri"], "farm.artifact_sha256": want or ""}
+    current = _version_by_alias(c, model_name, alias)
+    if current is not None and all(current.tags.get(k) == v for k, v in identity.items()):
+        # a resubmitted sweep picked the very same artifact: the alias already points at it
+        return {**out, "version": current.version, "unchanged": True}
     meta = storage.home() / "promote" / f"{run_id}.json"
     storage.atomic_write_text(meta, f'{{"format": "{fmt}", "threads": 2, "n_ctx": 2048}}')
     reqs = ["llama-cpp-python==0.3.36", "numpy"] if fmt == "gguf" else ["torch==2.13.0", "transformers==4.57.6"]
@@ -74,12 +82,19 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
             code_paths=[str(Path(__file__).parent)], pip_requirements=reqs,
             signature=infer_signature(["a prompt"], ["a completion"], params={"max_tokens": 48}),
         )
-    version = mlflow.register_model(info.model_uri, model_name)
+    version = mlflow.register_model(info.model_uri, model_name, tags={**identity, "farm.label": out["label"]})
     c.set_registered_model_alias(model_name, alias, version.version)
     c.set_tag(run_id, "farm.promoted", f"{model_name}@{alias} v{version.version}")
-    return {"run_id": run_id, "model_name": model_name, "alias": alias, "version": version.version,
-            "uri": f"models:/{model_name}@{alias}", "label": run.data.tags.get("farm.label", ""),
-            "tracking_uri": mlflow.get_tracking_uri()}
+    return {**out, "version": version.version, "unchanged": False}
+
+
+def _version_by_alias(c, model_name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(model_name, alias)
+    except MlflowException:  # no such model or alias yet
+        return None
 
 
 def generate(uri: str, prompts: list[str], max_tokens: int = 48) -> list[str]:

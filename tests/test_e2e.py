@@ -116,6 +116,18 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
     assert isinstance(out, list) and len(out) == 1 and isinstance(out[0], str) and out[0]
 
 
+def test_promoting_the_same_artifact_again_changes_nothing(cluster):
+    """Runs after the main sweep's promotion: the same pick keeps its version and alias."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    before = c.get_model_version_by_alias("tiny-llm", "champion")
+    res = farm(cluster, "promote", "tiny")
+    assert res.returncode == 0 and "already is" in res.stdout, res.stdout + res.stderr
+    assert c.get_model_version_by_alias("tiny-llm", "champion").version == before.version
+    assert before.tags["farm.artifact_uri"].startswith("file://")
+
+
 def test_bad_sweep_fails_fast_and_writes_nothing(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -319,3 +331,4 @@ def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
     finally:
         pid_file.unlink(missing_ok=True)
         subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=cluster, check=True, timeout=120)
+
