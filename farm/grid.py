@@ -44,19 +44,19 @@ def _file_hash(rel: str) -> str:
 
 
 @functools.cache
-def _library_versions() -> tuple:
-    out = []
-    for lib in LIBRARIES:
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
+    out = {}
+    for lib in names:
         try:
-            out.append((lib, version(lib)))
+            out[lib] = version(lib)
         except PackageNotFoundError:
-            out.append((lib, "absent"))
-    return tuple(out)
+            out[lib] = "absent"
+    return out
 
 
 def code_version(kind: str, method: str = "", fmt: str = "") -> dict:
     files = [f.format(method=method, format=fmt, runtime=RUNTIME_MODULE.get(fmt, "")) for f in CODE[kind]]
-    return {"files": {f: _file_hash(f) for f in files}, "libraries": dict(_library_versions())}
+    return {"files": {f: _file_hash(f) for f in files}, "libraries": library_versions()}
 
 
 def content_id(obj: Any) -> str:

@@ -10,25 +10,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 
 from farm import nodes, storage
-from farm.grid import Stage
+from farm.grid import Stage, library_versions
 
+# recorded with every stage result and logged as tags (farm.version.*)
 LIBRARIES = ("farm", "torch", "transformers", "llama-cpp-python", "ray", "mlflow", "numpy")
-
-
-def library_versions() -> dict[str, str]:
-    out = {}
-    for lib in LIBRARIES:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = "absent"
-    return out
 
 
 def threads_here() -> int:
@@ -126,6 +116,6 @@ def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     with storage.publishing(final) as tmp:
         result = RUNNERS[stage.kind](stage, deps, tmp)
         result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
-                       "host": nodes.facts(), "versions": library_versions(), **(node or {})})
+                       "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return {**_absolute(result, final), "cached": False}

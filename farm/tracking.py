@@ -145,10 +145,7 @@ def cell_rows(c: MlflowClient, exp, parent) -> list[dict]:
             continue
         rows.append({"id": r.info.run_id, "target": r.data.params.get("target.name", ""),
                      "baseline": r.data.tags.get("farm.baseline") == "true", "metrics": dict(r.data.metrics),
-                     "label": r.data.tags.get("farm.label", r.info.run_name),
-                     "compress": r.data.params.get("compress.method", ""),
-                     "export": f"{r.data.params.get('export.format')}-{r.data.params.get('export.quant')}",
-                     "tags": dict(r.data.tags)})
+                     "label": r.data.tags.get("farm.label", r.info.run_name)})
     return rows
 
 
