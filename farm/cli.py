@@ -1,4 +1,4 @@
-"""`farm validate | run | pareto | promote | generate | schema | labels | nodes`."""
+"""`farm validate | run | pareto | promote | generate | serve | schema | labels | nodes`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,21 @@ def cmd_generate(a) -> int:
 
     for text in generate(a.uri, a.prompt, a.max_tokens):
         print(text)
+    return 0
+
+
+def cmd_serve(a) -> int:
+    """An HTTP endpoint for a registered model: MLflow's own scoring server, on 127.0.0.1 by default.
+    POST /invocations with {"inputs": ["a prompt", ...], "params": {"max_tokens": 32}}."""
+    import shutil
+
+    from farm.tracking import client
+
+    client()  # MLFLOW_TRACKING_URI, for resolving models:/ URIs
+    mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    cmd = [mlflow_bin, "models", "serve", "-m", a.uri, "--env-manager", "local", "-h", a.host, "-p", str(a.port),
+           "-w", "1"]
+    os.execv(mlflow_bin, cmd)
     return 0
 
 
@@ -114,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("prompt", nargs="+")
     s.add_argument("--max-tokens", type=int, default=48)
     s.set_defaults(fn=cmd_generate)
+    s = sub.add_parser("serve", help="serve a registered model over HTTP, e.g. models:/demo@champion")
+    s.add_argument("uri")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5001)
+    s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("schema", help="JSON schema of sweep files, for editors")
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_schema)

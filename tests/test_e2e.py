@@ -128,6 +128,34 @@ def test_promoting_the_same_artifact_again_changes_nothing(cluster):
     assert before.tags["farm.artifact_uri"].startswith("file://")
 
 
+def test_serve_the_champion_over_http(cluster):
+    """`farm serve models:/tiny-llm@champion` answers POST /invocations on 127.0.0.1."""
+    import time
+    import urllib.request
+
+    port = 15101
+    proc = subprocess.Popen([str(VENV_BIN / "farm"), "serve", "models:/tiny-llm@champion", "--port", str(port)],
+                            env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        body = json.dumps({"inputs": ["The if statement"], "params": {"max_tokens": 4}}).encode()
+        for _ in range(120):
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    answer = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("the model server did not answer within 120 s")
+        assert isinstance(answer["predictions"], list) and len(answer["predictions"]) == 1
+        assert isinstance(answer["predictions"][0], str)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
 def test_bad_sweep_fails_fast_and_writes_nothing(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -331,4 +359,5 @@ def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
     finally:
         pid_file.unlink(missing_ok=True)
         subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=cluster, check=True, timeout=120)
+
 
