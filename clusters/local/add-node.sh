@@ -8,7 +8,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export PATH="$ROOT/.venv/bin:$PATH"
 export FARM_HOME=${FARM_HOME:-$ROOT/.farm}
-export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 RAY_task_oom_retries=1
 NAME=$1; CPUSET=$2; shift 2
 RAY_PORT=${RAY_PORT:-6379}
 RUN="$FARM_HOME/run"

@@ -15,7 +15,8 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 RUN="$FARM_HOME/run"
 mkdir -p "$RUN" "$FARM_HOME/mlflow/artifacts"
 # Ray token authentication on (Ray creates ~/.ray/auth_token; `ray job submit` and tasks read it).
-export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
+# A task the memory monitor kills is retried once, then fails (bounded: Ray has its own OOM-retry policy).
+export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false RAY_task_oom_retries=1
 
 up() {
   local auth=()
