@@ -57,3 +57,26 @@ def test_custom_code_needs_an_explicit_opt_in(model_copy):
     opted = sweep_for(model_copy)
     opted["base"]["trust_remote_code"] = True
     assert spec.parse(opted).base.trust_remote_code
+
+
+def test_hub_ids_resolve_through_the_hub_cache(tiny_model_dir, tmp_path):
+    """The hub path is real: snapshot_download, here answered offline from a Hugging Face cache laid out
+    as the hub writes it (models--org--name/refs/main -> snapshots/<commit>/). Run in a fresh process:
+    huggingface_hub reads HF_HUB_CACHE when it is imported."""
+    import os
+    import subprocess
+    import sys
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-llama"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    code = ("from farm.models import resolve\nfrom farm.errors import ModelError\nprint(resolve('acme/tiny-llama'))\n"
+            "try:\n    resolve('acme/not-cached')\nexcept ModelError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert lines[0].endswith(f"snapshots/{commit}")
+    assert lines[1].startswith("ERR base.model: could not fetch hub model 'acme/not-cached'")
