@@ -93,22 +93,20 @@ def _clean_tokenizer(gguf: Path):
     llama.cpp's converter would then write a SentencePiece-style vocab. The encoding is unchanged,
     which is checked here on the whole embedded corpus before anything is written.
     """
-    from tokenizers import decoders, processors
+    from tokenizers import Tokenizer, decoders, processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from farm.data import split
 
     src = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     backend = src.backend_tokenizer
     state = json.loads(backend.to_str())
     state["model"]["byte_fallback"] = False
-    from tokenizers import Tokenizer
-
     clean = Tokenizer.from_str(json.dumps(state))
     clean.decoder = decoders.ByteLevel()
     clean.post_processor = processors.ByteLevel(trim_offsets=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=clean, **SMOLLM2_TOKENS)
     tok.chat_template = src.chat_template
-    from farm.data import split
-
     for text in split([]):
         a = src(text, add_special_tokens=False)["input_ids"]
         b = tok(text, add_special_tokens=False)["input_ids"]

@@ -272,6 +272,18 @@ def _submit_no_wait(env, sweep_file, submission_id):
                     str(sweep_file)], env=env, check=True, capture_output=True, timeout=120)
 
 
+def _start(env, sweep: dict, tmp_path, submission_id: str, cells: int):
+    """Write the sweep, submit it without waiting, return an MLflow client once `cells` cells landed."""
+    from mlflow.tracking import MlflowClient
+
+    f = tmp_path / f"{sweep['name']}.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    _submit_no_wait(env, f, submission_id)
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    _wait_for_cells(c, sweep["name"], cells)
+    return c, f
+
+
 def _ray_job(env, *args, timeout=900):
     return subprocess.run([str(VENV_BIN / "ray"), "job", *args, "--address",
                            f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}"], env=env, capture_output=True,
@@ -282,13 +294,7 @@ def test_mlflow_restart_mid_sweep_loses_nothing(cluster, tiny_model_dir, tmp_pat
     import signal
     import time
 
-    from mlflow.tracking import MlflowClient
-
-    f = tmp_path / "outage.yaml"
-    f.write_text(yaml.safe_dump(_slow_sweep("outage", tiny_model_dir, 40)))
-    _submit_no_wait(cluster, f, "farm-e2e-outage")
-    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    _wait_for_cells(c, "outage", 1)
+    c, _ = _start(cluster, _slow_sweep("outage", tiny_model_dir, 40), tmp_path, "farm-e2e-outage", 1)
     pid = int((Path(cluster["FARM_HOME"]) / "run" / "mlflow.pid").read_text())
     os.killpg(pid, signal.SIGTERM)  # the tracking server goes away mid-sweep ...
     time.sleep(10)
@@ -302,13 +308,7 @@ def test_mlflow_restart_mid_sweep_loses_nothing(cluster, tiny_model_dir, tmp_pat
 
 
 def test_stopped_driver_resubmitted_reuses_finished_stages(cluster, tiny_model_dir, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    f = tmp_path / "resume.yaml"
-    f.write_text(yaml.safe_dump(_slow_sweep("resume", tiny_model_dir, 36)))
-    _submit_no_wait(cluster, f, "farm-e2e-resume-1")
-    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
-    _wait_for_cells(c, "resume", 2)
+    c, f = _start(cluster, _slow_sweep("resume", tiny_model_dir, 36), tmp_path, "farm-e2e-resume-1", 2)
     _ray_job(cluster, "stop", "farm-e2e-resume-1", timeout=120)
     exp = c.get_experiment_by_name("resume")
     [first] = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")
@@ -331,18 +331,12 @@ def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
     can do is retried there; benchmarks that must run on b fail with the reason; nothing hangs."""
     import signal
 
-    from mlflow.tracking import MlflowClient
-
     sweep = _slow_sweep("node-loss", tiny_model_dir, 44)
     sweep["pipelines"] = [[]]
     sweep["targets"] = [{"name": "anywhere", "labels": {}}, {"name": "on-b", "labels": {"farm/node": "b"}}]
-    f = tmp_path / "node-loss.yaml"
-    f.write_text(yaml.safe_dump(sweep))
-    _submit_no_wait(cluster, f, "farm-e2e-node-loss")
-    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     pid_file = Path(cluster["FARM_HOME"]) / "run" / "node-b.pid"
     try:
-        _wait_for_cells(c, "node-loss", 1)
+        c, _ = _start(cluster, sweep, tmp_path, "farm-e2e-node-loss", 1)
         os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         logs = _ray_job(cluster, "logs", "--follow", "farm-e2e-node-loss")
         exp = c.get_experiment_by_name("node-loss")
