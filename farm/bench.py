@@ -104,6 +104,7 @@ def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: in
         "repeats_set_aside": len(clean) + len(dirty) - len(used),
         "contaminated": len(clean) < repeats,
         "threads": threads,
+        "runtime_settings": getattr(rt, "settings", {}),
         "raw": {"used": used, "set_aside": [r for r in dirty if r not in used]},
     }
 

@@ -16,16 +16,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from farm.spec import Sweep
+from farm.spec import DATA_AWARE, Sweep
 
-# GGUF levels that llama.cpp's converter writes directly; every other level is quantized from F16.
-GGUF_DIRECT = ("F32", "F16", "BF16")
+# Levels each exporter writes straight from a Hugging Face directory; every other level of the format is
+# made from that format's BASE_LEVEL export, which is shared (llama.cpp quantizes from F16; ONNX Runtime's
+# and NNCF's quantizers work on the fp32 ONNX graph / OpenVINO IR).
+DIRECT = {"gguf": ("F32", "F16", "BF16"), "onnx": ("fp32",), "openvino": ("fp32",), "torch": ("fp32",)}
+BASE_LEVEL = {"gguf": "F16", "onnx": "fp32", "openvino": "fp32"}
 
 # The source files whose code decides each stage's output ({method}, {format}: the stage's own), and
 # the libraries whose version does. A change to either gives the stage, and so what depends on it, a
 # new id: it runs again, while every other stage stays reused.
 PACKAGE = Path(__file__).parent
-RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "torch": "runtimes/torch_rt.py"}
+RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "onnx": "runtimes/onnx_rt.py", "openvino": "runtimes/openvino_rt.py",
+                  "torch": "runtimes/torch_rt.py"}
 CODE = {
     "base": ["models.py"],
     "reference": ["evaluate.py", "data.py", "models.py", "runtimes/torch_rt.py"],
@@ -34,7 +38,8 @@ CODE = {
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
-LIBRARIES = ("torch", "transformers", "llama-cpp-python", "numpy")
+LIBRARIES = ("torch", "transformers", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime", "optimum-intel",
+             "openvino", "nncf", "numpy")
 
 
 @functools.cache
@@ -142,24 +147,25 @@ def build(sweep: Sweep) -> Grid:
     base = g.add("base", base_params)
     reference = g.add("reference", {"data": data}, (base,))
 
-    exports = [(e.format, q) for e in sweep.exports for q in e.levels()]
+    exports = [v for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
-    plan = [(p, f, q, False) for p in pipelines for f, q in exports]
-    if ([], "torch", "fp32") not in [(p, f, q) for p, f, q, _ in plan]:
-        plan.insert(0, ([], "torch", "fp32", True))
-    else:
-        plan = [(p, f, q, (p, f, q) == ([], "torch", "fp32")) for p, f, q, _ in plan]
+    baseline_export = {"format": "torch", "quant": "fp32"}
+    plan = [(p, x, p == [] and x == baseline_export) for p in pipelines for x in exports]
+    if not any(baseline for _, _, baseline in plan):
+        plan.insert(0, ([], baseline_export, True))
 
     bench = sweep.bench.model_dump()
-    for steps, fmt, quant, baseline in plan:
+    for steps, exp, baseline in plan:
+        fmt = exp["format"]
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
             model = g.add("compress", {"step": step}, (model, reference), method=step["method"])
-        if fmt == "gguf" and quant not in GGUF_DIRECT:
-            src = g.add("export", {"format": "gguf", "quant": "F16"}, (model,), fmt=fmt)
-            export = g.add("export", {"format": fmt, "quant": quant}, (src,), fmt=fmt)
+        if exp["quant"] in DIRECT[fmt]:
+            export = g.add("export", exp, (model,), fmt=fmt)
         else:
-            export = g.add("export", {"format": fmt, "quant": quant}, (model,), fmt=fmt)
+            src = g.add("export", {"format": fmt, "quant": BASE_LEVEL[fmt]}, (model,), fmt=fmt)
+            calib = (reference,) if exp.get("algorithm") in DATA_AWARE else ()
+            export = g.add("export", exp, (src, *calib), fmt=fmt)
         evaluate = g.add("evaluate", {"data": data}, (export, reference), fmt=fmt)
         for target in sweep.targets:
             b = g.add("bench", {"bench": bench, "target": target.model_dump()}, (export, reference), fmt=fmt)
@@ -167,7 +173,7 @@ def build(sweep: Sweep) -> Grid:
                 "sweep": sweep.name,
                 "base": base_params,
                 "compress": steps,
-                "export": {"format": fmt, "quant": quant},
+                "export": exp,
                 "target": target.model_dump(),
                 "bench": bench,
                 "data": data,

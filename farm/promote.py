@@ -2,7 +2,7 @@
 new version of a registered model, and point an alias (default `champion`) at that version.
 
 `mlflow.pyfunc.load_model("models:/demo@champion").predict(["Once upon a time"])` then generates
-text with the runtime that was measured (llama.cpp for GGUF, PyTorch for the baseline).
+text with the runtime that was measured (llama.cpp, ONNX Runtime, OpenVINO, or PyTorch for the baseline).
 """
 
 from __future__ import annotations
@@ -16,6 +16,21 @@ from mlflow.models import infer_signature
 
 from farm import storage, tracking
 from farm.errors import FarmError
+
+
+def _pins(*names: str) -> list[str]:
+    from farm.grid import library_versions
+
+    return [f"{n}=={v}" for n, v in library_versions(names).items()]
+
+
+# what a promoted model needs to run, beyond farm's own code (logged as the pyfunc's pip requirements)
+RUNTIME_REQUIREMENTS = {
+    "gguf": _pins("llama-cpp-python", "numpy"),
+    "onnx": _pins("onnxruntime", "transformers", "numpy"),
+    "openvino": _pins("openvino", "transformers", "numpy"),
+    "torch": _pins("torch", "transformers"),
+}
 
 
 class FarmLLM(mlflow.pyfunc.PythonModel):
@@ -60,8 +75,8 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     if not artifact.exists():
         raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
     want = run.data.tags.get("farm.artifact_sha256")
-    if want and artifact.is_file() and storage.sha256(artifact) != want:
-        raise FarmError(f"checksum mismatch for {artifact}: the file changed since it was measured; not promoting")
+    if want and storage.sha256(artifact) != want:
+        raise FarmError(f"checksum mismatch for {artifact}: it changed since it was measured; not promoting")
     fmt = run.data.tags["farm.artifact_format"]
     model_name = model_name or policy.get("model_name") or name
     alias = alias or policy.get("alias") or "champion"
@@ -75,7 +90,7 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
         return {**out, "version": current.version, "unchanged": True}
     meta = storage.home() / "promote" / f"{run_id}.json"
     storage.atomic_write_text(meta, f'{{"format": "{fmt}", "threads": 2, "n_ctx": 2048}}')
-    reqs = ["llama-cpp-python==0.3.36", "numpy"] if fmt == "gguf" else ["torch==2.13.0", "transformers==4.57.6"]
+    reqs = RUNTIME_REQUIREMENTS[fmt]
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=FarmLLM(), artifacts={"model": str(artifact), "meta": str(meta)},

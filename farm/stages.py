@@ -55,17 +55,17 @@ def run_compress(stage: Stage, deps: list[dict], out: Path) -> dict:
 
 
 def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
-    fmt, quant = stage.params["format"], stage.params["quant"]
-    src = deps[0]
+    params = stage.params
+    fmt, src = params["format"], deps[0]
     if fmt == "torch":  # the Hugging Face directory itself is the artifact
         artifact = _model_dir(src)
-        return {"format": fmt, "quant": quant, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
+        return {**params, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
     from farm.export import EXPORTERS
 
     source = Path(src["artifact"]) if "artifact" in src else _model_dir(src)
-    path = EXPORTERS.get(fmt)(source, quant, out, threads_here())
-    return {"format": fmt, "quant": quant, "artifact": path.name, "size_mb": storage.size_mb(path),
-            "sha256": storage.sha256(path)}
+    calib = np.load(Path(deps[1]["reference_dir"]) / "calib_tokens.npy") if len(deps) > 1 else None
+    path = EXPORTERS.get(fmt)(source, params, out, threads_here(), calib)
+    return {**params, "artifact": path.name, "size_mb": storage.size_mb(path), "sha256": storage.sha256(path)}
 
 
 def run_evaluate(stage: Stage, deps: list[dict], out: Path) -> dict:
@@ -89,6 +89,7 @@ def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
                                    "foreign_cpus", "repeats_set_aside")}
     metrics["size_mb"] = export["size_mb"]
     return {"metrics": metrics, "contaminated": raw["contaminated"], "threads": threads,
+            "runtime_settings": raw.get("runtime_settings", {}),
             "bench_json": "bench.json"}
 
 

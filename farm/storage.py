@@ -85,13 +85,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def sha256(path: Path) -> str:
+    """Of a file's bytes; of a directory, over its files' relative paths and bytes."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".gguf", ".onnx", ".onnx_data", ".data", ".bin", ".safetensors")
+
+
 def size_mb(path: Path) -> float:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    """A model's size on disk: the file, or a directory's weight and graph files (not its tokenizer or
+    config, which every format carries alike; a GGUF file holds its vocabulary, ~1 MB here)."""
+    if path.is_file():
+        return path.stat().st_size / 1e6
+    files = [p for p in path.rglob("*") if p.is_file() and (p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".xml")
+                                                            and (p.parent / f"{p.stem}.bin").is_file())]
     return sum(p.stat().st_size for p in files) / 1e6

@@ -88,6 +88,7 @@ class SweepLog:
                               "farm.bench.contaminated": str(bench.get("contaminated")).lower(),
                               "farm.bench.threads": str(bench.get("threads"))})
             more_tags.update({f"farm.version.{k}": v for k, v in bench.get("versions", {}).items()})
+            more_tags.update({f"farm.runtime.{k}": v for k, v in bench.get("runtime_settings", {}).items()})
         self.c.log_batch(rid, metrics=metrics, params=params,
                          tags=[RunTag(k, str(v)) for k, v in more_tags.items()])
         with tempfile.TemporaryDirectory() as d:
@@ -118,7 +119,14 @@ class SweepLog:
 def cell_label(cell) -> str:
     p = cell.params()
     steps = "+".join(step_label(s) for s in cell.spec["compress"]) or "base"
-    return f"{steps}/{p['export.format']}-{p['export.quant']}@{p['target.name']}"
+    export = f"{p['export.format']}-{p['export.quant']}"
+    if p.get("export.algorithm", "rtn") != "rtn":
+        export += f"-{p['export.algorithm']}"
+    if "export.group_size" in p:
+        export += f"-g{p['export.group_size']}"
+    if p.get("export.ratio", "1.0") != "1.0":
+        export += f"-r{p['export.ratio']}"
+    return f"{steps}/{export}@{p['target.name']}"
 
 
 # ---- reading a sweep back: pareto and promote

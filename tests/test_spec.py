@@ -104,3 +104,66 @@ def test_file_errors():
 def test_schema_file_is_current():
     committed = json.loads((ROOT / "jobs" / "sweep.schema.json").read_text())
     assert committed == spec.json_schema(), "run `make schema` to regenerate jobs/sweep.schema.json"
+
+
+# ---- ONNX / OpenVINO export options: exports[1] is onnx, exports[2] openvino in the demo sweep
+def test_level_of_another_format_is_refused():
+    d = demo()
+    d["exports"][1]["quant"] = ["fp32", "int4_asym"]
+    [p] = problems(d)
+    assert p.startswith("exports[1].quant:") and "'int4_asym' is not a level of format 'onnx'" in p
+
+
+def test_group_size_the_model_does_not_divide():
+    d = demo()
+    d["exports"][2]["group_size"] = 128
+    [p] = problems(d)
+    assert p.startswith("exports[2].group_size:") and "hidden_size 576" in p and "[16, 32, 64]" in p
+
+
+def test_group_size_must_be_a_power_of_two():
+    d = demo()
+    d["exports"][1]["group_size"] = 48
+    [p] = problems(d)
+    assert p.startswith("exports[1].group_size:") and "power of two" in p
+
+
+def test_data_aware_algorithm_without_enough_calibration_text():
+    d = demo()
+    d["data"]["calib_tokens"] = 1024  # awq_se reads 16 x 256 tokens by default
+    [p] = problems(d)
+    assert p.startswith("exports[2].calib_samples:") and "awq_se" in p and "data.calib_tokens" in p
+
+
+def test_algorithm_of_another_format_or_level():
+    d = demo()
+    d["exports"][1]["algorithm"] = "awq"
+    [p] = problems(d)
+    assert p.startswith("exports[1].algorithm:") and "'awq' is not an algorithm of format 'onnx'" in p
+    d = demo()
+    d["exports"][2]["quant"] = ["fp32", "int8"]
+    [p] = problems(d)
+    assert p.startswith("exports[2].algorithm:") and "int4 levels only" in p
+    d = demo()
+    d["exports"][0]["algorithm"] = "gptq"
+    [p] = problems(d)
+    assert p.startswith("exports[0].algorithm:") and "'gguf' has no algorithms" in p
+
+
+def test_onnx_packed_algorithms_need_an_even_number_of_groups():
+    d = demo()
+    d["exports"][1].update(algorithm=["rtn", "k_quant"], group_size=64)  # 576 / 64 = 9 groups
+    [p] = problems(d)
+    assert p.startswith("exports[1].group_size:") and "use 32" in p
+    d["exports"][1]["group_size"] = 32
+    assert spec.parse(d)
+
+
+def test_variants_hold_only_what_each_level_reads():
+    e = spec.ExportSpec(format="openvino", quant=["fp16", "int4_sym"], algorithm=["rtn", "gptq"], ratio=0.8)
+    assert e.variants() == [
+        {"format": "openvino", "quant": "fp16"},
+        {"format": "openvino", "quant": "int4_sym", "group_size": 64, "algorithm": "rtn", "ratio": 0.8},
+        {"format": "openvino", "quant": "int4_sym", "group_size": 64, "algorithm": "gptq", "calib_samples": 16,
+         "calib_seq_len": 256, "ratio": 0.8},
+    ]

@@ -85,8 +85,9 @@ def quantize(src: Path, out: Path, level: str, threads: int) -> None:
         raise ToolError(f"llama_model_quantize to {level} failed (rc={rc})")
 
 
-def export(source: Path, quant: str, out_dir: Path, threads: int = 1) -> Path:
+def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
     """source: a Hugging Face directory (F32/F16/BF16) or an F16 GGUF file (other levels)."""
+    quant = params["quant"]
     out = out_dir / f"model-{quant}.gguf"
     if source.is_dir():
         convert(source, out, quant)

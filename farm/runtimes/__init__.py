@@ -15,6 +15,8 @@ RUNTIMES = Registry(
     "runtime",
     {
         "gguf": "farm.runtimes.llamacpp_rt:load",
+        "onnx": "farm.runtimes.onnx_rt:load",
+        "openvino": "farm.runtimes.openvino_rt:load",
         "torch": "farm.runtimes.torch_rt:load",
     },
 )
@@ -22,3 +24,19 @@ RUNTIMES = Registry(
 
 def load(fmt: str, path, threads: int, n_ctx: int):
     return RUNTIMES.get(fmt)(path, threads=threads, n_ctx=n_ctx)
+
+
+def greedy_generate(rt, prompt: str, max_tokens: int) -> str:
+    """Greedy decoding through rt.prefill/rt.step, with the tokenizer saved beside the artifact."""
+    import numpy as np
+
+    from farm.models import load_tokenizer
+
+    if rt.tokenizer is None:
+        rt.tokenizer = load_tokenizer(rt.path)
+    ids = rt.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    out, tok = [], int(np.argmax(rt.prefill(ids)))
+    while len(out) < max_tokens and tok != rt.tokenizer.eos_token_id:
+        out.append(tok)
+        tok = int(np.argmax(rt.step(tok)))
+    return rt.tokenizer.decode(out, skip_special_tokens=True)

@@ -1,0 +1,199 @@
+"""ONNX export through optimum-onnx (decoder with past key values), quantized by ONNX Runtime's tools.
+
+Levels:
+  fp32          optimum's export (`text-generation-with-past`); every other level starts from it
+  int8_dynamic  ONNX Runtime's dynamic quantization: int8 weights per tensor, activations quantized
+                at run time (MatMulInteger), on the MatMul and the embedding Gather
+  int8, int4    weight-only block-wise MatMulNBits (`group_size` weights per scale, symmetric). int8:
+                every MatMul. int4: the decoder's MatMuls by `algorithm` — rtn, hqq, k_quant
+                (data-free) or gptq (on the calibration tokens) — the lm_head in 8 bits, the
+                embedding table in 4 bits (round to nearest)
+
+The base model's lm_head is tied to the embedding: the exported graph feeds the last MatMul through a
+Transpose of the embedding table, which no quantizer touches ("MatMul doesn't have const weight").
+Before quantizing, the lm_head gets its own constant (the transposed table), so that it is quantized
+like every other MatMul; the embedding Gather is quantized too (GatherBlockQuantized, 4 bits) in the
+int4 levels and stays fp32 in int8 (ONNX Runtime's Gather quantizer is 4-bit only). Sizes are the
+files on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from farm.errors import ToolError
+
+MODEL = "model.onnx"
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+LARGE = 1_800_000_000
+# MatMulNBits computes with int8 activations (ONNX Runtime GenAI's choice for CPU int4); its error is
+# part of what the quality metrics measure
+ACCURACY_LEVEL = 4  # protobuf's 2 GB limit: bigger graphs keep their weights in a side file
+
+
+def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
+    out = out_dir / f"onnx-{params['quant']}"
+    if params["quant"] == "fp32":
+        export_fp32(source, out, threads)
+    else:
+        quantize(source, params, out, calib)
+    check_complete(out)
+    return out
+
+
+def export_fp32(model_dir: Path, out: Path, threads: int) -> None:
+    import torch
+    from optimum.exporters.onnx import main_export
+
+    torch.set_num_threads(threads)
+    main_export(str(model_dir), output=str(out), task="text-generation-with-past", device="cpu",
+                do_validation=False, trust_remote_code=os.environ.get("FARM_TRUST_REMOTE_CODE") == "1")
+    copy_side_files(model_dir, out)  # optimum skips files it cannot handle, and says so only in its debug log
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file() and not (out / name).is_file():
+            shutil.copy2(src / name, out / name)
+
+
+def check_complete(out: Path) -> None:
+    missing = [n for n in (MODEL, "config.json") if not (out / n).is_file()]
+    if not ((out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json")
+    if missing:
+        raise ToolError(f"the ONNX export in {out} is incomplete: {', '.join(missing)} missing")
+
+
+def untie_lm_head(model) -> bool:
+    """Give a MatMul fed by Transpose(initializer) its own transposed constant; True if one was found."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    found = False
+    for tr in [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in inits]:
+        users = [n for n in model.graph.node if tr.output[0] in n.input]
+        if not users or any(u.op_type != "MatMul" for u in users):
+            continue
+        table = numpy_helper.to_array(inits[tr.input[0]])
+        name = f"{tr.input[0]}.lm_head_t"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.T), name))
+        for u in users:
+            u.input[list(u.input).index(tr.output[0])] = name
+        model.graph.node.remove(tr)
+        found = True
+    return found
+
+
+def save(model, path: Path) -> None:
+    import onnx
+
+    large = model.ByteSize() > LARGE if hasattr(model, "ByteSize") else True
+    onnx.save_model(model, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=f"{path.name}_data")
+
+
+class Calibration:
+    """ONNX Runtime's CalibrationDataReader over prefill feeds of the calibration tokens."""
+
+    def __init__(self, model, calib: np.ndarray, samples: int, seq_len: int):
+        seqs = calib[: samples * seq_len].reshape(samples, seq_len)
+        past = {}
+        for i in model.graph.input:
+            if i.name.startswith("past_key_values"):
+                dims = [d.dim_value for d in i.type.tensor_type.shape.dim]  # [batch, heads, past, head_dim]
+                past[i.name] = np.zeros((1, dims[1], 0, dims[3]), dtype=np.float32)
+        self.feeds = iter([{"input_ids": s[None].astype(np.int64),
+                            "attention_mask": np.ones((1, seq_len), np.int64),
+                            "position_ids": np.arange(seq_len, dtype=np.int64)[None], **past} for s in seqs])
+
+    def get_next(self):
+        return next(self.feeds, None)
+
+    def rewind(self):  # GPTQ reads the data once
+        pass
+
+
+def quantize(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> None:
+    import onnx
+
+    out.mkdir()
+    model = onnx.load(str(src / MODEL))
+    untie_lm_head(model)
+    quant = params["quant"]
+    if quant == "int8_dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        tmp = out / "untied.onnx"
+        save(model, tmp)
+        quantize_dynamic(str(tmp), str(out / MODEL), weight_type=QuantType.QInt8, per_channel=False,
+                         op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=False)
+        for f in out.glob("untied.onnx*"):
+            f.unlink()
+    else:
+        bits = 8 if quant == "int8" else 4
+        model = matmul_nbits(model, bits, params, calib)
+        save(model, out / MODEL)
+    copy_side_files(src, out)
+
+
+def lm_head_nodes(model) -> list[str]:
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and any(i.endswith(".lm_head_t") for i in n.input)]
+
+
+def matmul_nbits(model, bits: int, params: dict, calib: np.ndarray | None):
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    group, alg = params["group_size"], params.get("algorithm", "rtn")
+    if bits == 8:  # every MatMul; ONNX Runtime's Gather quantizer is 4-bit only, so the embedding stays fp32
+        return run_quantizer(model, 8, group, rtn_config(group, ("MatMul",)))
+    lm_head = lm_head_nodes(model)
+    if alg == "rtn":
+        cfg = rtn_config(group, ("MatMul",))
+    elif alg == "hqq":
+        cfg = mnb.HQQWeightOnlyQuantConfig(block_size=group, bits=4)
+    elif alg == "k_quant":
+        cfg = mnb.KQuantWeightOnlyQuantConfig()
+    elif alg == "gptq":
+        reader = Calibration(model, calib, params["calib_samples"], params["calib_seq_len"])
+        cfg = mnb.GPTQWeightOnlyQuantConfig(calibration_data_reader=reader)  # group: the quantizer's block_size
+    else:
+        raise ToolError(f"unknown ONNX int4 algorithm '{alg}'")
+    model = run_quantizer(model, 4, group, cfg, exclude=lm_head)
+    # the lm_head in 8 bits, as llama.cpp and NNCF keep the output layer above 4 bits (all-4-bit: perplexity
+    # 30.9 vs 23.8 on the embedded model, base 16.5); then the embedding table in 4 bits
+    if lm_head:
+        model = run_quantizer(model, 8, group, rtn_config(group, ("MatMul",)), include=lm_head)
+    return run_quantizer(model, 4, group, rtn_config(group, ("Gather",)))
+
+
+def rtn_config(group: int, ops: tuple[str, ...]):
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    axes = tuple((op, 0 if op == "MatMul" else 1) for op in ops)
+    return mnb.DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=True, accuracy_level=ACCURACY_LEVEL,
+                                            quant_format=QuantFormat.QOperator, op_types_to_quantize=ops,
+                                            quant_axes=axes)
+
+
+def run_quantizer(model, bits: int, group: int, cfg, include: list[str] | None = None,
+                  exclude: list[str] | None = None):
+    import logging
+
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnb
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    if hasattr(cfg, "bits"):
+        cfg.bits = bits
+    q = mnb.MatMulNBitsQuantizer(model, bits=bits, block_size=group, is_symmetric=True,
+                                 accuracy_level=ACCURACY_LEVEL, nodes_to_include=include, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=getattr(cfg, "op_types_to_quantize", None),
+                                 quant_axes=getattr(cfg, "quant_axes", None), algo_config=cfg)
+    q.process()
+    return q.model.model

@@ -1,0 +1,99 @@
+"""OpenVINO IR export through optimum-intel (stateful: the KV cache lives inside the model), weights
+compressed by NNCF.
+
+Levels:
+  fp32                 optimum-intel's export, weights fp32; run with f32 inference precision
+  fp16                 the fp32 IR with its weights stored in fp16
+  int8                 NNCF weight compression, int8 asymmetric per output channel (data-free)
+  int4_sym, int4_asym  NNCF int4 weight compression, `group_size` weights per scale; `ratio` of the
+                       weights in int4, the rest (and, as NNCF does by default, the embedding and the
+                       tied lm_head) in int8. `algorithm`: rtn (data-free), or on the calibration
+                       tokens awq, scale_estimation, awq_se (both) or gptq.
+Other levels start from the fp32 IR. The runtime reads farm_runtime.json for settings a level implies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from farm.errors import ToolError
+from farm.export.onnx_export import copy_side_files
+
+MODEL = "openvino_model.xml"
+
+
+def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
+    out = out_dir / f"openvino-{params['quant']}"
+    if params["quant"] == "fp32":
+        export_fp32(source, out, threads)
+        settings = {"INFERENCE_PRECISION_HINT": "f32"}  # fp32 means fp32 math, not the CPU's bf16 default
+    else:
+        compress(source, params, out, calib)
+        settings = {}
+    (out / "farm_runtime.json").write_text(json.dumps(settings))
+    check_complete(out)
+    return out
+
+
+def export_fp32(model_dir: Path, out: Path, threads: int) -> None:
+    import torch
+    from optimum.exporters.openvino import main_export
+    from optimum.intel import OVConfig
+
+    torch.set_num_threads(threads)
+    main_export(str(model_dir), output=str(out), task="text-generation-with-past", stateful=True,
+                convert_tokenizer=False, ov_config=OVConfig(dtype="fp32"),
+                trust_remote_code=os.environ.get("FARM_TRUST_REMOTE_CODE") == "1")
+    copy_side_files(model_dir, out)
+
+
+def check_complete(out: Path) -> None:
+    missing = [n for n in (MODEL, "openvino_model.bin", "config.json") if not (out / n).is_file()]
+    if not ((out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()):
+        missing.append("tokenizer.json")
+    if missing:
+        raise ToolError(f"the OpenVINO export in {out} is incomplete: {', '.join(missing)} missing")
+
+
+def calibration(calib: np.ndarray, samples: int, seq_len: int):
+    """Prefill inputs of the stateful model, one per calibration sequence."""
+    import nncf
+
+    seqs = calib[: samples * seq_len].reshape(samples, seq_len)
+    return nncf.Dataset([{"input_ids": s[None].astype(np.int64), "attention_mask": np.ones((1, seq_len), np.int64),
+                          "position_ids": np.arange(seq_len, dtype=np.int64)[None],
+                          "beam_idx": np.zeros(1, np.int32)} for s in seqs])
+
+
+def compress(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> None:
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src / MODEL))
+    quant = params["quant"]
+    out.mkdir()
+    if quant == "fp16":
+        ov.save_model(model, str(out / MODEL), compress_to_fp16=True)
+    else:
+        if quant == "int8":
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+        else:
+            alg = params["algorithm"]
+            mode = nncf.CompressWeightsMode.INT4_SYM if quant == "int4_sym" else nncf.CompressWeightsMode.INT4_ASYM
+            extra = {}
+            if alg != "rtn":
+                extra = {"dataset": calibration(calib, params["calib_samples"], params["calib_seq_len"]),
+                         "subset_size": params["calib_samples"], "awq": alg in ("awq", "awq_se"),
+                         "scale_estimation": alg in ("scale_estimation", "awq_se"), "gptq": alg == "gptq"}
+            model = nncf.compress_weights(model, mode=mode, group_size=params["group_size"], ratio=params["ratio"],
+                                          **extra)
+        ov.save_model(model, str(out / MODEL), compress_to_fp16=False)
+    copy_side_files(src, out)
+    for name in ("openvino_config.json",):
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
