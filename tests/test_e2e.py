@@ -59,7 +59,10 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
         "base": {"model": str(tiny_model_dir)},
         "data": {"calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 64},
         "pipelines": [[], [{"method": "prune_layers", "drop": 1, "calib_samples": 2, "seq_len": 64}]],
-        "exports": [{"format": "gguf", "quant": ["F16", "Q4_0"]}],
+        "exports": [{"format": "gguf", "quant": ["F16", "Q4_0"]},
+                    {"format": "onnx", "quant": "int4", "group_size": 32},
+                    {"format": "openvino", "quant": "int4_asym", "algorithm": "awq_se", "group_size": 32,
+                     "calib_samples": 2, "calib_seq_len": 64}],
         "targets": [{"name": "tagged", "labels": {"farm/test": "e2e"}}],
         "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 1, "repeats": 2},
         "objectives": {"kl_div": "min", "decode_tok_s": "max"},
@@ -69,7 +72,7 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
     f.write_text(yaml.safe_dump(sweep))
     res = submit(cluster, f)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "5 cells finished, 0 failed" in res.stdout
+    assert "9 cells finished, 0 failed" in res.stdout
 
     c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("tiny")
@@ -77,7 +80,8 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     cells = c.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(cells) == 5
+    assert len(cells) == 9
+    assert {r.data.params["export.format"] for r in cells} == {"gguf", "onnx", "openvino", "torch"}
     for r in cells:
         assert r.info.status == "FINISHED"
         assert set(METRIC_NAMES) <= set(r.data.metrics)

@@ -7,14 +7,14 @@ Levels:
   int8, int4    weight-only block-wise MatMulNBits (`group_size` weights per scale, symmetric). int8:
                 every MatMul. int4: the decoder's MatMuls by `algorithm` — rtn, hqq, k_quant
                 (data-free) or gptq (on the calibration tokens) — the lm_head in 8 bits, the
-                embedding table in 4 bits (round to nearest)
+                embedding table in 4 bits (round to nearest); int8 leaves the tied table in fp32
 
 The base model's lm_head is tied to the embedding: the exported graph feeds the last MatMul through a
 Transpose of the embedding table, which no quantizer touches ("MatMul doesn't have const weight").
 Before quantizing, the lm_head gets its own constant (the transposed table), so that it is quantized
-like every other MatMul; the embedding Gather is quantized too (GatherBlockQuantized, 4 bits) in the
-int4 levels and stays fp32 in int8 (ONNX Runtime's Gather quantizer is 4-bit only). Sizes are the
-files on disk.
+like every other MatMul, and the embedding Gather is quantized too (GatherBlockQuantized, 4 bits). The
+int8 level keeps the tie (lm_head and embedding in fp32): ONNX Runtime's Gather quantizer is 4-bit
+only, so untying would store the table twice. Sizes are the files on disk.
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ def save(model, path: Path) -> None:
 
 
 class Calibration:
-    """ONNX Runtime's CalibrationDataReader over prefill feeds of the calibration tokens."""
+    """Prefill feeds of the calibration tokens, as ONNX Runtime's GPTQ reads them (iterated, or through
+    CalibrationDataReader's get_next)."""
 
     def __init__(self, model, calib: np.ndarray, samples: int, seq_len: int):
         seqs = calib[: samples * seq_len].reshape(samples, seq_len)
@@ -108,15 +109,19 @@ class Calibration:
             if i.name.startswith("past_key_values"):
                 dims = [d.dim_value for d in i.type.tensor_type.shape.dim]  # [batch, heads, past, head_dim]
                 past[i.name] = np.zeros((1, dims[1], 0, dims[3]), dtype=np.float32)
-        self.feeds = iter([{"input_ids": s[None].astype(np.int64),
-                            "attention_mask": np.ones((1, seq_len), np.int64),
-                            "position_ids": np.arange(seq_len, dtype=np.int64)[None], **past} for s in seqs])
+        self.feeds = [{"input_ids": s[None].astype(np.int64), "attention_mask": np.ones((1, seq_len), np.int64),
+                       "position_ids": np.arange(seq_len, dtype=np.int64)[None], **past} for s in seqs]
+        self.next = 0
+
+    def __iter__(self):
+        return iter(self.feeds)
 
     def get_next(self):
-        return next(self.feeds, None)
+        self.next += 1
+        return self.feeds[self.next - 1] if self.next <= len(self.feeds) else None
 
-    def rewind(self):  # GPTQ reads the data once
-        pass
+    def rewind(self):
+        self.next = 0
 
 
 def quantize(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> None:
@@ -124,8 +129,9 @@ def quantize(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> No
 
     out.mkdir()
     model = onnx.load(str(src / MODEL))
-    untie_lm_head(model)
     quant = params["quant"]
+    if quant != "int8":  # int8 keeps the tie: its embedding Gather stays fp32, and an untied 8-bit lm_head
+        untie_lm_head(model)  # would store the table twice (embedded model: 257 MB untied vs ~229 tied)
     if quant == "int8_dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -150,7 +156,7 @@ def matmul_nbits(model, bits: int, params: dict, calib: np.ndarray | None):
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
     group, alg = params["group_size"], params.get("algorithm", "rtn")
-    if bits == 8:  # every MatMul; ONNX Runtime's Gather quantizer is 4-bit only, so the embedding stays fp32
+    if bits == 8:  # every MatMul with a constant weight (the tied lm_head has none)
         return run_quantizer(model, 8, group, rtn_config(group, ("MatMul",)))
     lm_head = lm_head_nodes(model)
     if alg == "rtn":

@@ -38,10 +38,11 @@ class TorchRuntime:
         return logits[-1]
 
     def generate(self, prompt: str, max_tokens: int = 32) -> str:
-        ids = self.tokenizer(prompt, return_tensors="pt")
+        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
         with self.torch.inference_mode():
-            out = self.model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_tokens,
+                                      do_sample=False)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def load(path, threads: int = 1, n_ctx: int = 512) -> TorchRuntime:
