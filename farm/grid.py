@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from farm.spec import DATA_AWARE, Sweep
+from farm.spec import DATA_AWARE, Sweep, grid_fields, uses_teacher
 
 # Levels each exporter writes straight from a Hugging Face directory; every other level of the format is
 # made from that format's BASE_LEVEL export, which is shared (llama.cpp quantizes from F16; ONNX Runtime's
@@ -33,12 +33,12 @@ RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "onnx": "runtimes/onnx_rt.p
 CODE = {
     "base": ["models.py"],
     "reference": ["evaluate.py", "data.py", "models.py", "runtimes/torch_rt.py"],
-    "compress": ["compress/{method}.py", "models.py"],
+    "compress": ["compress/{method}.py", "compress/kd.py", "compress/prune_layers.py", "models.py"],
     "export": ["export/{format}_export.py"],
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
-LIBRARIES = ("torch", "transformers", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime", "optimum-intel",
+LIBRARIES = ("torch", "transformers", "peft", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime", "optimum-intel",
              "openvino", "nncf", "numpy")
 
 
@@ -118,8 +118,8 @@ class Grid:
 
 
 def expand_step(step: dict) -> list[dict]:
-    """A step whose fields hold lists is a grid: one step per combination."""
-    keys = [k for k, v in step.items() if isinstance(v, list)]
+    """A step whose grid fields (spec: GRID) hold lists is a grid: one step per combination."""
+    keys = [k for k in grid_fields(step["method"]) if isinstance(step.get(k), list)]
     if not keys:
         return [step]
     out = []
@@ -159,7 +159,8 @@ def build(sweep: Sweep) -> Grid:
         fmt = exp["format"]
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
-            model = g.add("compress", {"step": step}, (model, reference), method=step["method"])
+            teacher = (base,) if uses_teacher(step["method"]) else ()
+            model = g.add("compress", {"step": step}, (model, reference, *teacher), method=step["method"])
         if exp["quant"] in DIRECT[fmt]:
             export = g.add("export", exp, (model,), fmt=fmt)
         else:

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from farm.errors import SpecError
 
@@ -93,29 +101,67 @@ class DataSpec(Strict):
 
 
 # ---- compression steps: the `method` field picks the implementation (see farm/compress/__init__.py)
+def _positive_ints(v: int | list[int]) -> int | list[int]:
+    values = v if isinstance(v, list) else [v]
+    if not values or any(k < 1 for k in values):
+        raise ValueError(f"must be a positive integer or a non-empty list of them, got {v!r}")
+    return v
+
+
+PositiveGrid = Annotated[int | list[int], AfterValidator(_positive_ints)]  # a list makes a grid
 class NoneStep(Strict):
     method: Literal["none"]
 
 
 class PruneLayersStep(Strict):
     LABEL: ClassVar[str] = "drop{drop}"  # how a cell's label shows this step
+    GRID: ClassVar[tuple[str, ...]] = ("drop",)  # fields whose list value makes one pipeline per value
     method: Literal["prune_layers"]
-    drop: int | list[int] = Field(
+    drop: PositiveGrid = Field(
         ..., description="How many decoder blocks to drop; a list makes one pipeline per value (grid)."
     )
     calib_samples: int = Field(8, ge=1, le=1024, description="Calibration sequences for block influence.")
     seq_len: int = Field(256, ge=16, le=8192)
 
-    @field_validator("drop")
-    @classmethod
-    def _positive(cls, v: int | list[int]) -> int | list[int]:
-        values = v if isinstance(v, list) else [v]
-        if not values or any(k < 1 for k in values):
-            raise ValueError(f"must be a positive integer or a non-empty list of them, got {v!r}")
-        return v
+
+class Training(Strict):
+    """What every method that learns shares: a short AdamW run on the calibration text."""
+    steps: int = Field(50, ge=1, le=100_000, description="Optimizer steps.")
+    batch: int = Field(4, ge=1, le=256, description="Windows per step.")
+    seq_len: int = Field(128, ge=16, le=8192, description="Tokens per window.")
+    temperature: float = Field(2.0, gt=0, le=100, description="Softens both distributions in the KD loss.")
+    kd_weight: float = Field(1.0, ge=0, le=1, description="KD loss weight; 1 - kd_weight goes to cross-entropy.")
+    teacher: bool = Field(True, description="false: train on the text alone, the no-distillation control.")
+    seed: int = Field(0, ge=0)
 
 
-STEPS = (NoneStep, PruneLayersStep)
+class DistillStep(Training):
+    LABEL: ClassVar[str] = "L{student_layers}{teacher_tag}"
+    GRID: ClassVar[tuple[str, ...]] = ("student_layers",)
+    method: Literal["distill"]
+    student_layers: PositiveGrid = Field(
+        ..., description="Decoder blocks of the student (fewer than the teacher's); a list is a grid.")
+    lr: float = Field(1e-4, gt=0, le=1)
+    hidden_weight: float = Field(0.0, ge=0, le=100, description="MiniLM-style hidden-state matching weight.")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraStep(Training):
+    """Heals the model entering it towards the sweep's base model (the teacher), then merges."""
+    LABEL: ClassVar[str] = "r{rank}{teacher_tag}"
+    GRID: ClassVar[tuple[str, ...]] = ("rank",)
+    TEACHER: ClassVar[bool] = True
+    method: Literal["lora"]
+    rank: PositiveGrid = Field(8, description="LoRA rank (> 0); a list is a grid.")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Literal[LORA_TARGETS]] = Field(list(LORA_TARGETS), min_length=1)  # type: ignore[valid-type]
+    lr: float = Field(5e-4, gt=0, le=1)
+
+
+STEPS = (NoneStep, PruneLayersStep, DistillStep, LoraStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
 Step = Annotated[Union[STEPS], Field(discriminator="method")]  # noqa: UP007 (a tuple of types)
 
@@ -124,7 +170,17 @@ def step_label(step: dict) -> str:
     """e.g. 'prune_layers-drop4' for {'method': 'prune_layers', 'drop': 4, ...}."""
     model = STEPS[STEP_METHODS.index(step["method"])]
     fmt = getattr(model, "LABEL", "")
-    return f"{step['method']}-{fmt.format(**step)}" if fmt else step["method"]
+    tag = "" if step.get("teacher", True) else "-noteacher"
+    return f"{step['method']}-{fmt.format(**step, teacher_tag=tag)}" if fmt else step["method"]
+
+
+def grid_fields(method: str) -> tuple[str, ...]:
+    return getattr(STEPS[STEP_METHODS.index(method)], "GRID", ())
+
+
+def uses_teacher(method: str) -> bool:
+    """Methods that learn from the sweep's base model get it as a dependency."""
+    return getattr(STEPS[STEP_METHODS.index(method)], "TEACHER", False)
 
 
 class ExportSpec(Strict):
@@ -428,20 +484,29 @@ def check_world(data: dict) -> list[str]:
     for i, f in enumerate(files if isinstance(files, list) else []):
         if isinstance(f, str) and not Path(f).expanduser().is_file():
             problems.append(f"data.files[{i}]: file '{f}' does not exist")
-    layers = base_num_layers(ref)
     pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
     for i, pipeline in enumerate(pipelines):
+        layers = base_num_layers(ref)  # blocks entering each step (the largest model of a grid)
         for j, step in enumerate(pipeline if isinstance(pipeline, list) else []):
-            if not (isinstance(step, dict) and step.get("method") == "prune_layers") or layers is None:
+            if not isinstance(step, dict) or layers is None:
                 continue
-            drop = step.get("drop")
-            values = drop if isinstance(drop, list) else [drop]
-            too_many = [k for k in values if isinstance(k, int) and k >= layers]
-            if too_many:
-                problems.append(
-                    f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
-                    f"(the base model has {layers}); use 1..{layers - 1}"
-                )
+            key = {"prune_layers": "drop", "distill": "student_layers"}.get(step.get("method"))
+            value = step.get(key) if key else None
+            values = [k for k in (value if isinstance(value, list) else [value]) if isinstance(k, int)]
+            if not values:
+                continue
+            if key == "drop":
+                too_many = [k for k in values if k >= layers]
+                if too_many:
+                    problems.append(f"pipelines[{i}][{j}].drop: {too_many} would leave no decoder block "
+                                    f"(the model entering this step has {layers}); use 1..{layers - 1}")
+                layers -= min(values)
+            else:
+                too_big = [k for k in values if k >= layers]
+                if too_big:
+                    problems.append(f"pipelines[{i}][{j}].student_layers: {too_big} is not smaller than the "
+                                    f"teacher (the model entering this step has {layers} blocks); use 1..{layers - 1}")
+                layers = max(values)
     problems += _export_problems(data, base_config(ref))
     return problems
 

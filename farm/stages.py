@@ -46,11 +46,12 @@ def run_reference(stage: Stage, deps: list[dict], out: Path) -> dict:
 def run_compress(stage: Stage, deps: list[dict], out: Path) -> dict:
     from farm.compress import METHODS
 
-    model, reference = deps
+    model, reference, *teacher = deps  # methods that learn from the base model get it third
     step = stage.params["step"]
     calib = np.load(Path(reference["reference_dir"]) / "calib_tokens.npy")
     (out / "model").mkdir()
-    info = METHODS.get(step["method"])(_model_dir(model), step, calib, out / "model", threads_here())
+    extra = {"teacher_dir": _model_dir(teacher[0])} if teacher else {}
+    info = METHODS.get(step["method"])(_model_dir(model), step, calib, out / "model", threads_here(), **extra)
     return {"model_dir": "model", "info": info}
 
 

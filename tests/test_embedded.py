@@ -38,7 +38,7 @@ def test_converted_checkpoint_matches_the_original_gguf(embedded_dir, reference)
 def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
     from farm.export.gguf_export import export
 
-    f16 = export(embedded_dir, "F16", tmp_path)
+    f16 = export(embedded_dir, {"format": "gguf", "quant": "F16"}, tmp_path)
     q = evaluate.evaluate("gguf", f16, reference, threads=2)
     assert q["kl_div"] < 1e-3 and q["top1_agree"] > 0.98
     from farm.runtimes import load

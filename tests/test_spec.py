@@ -167,3 +167,30 @@ def test_variants_hold_only_what_each_level_reads():
         {"format": "openvino", "quant": "int4_sym", "group_size": 64, "algorithm": "gptq", "calib_samples": 16,
          "calib_seq_len": 256, "ratio": 0.8},
     ]
+
+
+def test_student_larger_than_the_model_entering_the_step():
+    d = demo()
+    d["pipelines"] = [[{"method": "prune_layers", "drop": 4}, {"method": "distill", "student_layers": 26}]]
+    [p] = problems(d)
+    assert p.startswith("pipelines[0][1].student_layers:") and "26 blocks" in p
+
+
+def test_lora_rank_must_be_positive_and_targets_known():
+    d = demo()
+    d["pipelines"] = [[{"method": "lora", "rank": [8, 0], "targets": ["q_proj", "qkv"]}]]
+    ps = problems(d)
+    assert any(p.startswith("pipelines[0][0].rank:") for p in ps)
+    assert any(p.startswith("pipelines[0][0].targets[1]:") and "'qkv'" in p for p in ps), ps
+
+
+def test_only_grid_fields_expand():
+    from farm import grid
+
+    d = demo()
+    d["pipelines"] = [[{"method": "lora", "rank": [4, 8], "targets": ["q_proj", "v_proj"]}]]
+    d["exports"] = [{"format": "gguf", "quant": "F16"}]
+    g = grid.build(spec.parse(d))
+    assert len(g.cells) == 2 + 1  # two ranks (targets is a plain list) + the baseline
+    lora = [s for s in g.stages.values() if s.kind == "compress"]
+    assert len(lora) == 2 and all(len(s.deps) == 3 for s in lora)  # model, reference, base (the teacher)

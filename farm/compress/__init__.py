@@ -2,6 +2,8 @@
 
     apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict
 
+(methods that learn from the sweep's base model as teacher also take `teacher_dir`; spec.TEACHER lists them)
+
 which writes a Hugging Face directory to `out` and returns what it did (logged as the stage's info).
 Adding a method: one module here, one line below, one pydantic model in farm/spec.py, one test.
 """
@@ -13,5 +15,7 @@ METHODS = Registry(
     {
         "none": "farm.compress.none:apply",
         "prune_layers": "farm.compress.prune_layers:apply",
+        "distill": "farm.compress.distill:apply",
+        "lora": "farm.compress.lora:apply",
     },
 )

@@ -58,6 +58,14 @@ def drop_layers(model, drop: list[int]) -> None:
         model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in set(drop)]
 
 
+def save_with_tokenizer(model, model_dir: Path, out: Path) -> None:
+    """Save safetensors weights and config; the tokenizer and chat template travel with the model."""
+    model.save_pretrained(out, safe_serialization=True)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, out / f.name)
+
+
 def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
@@ -77,9 +85,6 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
     scores = block_influence(model, batches)
     drop = sorted(np.argsort(scores)[:k].tolist())
     drop_layers(model, drop)
-    model.save_pretrained(out, safe_serialization=True)
-    for f in model_dir.iterdir():  # tokenizer and chat template travel with the model
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, out / f.name)
+    save_with_tokenizer(model, model_dir, out)
     return {"dropped_layers": drop, "block_influence": [round(s, 5) for s in scores],
             "layers_before": n_layers, "layers_after": n_layers - k}

@@ -1,0 +1,44 @@
+"""Knowledge distillation into a shallower student (DistilBERT-style initialisation, MiniLM-style
+hidden-state matching optional).
+
+The student keeps `student_layers` of the teacher's decoder blocks, evenly spaced from the first to
+the last, with the teacher's weights (embedding, norms, lm_head included), and is then trained on the
+calibration text to match the teacher's temperature-softened next-token distribution (farm/compress/
+kd.py). The teacher is the model entering this step. `teacher: false` trains the same student for the
+same steps on the cross-entropy of the text alone — the control that shows what distillation adds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from farm.compress.kd import train
+from farm.compress.prune_layers import drop_layers, save_with_tokenizer
+
+
+def student_layers(n_teacher: int, n_student: int) -> list[int]:
+    if not 1 <= n_student < n_teacher:
+        raise ValueError(f"distill.student_layers={n_student}: the teacher has {n_teacher} blocks; use 1..{n_teacher - 1}")
+    return sorted({round(float(x)) for x in np.linspace(0, n_teacher - 1, n_student)})
+
+
+def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+    import torch
+
+    from farm.models import load_model
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(step.get("seed", 0))
+    teacher = load_model(model_dir).eval()
+    student = load_model(model_dir)
+    n = len(teacher.model.layers)
+    keep = student_layers(n, int(step["student_layers"]))
+    drop_layers(student, [i for i in range(n) if i not in keep])
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    use_teacher = step.get("teacher", True)
+    info = train(student, teacher if use_teacher else None, calib, step, list(student.parameters()), layer_map=keep)
+    save_with_tokenizer(student, model_dir, out)
+    return {**info, "kept_layers": keep, "layers_before": n, "layers_after": len(keep)}
