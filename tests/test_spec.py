@@ -194,3 +194,13 @@ def test_only_grid_fields_expand():
     assert len(g.cells) == 2 + 1  # two ranks (targets is a plain list) + the baseline
     lora = [s for s in g.stages.values() if s.kind == "compress"]
     assert len(lora) == 2 and all(len(s.deps) == 3 for s in lora)  # model, reference, base (the teacher)
+
+
+def test_gqa_and_sparsity_bounds():
+    d = demo()
+    d["pipelines"] = [[{"method": "gqa", "kv_heads": 2}], [{"method": "sparsify", "sparsity": 1.0}],
+                      [{"method": "sparsify", "sparsity": 0.3, "pattern": "2:4"}]]
+    ps = problems(d)
+    assert any(p.startswith("pipelines[0][0].kv_heads:") and "3 KV heads" in p for p in ps), ps
+    assert any(p.startswith("pipelines[1][0].sparsity:") and "between 0 and 1" in p for p in ps), ps
+    assert any(p.startswith("pipelines[2][0].sparsity:") and "2:4" in p for p in ps), ps

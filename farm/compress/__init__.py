@@ -17,5 +17,7 @@ METHODS = Registry(
         "prune_layers": "farm.compress.prune_layers:apply",
         "distill": "farm.compress.distill:apply",
         "lora": "farm.compress.lora:apply",
+        "gqa": "farm.compress.gqa:apply",
+        "sparsify": "farm.compress.sparsify:apply",
     },
 )
