@@ -21,14 +21,15 @@ from farm.spec import DATA_AWARE, Sweep, grid_fields, uses_teacher
 # Levels each exporter writes straight from a Hugging Face directory; every other level of the format is
 # made from that format's BASE_LEVEL export, which is shared (llama.cpp quantizes from F16; ONNX Runtime's
 # and NNCF's quantizers work on the fp32 ONNX graph / OpenVINO IR).
-DIRECT = {"gguf": ("F32", "F16", "BF16"), "onnx": ("fp32",), "openvino": ("fp32",), "torch": ("fp32",)}
+DIRECT = {"gguf": ("F32", "F16", "BF16"), "onnx": ("fp32",), "onnx_genai": ("fp32", "int4"), "openvino": ("fp32",),
+          "torch": ("fp32",)}
 BASE_LEVEL = {"gguf": "F16", "onnx": "fp32", "openvino": "fp32"}
 
 # The source files whose code decides each stage's output ({method}, {format}: the stage's own), and
 # the libraries whose version does. A change to either gives the stage, and so what depends on it, a
 # new id: it runs again, while every other stage stays reused.
 PACKAGE = Path(__file__).parent
-RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "onnx": "runtimes/onnx_rt.py", "openvino": "runtimes/openvino_rt.py",
+RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "onnx": "runtimes/onnx_rt.py", "onnx_genai": "runtimes/onnx_rt.py", "openvino": "runtimes/openvino_rt.py",
                   "torch": "runtimes/torch_rt.py"}
 CODE = {
     "base": ["models.py"],
@@ -38,7 +39,8 @@ CODE = {
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
-LIBRARIES = ("torch", "transformers", "peft", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime", "optimum-intel",
+LIBRARIES = ("torch", "transformers", "peft", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime",
+             "onnxruntime-genai", "optimum-intel",
              "openvino", "nncf", "numpy")
 
 

@@ -28,6 +28,7 @@ def _pins(*names: str) -> list[str]:
 RUNTIME_REQUIREMENTS = {
     "gguf": _pins("llama-cpp-python", "numpy"),
     "onnx": _pins("onnxruntime", "transformers", "numpy"),
+    "onnx_genai": _pins("onnxruntime", "transformers", "numpy"),
     "openvino": _pins("openvino", "transformers", "numpy"),
     "torch": _pins("torch", "transformers"),
 }

@@ -60,11 +60,12 @@ BETTER = {
 EXPORT_LEVELS = {
     "gguf": ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0"),
     "onnx": ("fp32", "int8_dynamic", "int8", "int4"),
+    "onnx_genai": ("fp32", "int4"),
     "openvino": ("fp32", "fp16", "int8", "int4_sym", "int4_asym"),
     "torch": ("fp32",),
 }
 # levels quantized block-wise (`group_size` weights share a scale), and the algorithms of the int4 levels
-GROUPED = {"onnx": ("int8", "int4"), "openvino": ("int4_sym", "int4_asym")}
+GROUPED = {"onnx": ("int8", "int4"), "onnx_genai": ("int4",), "openvino": ("int4_sym", "int4_asym")}
 ALGORITHMS = {"onnx": ("rtn", "hqq", "k_quant", "gptq"), "openvino": ("rtn", "awq", "scale_estimation", "awq_se", "gptq")}
 DATA_AWARE = ("gptq", "awq", "scale_estimation", "awq_se")  # these read the calibration text
 
@@ -110,6 +111,14 @@ def _positive_ints(v: int | list[int]) -> int | list[int]:
 
 
 PositiveGrid = Annotated[int | list[int], AfterValidator(_positive_ints)]  # a list makes a grid
+
+
+def _fractions(v: float | list[float]) -> float | list[float]:
+    values = v if isinstance(v, list) else [v]
+    if not values or any(not 0 < x < 1 for x in values):
+        raise ValueError(f"must be a fraction strictly between 0 and 1 (or a list of them), got {v!r}")
+    return v
+
 class NoneStep(Strict):
     method: Literal["none"]
 
@@ -122,6 +131,17 @@ class PruneLayersStep(Strict):
         ..., description="How many decoder blocks to drop; a list makes one pipeline per value (grid)."
     )
     calib_samples: int = Field(8, ge=1, le=1024, description="Calibration sequences for block influence.")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+
+class PruneMlpStep(Strict):
+    LABEL: ClassVar[str] = "{ratio}"
+    GRID: ClassVar[tuple[str, ...]] = ("ratio",)
+    method: Literal["prune_mlp"]
+    ratio: Annotated[float | list[float], AfterValidator(_fractions)] = Field(
+        ..., description="Share of every block's MLP channels to remove; a list is a grid.")
+    multiple_of: int = Field(64, ge=1, le=4096, description="The kept width is a multiple of this.")
+    calib_samples: int = Field(8, ge=1, le=1024)
     seq_len: int = Field(256, ge=16, le=8192)
 
 
@@ -169,13 +189,6 @@ class GqaStep(Strict):
     kv_heads: PositiveGrid = Field(..., description="KV heads after mean-pooling (a divisor of the current).")
 
 
-def _fractions(v: float | list[float]) -> float | list[float]:
-    values = v if isinstance(v, list) else [v]
-    if not values or any(not 0 < x < 1 for x in values):
-        raise ValueError(f"must be a fraction strictly between 0 and 1 (or a list of them), got {v!r}")
-    return v
-
-
 class SparsifyStep(Strict):
     LABEL: ClassVar[str] = "{criterion}-{pattern}-{sparsity}"
     GRID: ClassVar[tuple[str, ...]] = ("sparsity",)
@@ -194,7 +207,7 @@ class SparsifyStep(Strict):
         return self
 
 
-STEPS = (NoneStep, PruneLayersStep, DistillStep, LoraStep, GqaStep, SparsifyStep)
+STEPS = (NoneStep, PruneLayersStep, PruneMlpStep, DistillStep, LoraStep, GqaStep, SparsifyStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
 Step = Annotated[Union[STEPS], Field(discriminator="method")]  # noqa: UP007 (a tuple of types)
 
@@ -217,7 +230,7 @@ def uses_teacher(method: str) -> bool:
 
 
 class ExportSpec(Strict):
-    format: Literal["gguf", "onnx", "openvino", "torch"]
+    format: Literal["gguf", "onnx", "onnx_genai", "openvino", "torch"]
     quant: str | list[str] = Field(..., description="Quantization level(s) of this format.")
     algorithm: str | list[str] = Field(
         "rtn", description="int4 levels of onnx/openvino: rtn, or onnx hqq/k_quant/gptq, openvino "

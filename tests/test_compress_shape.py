@@ -81,3 +81,28 @@ def test_wanda_keeps_the_weights_that_outlier_inputs_need():
         pruned = w * mask(score, 0.5, "unstructured")
         err[name] = float(((x @ w.T - x @ pruned.T) ** 2).mean())
     assert err["wanda"] < 0.5 * err["magnitude"], err
+
+
+def test_mlp_pruning_by_importance_beats_dropping_channels_at_random(tiny_model_dir, tmp_path):
+    """Activation-based channel importance: keeping the important half of every MLP changes the model's
+    output less than keeping a random half of the same size."""
+    import torch
+
+    from farm.compress.prune_mlp import shrink
+    from farm.models import load_model
+
+    calib = calib_tokens(2048)
+    step = {"ratio": 0.5, "multiple_of": 32, "calib_samples": 4, "seq_len": 128}
+    info = METHODS.get("prune_mlp")(tiny_model_dir, step, calib, tmp_path, 1)
+    assert (info["intermediate_before"], info["intermediate_after"]) == (128, 64)
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 64
+    base, pruned, rand = load_model(tiny_model_dir), load_model(tmp_path), load_model(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    for layer in rand.model.layers:
+        shrink(layer.mlp, torch.sort(torch.randperm(128, generator=g)[:64]).values)
+    ids = torch.tensor([calib[:256].tolist()])
+    with torch.inference_mode():
+        ref = base(ids).logits.log_softmax(-1)
+        kl = {name: float((ref.exp() * (ref - m(ids).logits.log_softmax(-1))).sum(-1).mean())
+              for name, m in (("importance", pruned), ("random", rand))}
+    assert kl["importance"] < kl["random"], kl

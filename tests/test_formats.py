@@ -19,6 +19,7 @@ def formats(tiny_model_dir, storage_root):
     sweep = spec.parse({
         "name": "tiny-formats", "base": {"model": str(tiny_model_dir)}, "data": DATA,
         "exports": [{"format": "onnx", "quant": ["fp32", "int8", "int4"], "algorithm": ["rtn", "gptq"], **CALIB},
+                    {"format": "onnx_genai", "quant": ["fp32", "int4"], "group_size": 32},
                     {"format": "openvino", "quant": ["fp32", "fp16", "int8", "int4_asym"],
                      "algorithm": ["rtn", "awq_se"], **CALIB}],
         "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 0, "repeats": 1, "threads": 1},
@@ -26,7 +27,8 @@ def formats(tiny_model_dir, storage_root):
     g = grid.build(sweep)
     cells = {"-".join(str(v) for k, v in c.spec["export"].items() if k in ("format", "quant", "algorithm")): c
              for c in g.cells}
-    benched = {cells[n].bench for n in ("onnx-fp32", "onnx-int4-rtn", "openvino-fp32", "openvino-int4_asym-rtn")}
+    benched = {cells[n].bench for n in ("onnx-fp32", "onnx-int4-rtn", "onnx_genai-int4", "openvino-fp32",
+                                        "openvino-int4_asym-rtn")}
     results = {}
     for sid, stage in g.stages.items():
         if stage.kind != "bench" or sid in benched:  # one isolated benchmark per format and kind of level
@@ -48,7 +50,7 @@ def test_grid_shares_the_fp32_export_and_feeds_calibration_to_data_aware_levels(
 
 def test_fp32_exports_match_the_torch_base(formats):
     _, results, cells = formats
-    for name in ("onnx-fp32", "openvino-fp32"):
+    for name in ("onnx-fp32", "onnx_genai-fp32", "openvino-fp32"):
         m = results[cells[name].evaluate]["metrics"]
         assert m["kl_div"] < 1e-3 and m["top1_agree"] > 0.99, (name, m)
 
@@ -64,6 +66,7 @@ def test_quantized_levels_are_smaller_and_measured(formats):
             m = results[cells[f"{fmt}-{level}"].evaluate]["metrics"]
             assert np.isfinite(m["perplexity"]) and m["kl_div"] >= 0 and 0 < m["top1_agree"] <= 1
     assert size["onnx-int4-rtn"] < size["onnx-int8"]
+    assert size["onnx_genai-int4"] < 0.6 * size["onnx_genai-fp32"]  # the tied table shared in 4 bits
 
 
 def test_onnx_int4_quantizes_the_tied_lm_head_and_the_embedding(formats):
@@ -82,7 +85,7 @@ def test_openvino_fp32_runs_in_f32_and_benches_in_a_fresh_process(formats):
     _, results, cells = formats
     bench = results[cells["openvino-fp32"].bench]
     assert bench["runtime_settings"]["INFERENCE_PRECISION_HINT"] == "<Type: 'float32'>"
-    for name in ("onnx-fp32", "onnx-int4-rtn", "openvino-int4_asym-rtn"):
+    for name in ("onnx-fp32", "onnx-int4-rtn", "onnx_genai-int4", "openvino-int4_asym-rtn"):
         m = results[cells[name].bench]["metrics"]
         assert m["decode_tok_s"] > 0 and m["prefill_tok_s"] > 0 and m["peak_rss_mb"] > 0
 
@@ -92,7 +95,7 @@ def test_generate_through_each_runtime_matches_torch(formats, tiny_model_dir):
 
     _, results, cells = formats
     want = load("torch", tiny_model_dir, threads=1, n_ctx=64).generate("Hello there", max_tokens=6)
-    for name in ("onnx-fp32", "openvino-fp32"):
+    for name in ("onnx-fp32", "onnx_genai-fp32", "openvino-fp32"):
         rt = load(name.split("-")[0], results[cells[name].export]["artifact"], threads=1, n_ctx=64)
         assert rt.generate("Hello there", max_tokens=6) == want, name
 

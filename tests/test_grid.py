@@ -17,9 +17,9 @@ def build(mutate=None):
 
 def test_cells_are_pipelines_x_exports_x_targets_plus_baseline():
     g = build()
-    # pipelines: base, drop 2, drop 4 (a grid); exports: 4 GGUF + 3 ONNX + 3 OpenVINO levels; 1 target;
+    # pipelines: base, drop 2, drop 4 (a grid); exports: 4 GGUF + 3 ONNX + 1 ONNX GenAI + 3 OpenVINO; 1 target;
     # + the torch baseline
-    assert len(g.cells) == 3 * (4 + 3 + 3) + 1
+    assert len(g.cells) == 3 * (4 + 3 + 1 + 3) + 1
     baselines = [c for c in g.cells if c.baseline]
     assert len(baselines) == 1 and baselines[0].spec["export"] == {"format": "torch", "quant": "fp32"}
 
@@ -29,8 +29,8 @@ def test_shared_stages_appear_once():
     kinds = [s.kind for s in g.stages.values()]
     assert kinds.count("base") == 1 and kinds.count("reference") == 1
     assert kinds.count("compress") == 2  # drop 2, drop 4
-    # per model: 4 GGUF, 3 ONNX, 3 OpenVINO export stages; + the torch baseline export
-    assert kinds.count("export") == 3 * (4 + 3 + 3) + 1
+    # per model: 4 GGUF, 3 ONNX, 1 ONNX GenAI, 3 OpenVINO export stages; + the torch baseline export
+    assert kinds.count("export") == 3 * (4 + 3 + 1 + 3) + 1
     f16 = [s for s in g.stages.values() if s.kind == "export" and s.params["quant"] == "F16"]
     for s in g.stages.values():
         if s.kind == "export" and s.params["quant"] in ("Q8_0", "Q4_K_M", "Q4_0"):
@@ -63,9 +63,9 @@ def test_two_targets_share_everything_but_bench():
         d["targets"] = [{"name": "amx", "labels": {"farm/isa": "amx"}}, {"name": "avx512", "labels": {}}]
 
     g = build(two)
-    assert len(g.cells) == 2 * 31
+    assert len(g.cells) == 2 * 34
     kinds = [s.kind for s in g.stages.values()]
-    assert kinds.count("bench") == 2 * 31 and kinds.count("evaluate") == 31
+    assert kinds.count("bench") == 2 * 34 and kinds.count("evaluate") == 34
 
 
 def test_flat_params():

@@ -106,7 +106,7 @@ def test_schema_file_is_current():
     assert committed == spec.json_schema(), "run `make schema` to regenerate jobs/sweep.schema.json"
 
 
-# ---- ONNX / OpenVINO export options: exports[1] is onnx, exports[2] openvino in the demo sweep
+# ---- ONNX / OpenVINO export options: exports[1] is onnx, exports[2] onnx_genai, exports[3] openvino in the demo sweep
 def test_level_of_another_format_is_refused():
     d = demo()
     d["exports"][1]["quant"] = ["fp32", "int4_asym"]
@@ -116,9 +116,9 @@ def test_level_of_another_format_is_refused():
 
 def test_group_size_the_model_does_not_divide():
     d = demo()
-    d["exports"][2]["group_size"] = 128
+    d["exports"][3]["group_size"] = 128
     [p] = problems(d)
-    assert p.startswith("exports[2].group_size:") and "hidden_size 576" in p and "[16, 32, 64]" in p
+    assert p.startswith("exports[3].group_size:") and "hidden_size 576" in p and "[16, 32, 64]" in p
 
 
 def test_group_size_must_be_a_power_of_two():
@@ -132,7 +132,7 @@ def test_data_aware_algorithm_without_enough_calibration_text():
     d = demo()
     d["data"]["calib_tokens"] = 1024  # awq_se reads 16 x 256 tokens by default
     [p] = problems(d)
-    assert p.startswith("exports[2].calib_samples:") and "awq_se" in p and "data.calib_tokens" in p
+    assert p.startswith("exports[3].calib_samples:") and "awq_se" in p and "data.calib_tokens" in p
 
 
 def test_algorithm_of_another_format_or_level():
@@ -141,9 +141,9 @@ def test_algorithm_of_another_format_or_level():
     [p] = problems(d)
     assert p.startswith("exports[1].algorithm:") and "'awq' is not an algorithm of format 'onnx'" in p
     d = demo()
-    d["exports"][2]["quant"] = ["fp32", "int8"]
+    d["exports"][3]["quant"] = ["fp32", "int8"]
     [p] = problems(d)
-    assert p.startswith("exports[2].algorithm:") and "int4 levels only" in p
+    assert p.startswith("exports[3].algorithm:") and "int4 levels only" in p
     d = demo()
     d["exports"][0]["algorithm"] = "gptq"
     [p] = problems(d)

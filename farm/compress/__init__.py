@@ -15,6 +15,7 @@ METHODS = Registry(
     {
         "none": "farm.compress.none:apply",
         "prune_layers": "farm.compress.prune_layers:apply",
+        "prune_mlp": "farm.compress.prune_mlp:apply",
         "distill": "farm.compress.distill:apply",
         "lora": "farm.compress.lora:apply",
         "gqa": "farm.compress.gqa:apply",

@@ -13,6 +13,19 @@ from pathlib import Path
 import numpy as np
 
 
+def run_hooked(model, batches: list, handles: list) -> None:
+    """Run the calibration batches through the model, then remove the hooks that watched them."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            for ids in batches:
+                model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def block_influence(model, batches: list) -> list[float]:
     import torch
 
@@ -36,13 +49,7 @@ def block_influence(model, batches: list) -> list[float]:
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                model(ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, handles)
     return [float(1 - torch.cat(s).mean()) for s in sims]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.compress.prune_layers import run_hooked, save_with_tokenizer
 
 
 def input_norms(model, batches: list) -> dict:
@@ -30,13 +30,7 @@ def input_norms(model, batches: list) -> dict:
                 x = args[0].detach().float().flatten(0, -2)
                 sums[name] = sums.get(name, 0) + (x ** 2).sum(0)
             handles.append(mod.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                model(ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(model, batches, handles)
     return {k: v.sqrt() for k, v in sums.items()}
 
 

@@ -8,5 +8,6 @@ from farm.registry import Registry
 EXPORTERS = Registry("export format", {
     "gguf": "farm.export.gguf_export:export",
     "onnx": "farm.export.onnx_export:export",
+    "onnx_genai": "farm.export.onnx_genai_export:export",
     "openvino": "farm.export.openvino_export:export",
 })

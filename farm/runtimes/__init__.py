@@ -16,6 +16,7 @@ RUNTIMES = Registry(
     {
         "gguf": "farm.runtimes.llamacpp_rt:load",
         "onnx": "farm.runtimes.onnx_rt:load",
+        "onnx_genai": "farm.runtimes.onnx_rt:load",  # the same runtime; the builder's graph
         "openvino": "farm.runtimes.openvino_rt:load",
         "torch": "farm.runtimes.torch_rt:load",
     },
