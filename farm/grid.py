@@ -22,7 +22,7 @@ from farm.spec import DATA_AWARE, Sweep, grid_fields, uses_teacher
 # made from that format's BASE_LEVEL export, which is shared (llama.cpp quantizes from F16; ONNX Runtime's
 # and NNCF's quantizers work on the fp32 ONNX graph / OpenVINO IR).
 DIRECT = {"gguf": ("F32", "F16", "BF16"), "onnx": ("fp32",), "onnx_genai": ("fp32", "int4"), "openvino": ("fp32",),
-          "torch": ("fp32",)}
+          "torch": ("fp32", "nf4", "llm_int8")}
 BASE_LEVEL = {"gguf": "F16", "onnx": "fp32", "openvino": "fp32"}
 
 # The source files whose code decides each stage's output ({method}, {format}: the stage's own), and
@@ -39,9 +39,8 @@ CODE = {
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
-LIBRARIES = ("torch", "transformers", "peft", "llama-cpp-python", "optimum", "optimum-onnx", "onnxruntime",
-             "onnxruntime-genai", "optimum-intel",
-             "openvino", "nncf", "numpy")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "llama-cpp-python", "optimum", "optimum-onnx",
+             "onnxruntime", "onnxruntime-genai", "optimum-intel", "openvino", "nncf", "numpy")
 
 
 @functools.cache

@@ -131,6 +131,8 @@ def load_model(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code())
+    quantized = "quantization_config" in json.loads((Path(model_dir) / "config.json").read_text())
+    extra = {"device_map": "cpu"} if quantized else {"dtype": torch.float32}  # bitsandbytes keeps its own
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code(), **extra)
     return model.eval()

@@ -62,7 +62,7 @@ EXPORT_LEVELS = {
     "onnx": ("fp32", "int8_dynamic", "int8", "int4"),
     "onnx_genai": ("fp32", "int4"),
     "openvino": ("fp32", "fp16", "int8", "int4_sym", "int4_asym"),
-    "torch": ("fp32",),
+    "torch": ("fp32", "nf4", "llm_int8"),  # nf4 / llm_int8: bitsandbytes, PyTorch runtime
 }
 # levels quantized block-wise (`group_size` weights share a scale), and the algorithms of the int4 levels
 GROUPED = {"onnx": ("int8", "int4"), "onnx_genai": ("int4",), "openvino": ("int4_sym", "int4_asym")}

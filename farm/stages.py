@@ -58,7 +58,7 @@ def run_compress(stage: Stage, deps: list[dict], out: Path) -> dict:
 def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
     params = stage.params
     fmt, src = params["format"], deps[0]
-    if fmt == "torch":  # the Hugging Face directory itself is the artifact
+    if fmt == "torch" and params["quant"] == "fp32":  # the Hugging Face directory itself is the artifact
         artifact = _model_dir(src)
         return {**params, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
     from farm.export import EXPORTERS

@@ -1,0 +1,38 @@
+"""PyTorch cells quantized by bitsandbytes: `nf4` (QLoRA's 4-bit NormalFloat, double quantization,
+fp32 compute) and `llm_int8` (LLM.int8(): int8 weights with fp16 outlier columns). The quantized model
+is saved as it loads (safetensors with bitsandbytes' packed weights and quantization_config in
+config.json), so its size on disk is real and the torch runtime loads it back as measured. The `fp32`
+level needs no export: its artifact is the Hugging Face directory itself (the baseline).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from farm.compress.prune_layers import save_with_tokenizer
+
+
+def config(quant: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from farm.models import trust_remote_code
+
+    torch.set_num_threads(threads)
+    out = out_dir / f"torch-{params['quant']}"
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config(params["quant"]),
+                                                 use_safetensors=True, device_map="cpu",
+                                                 trust_remote_code=trust_remote_code())
+    out.mkdir()
+    save_with_tokenizer(model, source, out)
+    return out
