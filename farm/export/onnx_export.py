@@ -19,13 +19,13 @@ only, so untying would store the table twice. Sizes are the files on disk.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 from farm.errors import ToolError
+from farm.models import trust_remote_code
 
 MODEL = "model.onnx"
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -52,7 +52,7 @@ def export_fp32(model_dir: Path, out: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     main_export(str(model_dir), output=str(out), task="text-generation-with-past", device="cpu",
-                do_validation=False, trust_remote_code=os.environ.get("FARM_TRUST_REMOTE_CODE") == "1")
+                do_validation=False, trust_remote_code=trust_remote_code())
     copy_side_files(model_dir, out)  # optimum skips files it cannot handle, and says so only in its debug log
 
 

@@ -15,14 +15,13 @@ Other levels start from the fp32 IR. The runtime reads farm_runtime.json for set
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from farm.errors import ToolError
 from farm.export.onnx_export import copy_side_files
+from farm.models import trust_remote_code
 
 MODEL = "openvino_model.xml"
 
@@ -48,7 +47,7 @@ def export_fp32(model_dir: Path, out: Path, threads: int) -> None:
     torch.set_num_threads(threads)
     main_export(str(model_dir), output=str(out), task="text-generation-with-past", stateful=True,
                 convert_tokenizer=False, ov_config=OVConfig(dtype="fp32"),
-                trust_remote_code=os.environ.get("FARM_TRUST_REMOTE_CODE") == "1")
+                trust_remote_code=trust_remote_code())
     copy_side_files(model_dir, out)
 
 
@@ -94,6 +93,3 @@ def compress(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> No
                                           **extra)
         ov.save_model(model, str(out / MODEL), compress_to_fp16=False)
     copy_side_files(src, out)
-    for name in ("openvino_config.json",):
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
