@@ -8,7 +8,6 @@ text with the runtime that was measured (llama.cpp, ONNX Runtime, OpenVINO, or P
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import urlparse
 
 import mlflow
 import mlflow.pyfunc
@@ -72,7 +71,7 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     run = c.get_run(run_id)
     if run.info.status != "FINISHED" or "farm.artifact_uri" not in run.data.tags:
         raise FarmError(f"run {run_id} is not a finished farm cell run")
-    artifact = Path(urlparse(run.data.tags["farm.artifact_uri"]).path)
+    artifact = storage.local_path(run.data.tags["farm.artifact_uri"])
     if not artifact.exists():
         raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
     want = run.data.tags.get("farm.artifact_sha256")

@@ -31,9 +31,15 @@ def _model_dir(dep: dict) -> Path:
 
 
 def run_base(stage: Stage, deps: list[dict], out: Path) -> dict:
+    import shutil
+
     from farm.models import resolve
 
-    return {"model_dir": str(resolve(stage.params["model"], stage.params.get("revision")))}
+    model_dir = resolve(stage.params["model"], stage.params.get("revision"))
+    if storage.url():  # other nodes may lack the model (a local path, this node's hub cache): it travels
+        shutil.copytree(model_dir, out / "model")
+        return {"model_dir": "model", "source": str(model_dir)}
+    return {"model_dir": str(model_dir)}
 
 
 def run_reference(stage: Stage, deps: list[dict], out: Path) -> dict:
@@ -108,16 +114,24 @@ def _absolute(result: dict, final: Path) -> dict:
     return out
 
 
+def local(dep: dict) -> dict:
+    """A dependency's result with its paths on this node (stages in a remote store are fetched first)."""
+    return {k: str(storage.here(v)) if k in PATH_KEYS else v for k, v in dep.items()}
+
+
 def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
     final = storage.stage_dir(stage.name)
     cached = storage.read_result(stage.name)
     if cached is not None:
+        storage.upload(stage.name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
         return {**_absolute(cached, final), "cached": True}
+    deps = [local(d) for d in deps]
     t0 = time.time()
     with storage.publishing(final) as tmp:
         result = RUNNERS[stage.kind](stage, deps, tmp)
         result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
                        "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    storage.upload(stage.name)
     return {**_absolute(result, final), "cached": False}

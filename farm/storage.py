@@ -1,8 +1,17 @@
 """Where artifacts live. A stage writes into a private temporary directory and publishes it with one
 atomic rename, so a reader sees either nothing or the whole result, never half of it.
 
-The root is $FARM_STORAGE, else $FARM_HOME/storage, else ~/.cache/farm/storage. Only local (or
-NFS-mounted) directories for now; the path is what stages hand each other, never the bytes.
+$FARM_STORAGE names the store: a local or NFS directory (default $FARM_HOME/storage), or an fsspec URL
+such as s3://bucket/prefix (options as JSON in $FARM_STORAGE_OPTIONS, e.g. {"endpoint_url": ...};
+credentials the usual AWS way). Stages always work in a local directory; with a remote store that is
+a node-local cache ($FARM_HOME/cache/<store>), and publishing also uploads:
+
+    <store>/stages/<name>/<payload-id>/<files>   every file of the stage, under a fresh id per writer
+    <store>/stages/<name>/COMPLETE.json          {"payload": id, "files": {path: sha256}}, written last
+
+One PUT of COMPLETE.json makes a stage visible, so a reader sees a whole payload or none (object stores
+have no directory rename; a writer that lost a race leaves an unreferenced payload behind). A node
+that needs a stage it does not hold downloads the payload and checks every file's sha256 first.
 """
 
 from __future__ import annotations
@@ -13,18 +22,31 @@ import os
 import shutil
 import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from farm.errors import FarmError
 
 
 def home() -> Path:
     return Path(os.environ.get("FARM_HOME", Path.home() / ".cache" / "farm")).expanduser().resolve()
 
 
+def url() -> str | None:
+    """The remote store's URL, or None when storage is a local (or NFS-mounted) directory."""
+    env = os.environ.get("FARM_STORAGE", "")
+    return env.rstrip("/") if "://" in env and not env.startswith("file://") else None
+
+
 def root() -> Path:
-    env = os.environ.get("FARM_STORAGE")
-    path = Path(env).expanduser().resolve() if env else home() / "storage"
+    """The local directory stages work in: the store itself, or this node's cache of a remote one."""
+    env, remote = os.environ.get("FARM_STORAGE"), url()
+    if remote:
+        path = home() / "cache" / hashlib.sha256(remote.encode()).hexdigest()[:16]
+    else:
+        path = Path(env.removeprefix("file://")).expanduser().resolve() if env else home() / "storage"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -34,8 +56,108 @@ def stage_dir(name: str) -> Path:
 
 
 def read_result(name: str) -> dict | None:
+    """A finished stage's result, fetched from the remote store first when this node lacks it."""
     f = stage_dir(name) / "result.json"
+    if not f.is_file() and url() and _marker(name) is not None:
+        fetch(name)
     return json.loads(f.read_text()) if f.is_file() else None
+
+
+def location(name: str, rel: str) -> str:
+    """Where a stage's file lives in the store, as a URL (for MLflow tags)."""
+    marker = _marker(name) if url() else None
+    if marker is None:
+        return (stage_dir(name) / rel).resolve().as_uri()
+    return f"{url()}/stages/{name}/{marker['payload']}/{rel}"
+
+
+def _split(path: str | Path) -> tuple[str, str] | None:
+    """(stage name, relative path) of a path some node's stage produced: <its root>/stages/<name>/<rel>."""
+    path = str(path)
+    if "/stages/" not in path:
+        return None
+    name, _, rel = path.rsplit("/stages/", 1)[1].partition("/")
+    return name, rel
+
+
+def uri_of(path: str | Path) -> str:
+    """The store's URL of a path some node's stage produced."""
+    parts = _split(path) if url() else None
+    return location(*parts) if parts else Path(path).resolve().as_uri()
+
+
+def here(path: str | Path) -> Path:
+    """The same stage file on this node: with a remote store, fetched into this node's cache."""
+    parts = _split(path) if url() else None
+    if parts is None or Path(path).exists() and str(path).startswith(str(root())):
+        return Path(path)
+    return fetch(parts[0]) / parts[1]
+
+
+def local_path(uri: str) -> Path:
+    """The local path of a file:// or store URL (from `uri_of`), fetching its stage first."""
+    if uri.startswith("file://"):
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        return Path(url2pathname(urlparse(uri).path))
+    store = url()
+    if not store or not uri.startswith(f"{store}/stages/"):
+        raise FarmError(f"{uri} is not in this machine's store ({store or root()}); set FARM_STORAGE "
+                        f"(and FARM_STORAGE_OPTIONS) to the store the sweep used")
+    name, _payload, rel = uri.removeprefix(f"{store}/stages/").split("/", 2)
+    return fetch(name) / rel
+
+
+# ---- the remote store (fsspec)
+def _fs():
+    import fsspec
+
+    options = json.loads(os.environ.get("FARM_STORAGE_OPTIONS") or "{}")
+    fs, path = fsspec.core.url_to_fs(url(), **options)
+    return fs, path.rstrip("/")
+
+
+def _marker(name: str) -> dict | None:
+    fs, base = _fs()
+    try:
+        return json.loads(fs.cat_file(f"{base}/stages/{name}/COMPLETE.json"))
+    except FileNotFoundError:
+        return None
+
+
+def upload(name: str) -> None:
+    """Publish a finished local stage to the remote store: payload files first, COMPLETE.json last."""
+    if not url() or _marker(name) is not None:
+        return
+    fs, base = _fs()
+    local = stage_dir(name)
+    payload = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
+    files = {}
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        rel = f.relative_to(local).as_posix()
+        fs.put_file(str(f), f"{base}/stages/{name}/{payload}/{rel}")
+        files[rel] = sha256(f)
+    fs.pipe_file(f"{base}/stages/{name}/COMPLETE.json", json.dumps({"payload": payload, "files": files}).encode())
+
+
+def fetch(name: str) -> Path:
+    """Download a stage from the remote store into this node's cache, every file checksummed."""
+    final = stage_dir(name)
+    if final.is_dir():
+        return final
+    marker = _marker(name)
+    if marker is None:
+        raise FarmError(f"stage {name} is not in the store {url()} — rerun the sweep to produce it")
+    fs, base = _fs()
+    with publishing(final) as tmp:
+        for rel, want in marker["files"].items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{base}/stages/{name}/{marker['payload']}/{rel}", str(tmp / rel))
+            if sha256(tmp / rel) != want:
+                raise FarmError(f"{url()}/stages/{name}/{marker['payload']}/{rel}: checksum mismatch — the store "
+                                f"holds a damaged copy; delete {url()}/stages/{name}/ and rerun the sweep")
+    return final
 
 
 def _remove_stale(final: Path) -> None:

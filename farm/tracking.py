@@ -18,7 +18,7 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from farm import nodes
+from farm import nodes, storage
 from farm.errors import FarmError
 from farm.spec import step_label
 
@@ -72,7 +72,7 @@ class SweepLog:
             for k, v in ((result or {}).get("metrics") or {}).items():
                 metrics.append(Metric(k, float(v), now, 0))
         if export:
-            more_tags.update({"farm.artifact_uri": Path(export["artifact"]).as_uri(),
+            more_tags.update({"farm.artifact_uri": storage.uri_of(export["artifact"]),
                               "farm.artifact_format": export["format"],
                               "farm.artifact_sha256": export.get("sha256", "")})
         for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
@@ -93,8 +93,9 @@ class SweepLog:
                          tags=[RunTag(k, str(v)) for k, v in more_tags.items()])
         with tempfile.TemporaryDirectory() as d:
             _write(Path(d), "cell_spec.json", {"id": cell.id, "baseline": cell.baseline, **cell.spec})
-            if bench and bench.get("bench_json") and Path(bench["bench_json"]).is_file():
-                _write(Path(d), "bench.json", Path(bench["bench_json"]).read_text())
+            raw = _bench_json(bench)
+            if raw is not None:
+                _write(Path(d), "bench.json", raw.read_text())
             stages = {k: v for k, v in (("export", export), ("evaluate", evaluate), ("bench", bench)) if v}
             _write(Path(d), "stages.json", stages)
             if error is not None or error_text:
@@ -114,6 +115,16 @@ class SweepLog:
     def finish(self, failed: int) -> None:
         self.c.log_metric(self.run_id, "cells_failed", failed)
         self.c.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+def _bench_json(bench: dict | None) -> Path | None:
+    """The raw benchmark file; with a remote store it may live on another node's cache: fetch it."""
+    if not bench or not bench.get("bench_json"):
+        return None
+    path = Path(bench["bench_json"])
+    if not path.is_file() and storage.url():
+        path = storage.fetch(bench["stage"]) / "bench.json"
+    return path if path.is_file() else None
 
 
 def cell_label(cell) -> str:

@@ -1,0 +1,119 @@
+"""An s3:// store (moto's S3 server on 127.0.0.1): stages on one node publish, a second node with an
+empty cache fetches what it needs, checksummed; half-uploaded or damaged stages are never used."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from farm import grid, spec, stages, storage
+from farm.errors import FarmError
+
+DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def store(s3_server, tmp_path, monkeypatch, request):
+    import boto3
+    import fsspec
+
+    options = {"endpoint_url": s3_server, "key": "farm-test", "secret": "farm-test",
+               "client_kwargs": {"region_name": "us-east-1"}}
+    bucket = f"farm-{request.node.name.replace('_', '-')[:40].lower()}"
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="farm-test", aws_secret_access_key="farm-test",
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    monkeypatch.setenv("FARM_STORAGE", f"s3://{bucket}/sweeps")
+    monkeypatch.setenv("FARM_STORAGE_OPTIONS", json.dumps(options))
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-a"))
+    return fsspec.filesystem("s3", **options), f"{bucket}/sweeps"
+
+
+def _grid(model_dir: Path):
+    sweep = spec.parse({"name": "s3", "base": {"model": str(model_dir)}, "data": DATA, "pipelines": [[]],
+                        "exports": [{"format": "gguf", "quant": "Q8_0"}],
+                        "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 1, "repeats": 2, "threads": 1}})
+    return grid.build(sweep)
+
+
+def test_second_node_fetches_what_it_needs(store, tiny_model_dir, tmp_path, monkeypatch):
+    fs, base = store
+    g = _grid(tiny_model_dir)
+    export = next(s for s in g.stages.values() if s.kind == "export" and s.params["quant"] == "Q8_0")
+    evaluate = next(s for s in g.stages.values() if s.kind == "evaluate" and s.deps[0] == export.id)
+    results = {}
+    for sid, stage in g.stages.items():  # node A: everything but the evaluation
+        if stage.kind != "evaluate":
+            results[sid] = stages.run_stage(stage, [results[d] for d in stage.deps])
+    assert all(fs.exists(f"{base}/stages/{s.name}/COMPLETE.json") for s in g.stages.values() if s.id in results)
+    # the base model travels inside its stage: node B may not have the user's local path
+    base_stage = next(s for s in g.stages.values() if s.kind == "base")
+    assert fs.exists(f"{base}/stages/{base_stage.name}/COMPLETE.json")
+    shutil.rmtree(tmp_path / "node-a")  # node A's cache is gone: only the store holds the stages
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-b"))
+    deps = [results[d] for d in evaluate.deps]  # their paths point into node A's (deleted) cache
+    out = stages.run_stage(evaluate, deps)
+    assert out["cached"] is False and out["metrics"]["perplexity"] > 1
+    assert (storage.stage_dir(export.name) / "result.json").is_file()  # fetched into node B's cache
+    # a third node finds the evaluation finished in the store and does not run it again
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-c"))
+    again = stages.run_stage(evaluate, deps)
+    assert again["cached"] is True and again["metrics"] == out["metrics"]
+
+    # the MLflow tag's URL of an artifact points into the store and resolves on yet another node
+    uri = storage.uri_of(stages.local(results[export.id])["artifact"])
+    assert uri.startswith(f"s3://{base}/stages/{export.name}/")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-d"))
+    path = storage.local_path(uri)
+    assert path.is_file() and storage.sha256(path) == results[export.id]["sha256"]
+    # the driver's node logs the raw benchmark JSON a bench node wrote
+    from farm.tracking import _bench_json
+
+    bench = next(s for s in g.stages.values() if s.kind == "bench" and s.deps[0] == export.id)
+    raw = _bench_json(results[bench.id])
+    assert raw is not None and str(raw).startswith(str(storage.root())) and json.loads(raw.read_text())
+
+
+def test_incomplete_upload_is_invisible_and_damage_is_caught(store, tiny_model_dir, tmp_path, monkeypatch):
+    fs, base = store
+    g = _grid(tiny_model_dir)
+    base_stage = next(s for s in g.stages.values() if s.kind == "base")
+    reference = next(s for s in g.stages.values() if s.kind == "reference")
+    done = stages.run_stage(base_stage, [])
+    stages.run_stage(reference, [done])
+
+    # a writer killed before COMPLETE.json: its payload is there, the stage is not
+    fs.pipe_file(f"{base}/stages/half-done/deadbeef/result.json", b"{}")
+    assert storage.read_result("half-done") is None
+
+    # a damaged object in the store is refused, and nothing half-fetched stays in the cache
+    marker = json.loads(fs.cat_file(f"{base}/stages/{reference.name}/COMPLETE.json"))
+    victim = next(k for k in marker["files"] if k.endswith(".npy"))
+    fs.pipe_file(f"{base}/stages/{reference.name}/{marker['payload']}/{victim}", b"tampered")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-b"))
+    with pytest.raises(FarmError, match="checksum mismatch"):
+        storage.read_result(reference.name)
+    assert not storage.stage_dir(reference.name).exists()
+    assert not list((storage.root() / "stages").glob(".*tmp-*"))
+
+    with pytest.raises(FarmError, match="FARM_STORAGE"):
+        storage.local_path("s3://another-bucket/stages/x/y/model.gguf")
