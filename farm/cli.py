@@ -105,6 +105,14 @@ def cmd_nodes(a) -> int:
     return 0
 
 
+def cmd_sync(a) -> int:
+    from farm.tracking import sync
+
+    left = sync()
+    print("farm: every queued MLflow record delivered" if not left else f"farm: {left} record(s) still queued")
+    return 1 if left else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="farm", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -143,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("nodes", help="labels and resources of every node of the Ray cluster")
     s.add_argument("--address")
     s.set_defaults(fn=cmd_nodes)
+    s = sub.add_parser("sync", help="deliver MLflow records queued while the server was unreachable")
+    s.set_defaults(fn=cmd_sync)
     a = p.parse_args(argv)
     try:
         return a.fn(a)

@@ -24,12 +24,19 @@ from farm.stages import run_stage
 BENCH_SLOT = "bench_slot"
 
 
-@ray.remote(max_retries=1, retry_exceptions=False)
-def stage_task(stage, *deps):
+@ray.remote(max_retries=1, retry_exceptions=False)  # retried once when its worker or node is lost
+def stage_task(stage, *deps, memory_limit: int | None = None):
     ctx = ray.get_runtime_context()
     node = {"node_id": ctx.get_node_id(),
             "node_labels": {k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")}}
-    return run_stage(stage, list(deps), node)
+    if not memory_limit:
+        return run_stage(stage, list(deps), node)
+    from farm import memguard, storage
+
+    note = storage.home() / "memguard" / f"{ctx.get_job_id()}-{stage.name}.txt"
+    memguard.check_note(note)  # a retry after the guard stopped this stage: fail with the reason
+    with memguard.limit(memory_limit, note, f"stage {stage.kind}:{stage.id}"):
+        return run_stage(stage, list(deps), node)
 
 
 def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -64,12 +71,14 @@ def check_targets(sweep) -> dict[str, int]:
     return cpus
 
 
-def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, trust_code: bool = False) -> dict:
+def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, trust_code: bool = False,
+                 stage_memory: int | None = None) -> dict:
     """Benchmarks: every CPU of a node that matches the target's labels, plus its bench slot. Other
-    stages: one CPU anywhere, and memory for ~3 copies of the float model (load, transform, save)."""
+    stages: one CPU anywhere, and the sweep's stage_memory_gb, else memory for ~3 copies of the float
+    model (load, transform, save)."""
     name = f"{stage.kind}:{stage.id}"
     if trust_code:  # the sweep opted in to the model's own code: only its tasks get the permission
-        return {**task_options(stage, bench_cpus, model_bytes),
+        return {**task_options(stage, bench_cpus, model_bytes, stage_memory=stage_memory),
                 "runtime_env": {"env_vars": {"FARM_TRUST_REMOTE_CODE": "1"}}}
     if stage.kind == "bench":
         target = stage.params["target"]
@@ -78,7 +87,9 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
             opts["label_selector"] = dict(target["labels"])
         return opts
     opts = {"num_cpus": 1, "name": name}
-    if model_bytes:
+    if stage_memory:
+        opts["memory"] = stage_memory
+    elif model_bytes:
         opts["memory"] = 3 * model_bytes + 2**30
     return opts
 
@@ -86,10 +97,12 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
 def submit(grid, sweep) -> dict:
     bench_cpus = check_targets(sweep)
     model_bytes = specmod.base_bytes(sweep.base.model)
+    stage_memory = int(sweep.stage_memory_gb * 2**30) if sweep.stage_memory_gb else None
     refs: dict = {}
     for sid, stage in grid.stages.items():  # insertion order is topological
-        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code)
-        refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps])
+        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory)
+        limit = stage_memory if stage.kind != "bench" else None  # a benchmark owns its whole node
+        refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps], memory_limit=limit)
     return refs
 
 
@@ -154,6 +167,7 @@ def run(path: str) -> int:
         ready, _ = ray.wait(list(waiting), num_returns=1, timeout=15)
         if not ready:
             strand(waiting, stranded)
+            log.flush()  # cells queued while MLflow was unreachable
             continue
         cell = waiting.pop(ready[0])
         bench, err = _get(refs[cell.bench])

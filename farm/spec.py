@@ -361,6 +361,12 @@ class Sweep(Strict):
     )
     constraints: list[Constraint] = Field(default_factory=list)
     promote: PromoteSpec = Field(default_factory=PromoteSpec)
+    stage_memory_gb: float | None = Field(
+        None, gt=0, le=65536,
+        description="Memory (GiB) each compress/export/evaluate stage reserves from Ray and may use: one that "
+                    "grows past it is stopped and its cells fail with the reason, before it can take the node's "
+                    "other work down. Unset: Ray reserves ~3x the float model + 1 GiB and only Ray's node-level "
+                    "OOM killer acts.")
 
     @model_validator(mode="after")
     def _unique_targets(self) -> Sweep:

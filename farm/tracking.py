@@ -27,6 +27,9 @@ DEFAULT_URI = "http://127.0.0.1:5000"
 
 def client() -> MlflowClient:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # fail over to farm's outbox in seconds rather than block the sweep in the client's own ~4 min retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
@@ -39,82 +42,173 @@ def _write(dirpath: Path, name: str, obj) -> Path:
 
 
 class SweepLog:
-    """The parent run of one submission, and its child runs."""
+    """The parent run of one submission, and its child runs.
+
+    Every write goes through an outbox on local disk ($FARM_HOME/outbox/<parent run>/, one JSON record
+    per cell, written atomically before delivery) and is delivered in order; a record leaves the outbox
+    only once MLflow has all of it. While the server is unreachable records queue up and the sweep goes
+    on; `flush` is retried as the sweep runs, and `finish` waits for the server (FARM_TRACKING_WAIT_S,
+    default 3600 s). What is still queued after that stays on disk: `farm sync` delivers it later.
+    Redelivery is idempotent: a record remembers its run id, and a retry first looks the run up by
+    parent and cell id, so a request whose reply was lost does not create a second run.
+    """
 
     def __init__(self, sweep, grid, source_text: str):
         self.c = client()
-        exp = self.c.get_experiment_by_name(sweep.name)
-        self.experiment_id = exp.experiment_id if exp else self.c.create_experiment(sweep.name)
-        run = self.c.create_run(self.experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                tags={"farm.kind": "sweep", "farm.sweep": sweep.name})
+        deadline = time.time() + wait_limit()
+        while True:  # the parent run is needed before anything else: wait for the server here
+            try:
+                exp = self.c.get_experiment_by_name(sweep.name)
+                self.experiment_id = exp.experiment_id if exp else self.c.create_experiment(sweep.name)
+                run = self.c.create_run(self.experiment_id,
+                                        run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                        tags={"farm.kind": "sweep", "farm.sweep": sweep.name})
+                break
+            except Exception as e:
+                if time.time() > deadline:
+                    raise FarmError(f"MLflow at {mlflow.get_tracking_uri()} is unreachable: {e}") from e
+                print(f"farm: MLflow unreachable ({str(e).splitlines()[0][:120]}); retrying", flush=True)
+                time.sleep(10)
         self.run_id = run.info.run_id
-        self.c.log_batch(self.run_id, params=[Param("sweep.name", sweep.name),
-                                              Param("sweep.cells", str(len(grid.cells))),
-                                              Param("sweep.stages", str(len(grid.stages)))])
-        with tempfile.TemporaryDirectory() as d:
-            _write(Path(d), "sweep.yaml", source_text)
-            _write(Path(d), "sweep.json", sweep.model_dump(mode="json"))
-            _write(Path(d), "grid.json", {"stages": [s.__dict__ for s in grid.stages.values()],
-                                          "cells": [c.__dict__ for c in grid.cells]})
-            self.c.log_artifacts(self.run_id, d)
+        self.outbox = storage.home() / "outbox" / self.run_id
+        self.seq = 0
+        self._queue({"op": "run", "run_id": self.run_id, "status": None,
+                     "params": {"sweep.name": sweep.name, "sweep.cells": str(len(grid.cells)),
+                                "sweep.stages": str(len(grid.stages))},
+                     "files": {"sweep.yaml": source_text, "sweep.json": sweep.model_dump(mode="json"),
+                               "grid.json": {"stages": [st.__dict__ for st in grid.stages.values()],
+                                             "cells": [c.__dict__ for c in grid.cells]}}})
 
     def log_cell(self, cell, export: dict | None, evaluate: dict | None, bench: dict | None,
-                 error: BaseException | None = None, error_text: str | None = None) -> str:
-        label = cell_label(cell)
-        tags = {"mlflow.parentRunId": self.run_id, "farm.kind": "cell", "farm.cell_id": cell.id,
-                "farm.baseline": str(cell.baseline).lower(), "farm.label": label}
-        run = self.c.create_run(self.experiment_id, run_name=label, tags=tags)
-        rid = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in cell.params().items()]
-        metrics, more_tags = [], {}
-        now = int(time.time() * 1000)
-        for result in (evaluate, bench):
-            for k, v in ((result or {}).get("metrics") or {}).items():
-                metrics.append(Metric(k, float(v), now, 0))
-        if export:
-            more_tags.update({"farm.artifact_uri": storage.uri_of(export["artifact"]),
-                              "farm.artifact_format": export["format"],
-                              "farm.artifact_sha256": export.get("sha256", "")})
-        for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
-            if result:  # reused from an earlier submission (same content id) rather than run again
-                more_tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
-        if bench:
-            host = bench.get("host", {})
-            # the labels of the Ray node it ran on (those the label selector matched); else this machine's
-            labels = bench.get("node_labels") or (nodes.labels(host) if host else {})
-            more_tags.update({f"farm.node.{k}": v for k, v in labels.items()})
-            more_tags.update({"farm.cpu_model": host.get("model_name", ""), "farm.isa": host.get("isa", ""),
-                              "farm.hostname": host.get("hostname", ""), "farm.node_id": bench.get("node_id", ""),
-                              "farm.bench.contaminated": str(bench.get("contaminated")).lower(),
-                              "farm.bench.threads": str(bench.get("threads"))})
-            more_tags.update({f"farm.version.{k}": v for k, v in bench.get("versions", {}).items()})
-            more_tags.update({f"farm.runtime.{k}": v for k, v in bench.get("runtime_settings", {}).items()})
-        self.c.log_batch(rid, metrics=metrics, params=params,
-                         tags=[RunTag(k, str(v)) for k, v in more_tags.items()])
-        with tempfile.TemporaryDirectory() as d:
-            _write(Path(d), "cell_spec.json", {"id": cell.id, "baseline": cell.baseline, **cell.spec})
-            raw = _bench_json(bench)
-            if raw is not None:
-                _write(Path(d), "bench.json", raw.read_text())
-            stages = {k: v for k, v in (("export", export), ("evaluate", evaluate), ("bench", bench)) if v}
-            _write(Path(d), "stages.json", stages)
-            if error is not None or error_text:
-                text = error_text or "".join(traceback.format_exception(error))
-                _write(Path(d), "error.txt", text)
-                self.c.set_tag(rid, "farm.error", (str(error) if error else text.splitlines()[-1])[:4000])
-            self.c.log_artifacts(rid, d)
-        self.c.set_terminated(rid, "FAILED" if (error is not None or error_text) else "FINISHED")
-        return rid
+                 error: BaseException | None = None, error_text: str | None = None) -> int:
+        """Queue the cell's run and try to deliver; returns how many records still wait for MLflow."""
+        return self._queue(cell_record(self.experiment_id, self.run_id, cell, export, evaluate, bench,
+                                       error, error_text))
 
     def abort(self, reason: str) -> None:
         """The submission was stopped: its finished cells stay, the parent run says KILLED and why.
         Resubmitting the sweep reuses every finished stage and logs a complete new parent run."""
-        self.c.set_tag(self.run_id, "farm.stopped", reason)
-        self.c.set_terminated(self.run_id, "KILLED")
+        self._queue({"op": "run", "run_id": self.run_id, "tags": {"farm.stopped": reason}, "status": "KILLED"})
 
     def finish(self, failed: int) -> None:
-        self.c.log_metric(self.run_id, "cells_failed", failed)
-        self.c.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        self._queue({"op": "run", "run_id": self.run_id, "metrics": {"cells_failed": failed},
+                     "status": "FAILED" if failed else "FINISHED"})
+        deadline = time.time() + wait_limit()
+        while (left := self.flush()) and time.time() < deadline:
+            print(f"farm: MLflow unreachable; {left} record(s) wait in {self.outbox}", flush=True)
+            time.sleep(10)
+        if left:
+            raise FarmError(f"MLflow at {mlflow.get_tracking_uri()} stayed unreachable; {left} record(s) are kept "
+                            f"in {self.outbox} — run `farm sync` once it is back")
+
+    def _queue(self, record: dict) -> int:
+        self.seq += 1
+        storage.atomic_write_text(self.outbox / f"{self.seq:06d}.json", json.dumps(record, default=str))
+        return self.flush()
+
+    def flush(self) -> int:
+        return deliver_outbox(self.c, self.outbox)
+
+
+def wait_limit() -> float:
+    return float(os.environ.get("FARM_TRACKING_WAIT_S", "3600"))
+
+
+def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, evaluate: dict | None,
+                bench: dict | None, error: BaseException | None, error_text: str | None) -> dict:
+    """Everything a cell's run holds, as plain JSON (so it can wait on disk for the server)."""
+    label = cell_label(cell)
+    tags = {"mlflow.parentRunId": parent_id, "farm.kind": "cell", "farm.cell_id": cell.id,
+            "farm.baseline": str(cell.baseline).lower(), "farm.label": label}
+    metrics = {}
+    for result in (evaluate, bench):
+        metrics.update({k: float(v) for k, v in ((result or {}).get("metrics") or {}).items()})
+    if export:
+        tags.update({"farm.artifact_uri": storage.uri_of(export["artifact"]),
+                     "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", "")})
+    for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
+        if result:  # reused from an earlier submission (same content id) rather than run again
+            tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
+    if bench:
+        host = bench.get("host", {})
+        # the labels of the Ray node it ran on (those the label selector matched); else this machine's
+        labels = bench.get("node_labels") or (nodes.labels(host) if host else {})
+        tags.update({f"farm.node.{k}": v for k, v in labels.items()})
+        tags.update({"farm.cpu_model": host.get("model_name", ""), "farm.isa": host.get("isa", ""),
+                     "farm.hostname": host.get("hostname", ""), "farm.node_id": bench.get("node_id", ""),
+                     "farm.bench.contaminated": str(bench.get("contaminated")).lower(),
+                     "farm.bench.threads": str(bench.get("threads"))})
+        tags.update({f"farm.version.{k}": v for k, v in bench.get("versions", {}).items()})
+        tags.update({f"farm.runtime.{k}": v for k, v in bench.get("runtime_settings", {}).items()})
+    files = {"cell_spec.json": {"id": cell.id, "baseline": cell.baseline, **cell.spec},
+             "stages.json": {k: v for k, v in (("export", export), ("evaluate", evaluate), ("bench", bench)) if v}}
+    raw = _bench_json(bench)
+    if raw is not None:
+        files["bench.json"] = raw.read_text()
+    failed = error is not None or bool(error_text)
+    if failed:
+        text = error_text or "".join(traceback.format_exception(error))
+        files["error.txt"] = text
+        tags["farm.error"] = (str(error) if error else text.splitlines()[-1])[:4000]
+    return {"op": "cell", "experiment_id": experiment_id, "parent_id": parent_id, "cell_id": cell.id,
+            "run_name": label, "run_id": None, "attempts": 0, "tags": {k: str(v) for k, v in tags.items()},
+            "params": {k: v[:6000] for k, v in cell.params().items()}, "metrics": metrics, "files": files,
+            "status": "FAILED" if failed else "FINISHED"}
+
+
+def deliver_outbox(c: MlflowClient, outbox: Path) -> int:
+    """Deliver queued records in order; stop at the first that cannot be. Returns how many are left."""
+    queued = sorted(outbox.glob("*.json")) if outbox.is_dir() else []
+    for i, f in enumerate(queued):
+        record = json.loads(f.read_text())
+        try:
+            _deliver(c, record, f)
+        except Exception as e:  # noqa: BLE001 (unreachable, or refused: keep it and those after it)
+            record["last_error"] = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+            storage.atomic_write_text(f, json.dumps(record, default=str))
+            return len(queued) - i
+        f.unlink()
+    if outbox.is_dir() and not any(outbox.iterdir()):
+        outbox.rmdir()
+    return 0
+
+
+def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
+    """Write one record to MLflow. Every step may be repeated without harm."""
+    if record["op"] == "cell" and not record["run_id"]:
+        found = []
+        if record["attempts"]:  # an earlier try may have created the run before its reply was lost
+            found = c.search_runs([record["experiment_id"]],
+                                  f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
+                                  f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
+        record["attempts"] += 1
+        storage.atomic_write_text(path, json.dumps(record, default=str))
+        run = found[0] if found else c.create_run(record["experiment_id"], run_name=record["run_name"],
+                                                  tags={k: record["tags"][k] for k in
+                                                        ("mlflow.parentRunId", "farm.kind", "farm.cell_id")})
+        record["run_id"] = run.info.run_id
+        storage.atomic_write_text(path, json.dumps(record, default=str))
+    rid = record["run_id"]
+    now = int(time.time() * 1000)
+    c.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in (record.get("metrics") or {}).items()],
+                params=[Param(k, v) for k, v in (record.get("params") or {}).items()],
+                tags=[RunTag(k, v) for k, v in (record.get("tags") or {}).items()])
+    if record.get("files"):
+        with tempfile.TemporaryDirectory() as d:
+            for name, obj in record["files"].items():
+                _write(Path(d), name, obj)
+            c.log_artifacts(rid, d)
+    if record.get("status"):
+        c.set_terminated(rid, record["status"])
+
+
+def sync(home: Path | None = None) -> int:
+    """Deliver what earlier submissions left in their outboxes (MLflow was down when they ended)."""
+    c = client()
+    left = 0
+    for outbox in sorted((home or storage.home()).joinpath("outbox").glob("*")):
+        left += deliver_outbox(c, outbox)
+    return left
 
 
 def _bench_json(bench: dict | None) -> Path | None:

@@ -23,6 +23,9 @@ def test_benchmarks_take_a_whole_node_and_others_a_memory_request():
     opts = task_options(export, {"t": 8}, 10**9)
     assert opts["num_cpus"] == 1 and opts["memory"] == 3 * 10**9 + 2**30
     assert "memory" not in task_options(export, {}, None)
+    # the sweep's stage_memory_gb replaces the estimate (and the memory guard enforces it)
+    assert task_options(export, {"t": 8}, 10**9, stage_memory=5 * 2**30)["memory"] == 5 * 2**30
+    assert "memory" not in task_options(bench, {"t": 8}, 10**9, stage_memory=5 * 2**30)
 
 
 def test_remote_code_permission_only_when_the_sweep_opts_in():
