@@ -48,3 +48,30 @@ def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1; returns a function that makes a bucket and gives fsspec options."""
+    import logging
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def bucket(name: str) -> dict:
+        boto3.client("s3", endpoint_url=url, aws_access_key_id="farm-test", aws_secret_access_key="farm-test",
+                     region_name="us-east-1").create_bucket(Bucket=name)
+        return {"endpoint_url": url, "key": "farm-test", "secret": "farm-test",
+                "client_kwargs": {"region_name": "us-east-1"}}
+
+    yield bucket
+    server.stop()

@@ -39,8 +39,9 @@ def cluster(tmp_path_factory):
         subprocess.run([str(ROOT / "clusters/local/down.sh")], env=env, timeout=120)
 
 
-def submit(env, sweep_file: Path) -> subprocess.CompletedProcess:
-    runtime_env = {"env_vars": {"FARM_HOME": env["FARM_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}}
+def submit(env, sweep_file: Path, **env_vars) -> subprocess.CompletedProcess:
+    runtime_env = {"env_vars": {"FARM_HOME": env["FARM_HOME"], "MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"],
+                                **env_vars}}
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}",
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--",
            "python", "-m", "farm", "run", str(sweep_file)]
@@ -219,6 +220,33 @@ def test_a_target_no_node_satisfies_fails_before_anything_runs(cluster, tiny_mod
     assert res.returncode != 0 and "targets[0] 'elsewhere': no alive node" in out
     assert "farm/node': 'b'" in out  # the message lists the cluster's label inventory
     assert MlflowClient(cluster["MLFLOW_TRACKING_URI"]).get_experiment_by_name("nowhere") is None
+
+
+def test_a_sweep_through_an_s3_store(cluster, tiny_model_dir, tmp_path, s3_server):
+    """Stages hand over through s3:// (moto on 127.0.0.1); MLflow's artifact URLs point into the bucket,
+    and `farm promote` on a machine with an empty cache fetches and verifies the chosen model."""
+    from mlflow.tracking import MlflowClient
+
+    store = {"FARM_STORAGE": "s3://farm-e2e/farm", "FARM_STORAGE_OPTIONS": json.dumps(s3_server("farm-e2e"))}
+    sweep = {"name": "via-s3", "base": {"model": str(tiny_model_dir)},
+             "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 32},
+             "exports": [{"format": "gguf", "quant": "Q8_0"}],
+             "targets": [{"name": "b", "labels": {"farm/node": "b"}}],
+             "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 0, "repeats": 1},
+             "promote": {"model_name": "via-s3-llm"}}
+    f = tmp_path / "via-s3.yaml"
+    f.write_text(yaml.safe_dump(sweep))
+    res = submit(cluster, f, **store)
+    assert res.returncode == 0 and "2 cells finished, 0 failed" in res.stdout, res.stdout[-4000:]
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("via-s3")
+    cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+    assert {r.data.tags["farm.artifact_uri"].split("/stages/")[0] for r in cells} == {"s3://farm-e2e/farm"}
+    assert all("bench.json" in {a.path for a in c.list_artifacts(r.info.run_id)} for r in cells)
+    res = farm({**cluster, **store, "FARM_HOME": str(tmp_path / "elsewhere")}, "promote", "via-s3")
+    assert res.returncode == 0, res.stdout + res.stderr
+    version = c.get_model_version_by_alias("via-s3-llm", "champion")
+    assert version.tags["farm.artifact_uri"].startswith("s3://farm-e2e/farm/stages/")
 
 
 def test_a_failing_stage_and_one_over_its_memory_are_data(cluster, tiny_model_dir, tmp_path):

@@ -4,9 +4,7 @@ empty cache fetches what it needs, checksummed; half-uploaded or damaged stages 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,30 +15,12 @@ from farm.errors import FarmError
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def store(s3_server, tmp_path, monkeypatch, request):
-    import boto3
     import fsspec
 
-    options = {"endpoint_url": s3_server, "key": "farm-test", "secret": "farm-test",
-               "client_kwargs": {"region_name": "us-east-1"}}
     bucket = f"farm-{request.node.name.replace('_', '-')[:40].lower()}"
-    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="farm-test", aws_secret_access_key="farm-test",
-                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    options = s3_server(bucket)
     monkeypatch.setenv("FARM_STORAGE", f"s3://{bucket}/sweeps")
     monkeypatch.setenv("FARM_STORAGE_OPTIONS", json.dumps(options))
     monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-a"))
