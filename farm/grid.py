@@ -39,6 +39,7 @@ CODE = {
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
+SHARED_CODE = {"awq": ["compress/gptq.py"]}  # compress methods built on another method's module
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "llama-cpp-python", "optimum", "optimum-onnx",
              "onnxruntime", "onnxruntime-genai", "optimum-intel", "openvino", "nncf", "numpy")
 
@@ -62,6 +63,7 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
 
 def code_version(kind: str, method: str = "", fmt: str = "") -> dict:
     files = [f.format(method=method, format=fmt, runtime=RUNTIME_MODULE.get(fmt, "")) for f in CODE[kind]]
+    files += SHARED_CODE.get(method, []) if kind == "compress" else []
     return {"files": {f: _file_hash(f) for f in files}, "libraries": library_versions()}
 
 

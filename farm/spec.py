@@ -164,6 +164,23 @@ class DistillStep(Training):
         ..., description="Decoder blocks of the student (fewer than the teacher's); a list is a grid.")
     lr: float = Field(1e-4, gt=0, le=1)
     hidden_weight: float = Field(0.0, ge=0, le=100, description="MiniLM-style hidden-state matching weight.")
+    TAGS: ClassVar[dict[str, str]] = {"teacher_continuations": "seq{teacher_continuations}",
+                                      "attention_weight": "attn{attention_weight}"}
+    attention_weight: float = Field(
+        0.0, ge=0, le=100, description="MiniLM-style attention-map KL weight (each student block against the "
+        "teacher block it came from; trains in eager attention).")
+    teacher_continuations: int = Field(
+        0, ge=0, le=100_000, description="Sequence-level KD: windows whose second half the teacher writes from a "
+        "calibration prompt, added to the training windows.")
+    continuation_temperature: float = Field(
+        0.0, ge=0, le=10, description="0: the teacher continues greedily; > 0: sampled at this temperature (seed).")
+
+    @model_validator(mode="after")
+    def _teacher_terms_need_a_teacher(self) -> DistillStep:
+        for name in ("attention_weight", "teacher_continuations"):
+            if getattr(self, name) and not self.teacher:
+                raise ValueError(f"{name}: needs teacher: true (teacher: false is the control on the text alone)")
+        return self
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -180,6 +197,17 @@ class LoraStep(Training):
     dropout: float = Field(0.0, ge=0, lt=1)
     targets: list[Literal[LORA_TARGETS]] = Field(list(LORA_TARGETS), min_length=1)  # type: ignore[valid-type]
     lr: float = Field(5e-4, gt=0, le=1)
+    TAGS: ClassVar[dict[str, str]] = {"base_bits": "nf{base_bits}"}
+    base_bits: int | None = Field(
+        None, description="4: QLoRA — the model entering the step is frozen in bitsandbytes NF4 while the "
+        "adapters train; then dequantized and merged into a dense checkpoint. null: plain LoRA.")
+
+    @field_validator("base_bits")
+    @classmethod
+    def _nf4_only(cls, v: int | None) -> int | None:
+        if v not in (None, 4):
+            raise ValueError(f"{v} is not supported: 4 (NF4, QLoRA), or leave it out for plain LoRA")
+        return v
 
 
 class GqaStep(Strict):
@@ -187,6 +215,33 @@ class GqaStep(Strict):
     GRID: ClassVar[tuple[str, ...]] = ("kv_heads",)
     method: Literal["gqa"]
     kv_heads: PositiveGrid = Field(..., description="KV heads after mean-pooling (a divisor of the current).")
+
+
+class PruneHeadsStep(Strict):
+    """Removes the least important query heads of every KV group (and whole groups with kv_heads)."""
+    LABEL: ClassVar[str] = ""
+    TAGS: ClassVar[dict[str, str]] = {"heads_per_group": "hpg{heads_per_group}", "ratio": "{ratio}",
+                                      "kv_heads": "kv{kv_heads}", "importance": "{importance}"}
+    GRID: ClassVar[tuple[str, ...]] = ("heads_per_group", "ratio", "kv_heads")
+    method: Literal["prune_heads"]
+    heads_per_group: PositiveGrid | None = Field(
+        None, description="Query heads each KV group keeps (1 .. fewer than now); a list is a grid.")
+    ratio: Annotated[float | list[float], AfterValidator(_fractions)] | None = Field(
+        None, description="Or: share of each KV group's query heads to remove (rounded); a list is a grid.")
+    kv_heads: PositiveGrid | None = Field(
+        None, description="KV groups to keep (fewer than now); the least important go with their query heads.")
+    importance: Literal["activation", "gradient"] = Field(
+        "activation", description="activation: norm of each head's output through o_proj; gradient: |a·dL/da|.")
+    calib_samples: int = Field(8, ge=1, le=1024, description="Calibration sequences for head importance.")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> PruneHeadsStep:
+        if self.heads_per_group is not None and self.ratio is not None:
+            raise ValueError("ratio: give heads_per_group or ratio, not both")
+        if self.heads_per_group is None and self.ratio is None and self.kv_heads is None:
+            raise ValueError("heads_per_group: say how many heads to keep (heads_per_group, ratio or kv_heads)")
+        return self
 
 
 class SparsifyStep(Strict):
@@ -207,7 +262,65 @@ class SparsifyStep(Strict):
         return self
 
 
-STEPS = (NoneStep, PruneLayersStep, PruneMlpStep, DistillStep, LoraStep, GqaStep, SparsifyStep)
+# post-training quantization in PyTorch (farm/compress/gptq.py, awq.py, smoothquant.py)
+QUANT_GRIDS = ("q4_0", "sym", "asym")  # q4_0: llama.cpp's Q4_0 exactly (groups of 32); sym/asym: int4
+
+
+def _unit_interval(v: float | list[float]) -> float | list[float]:
+    values = v if isinstance(v, list) else [v]
+    if not values or any(not 0 <= x <= 1 for x in values):
+        raise ValueError(f"must be between 0 and 1 inclusive (or a list of such values), got {v!r}")
+    return v
+
+
+class _QuantGrid(Strict):
+    grid: Literal[QUANT_GRIDS] = Field(  # type: ignore[valid-type]
+        "q4_0", description="q4_0: llama.cpp's Q4_0 grid (groups of 32), re-quantized losslessly by the gguf "
+        "Q4_0 export; sym/asym: int4 with group_size weights per scale, for other runtimes.")
+    group_size: int = Field(32, ge=8, le=4096, description="Weights per scale along the input (power of 2); "
+                            "q4_0 is always 32.")
+    calib_samples: int = Field(16, ge=1, le=1024, description="Calibration sequences.")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+    @model_validator(mode="after")
+    def _group(self):
+        if self.group_size & (self.group_size - 1):
+            raise ValueError(f"group_size: must be a power of two (16, 32, 64, 128, ...), got {self.group_size}")
+        if self.grid == "q4_0" and self.group_size != 32:
+            raise ValueError(f"group_size: the q4_0 grid has groups of 32 (llama.cpp's block), got "
+                             f"{self.group_size}; remove group_size or use grid sym/asym")
+        return self
+
+
+class GptqStep(_QuantGrid):
+    LABEL: ClassVar[str] = "{grid}-g{group_size}"
+    method: Literal["gptq"]
+    act_order: bool = Field(False, description="Quantize columns by decreasing Hessian diagonal.")
+    percdamp: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian: this x mean(diag).")
+    block_size: int = Field(128, ge=1, le=8192, description="Columns per lazy batch update.")
+
+
+class AwqStep(_QuantGrid):
+    LABEL: ClassVar[str] = "{grid}-g{group_size}"
+    method: Literal["awq"]
+    n_grid: int = Field(20, ge=2, le=200, description="Points of [0, 1] searched for the scale exponent alpha.")
+    clip: bool = Field(True, description="Search a per-group weight clipping threshold as well.")
+    round: bool = Field(False, description="Write the grid's rounded weights; default: scaled, rounded by the export.")
+
+
+class SmoothquantStep(Strict):
+    LABEL: ClassVar[str] = "a{alpha}"
+    GRID: ClassVar[tuple[str, ...]] = ("alpha",)
+    method: Literal["smoothquant"]
+    alpha: Annotated[float | list[float], AfterValidator(_unit_interval)] = Field(
+        0.5, description="Migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1-alpha); a list is a grid.")
+    down_proj: bool = Field(True, description="Also smooth down_proj's input (folded into up_proj's rows).")
+    calib_samples: int = Field(16, ge=1, le=1024, description="Calibration sequences.")
+    seq_len: int = Field(256, ge=16, le=8192)
+
+
+STEPS = (NoneStep, PruneLayersStep, PruneMlpStep, DistillStep, LoraStep, GqaStep, SparsifyStep, PruneHeadsStep,
+         GptqStep, AwqStep, SmoothquantStep)
 STEP_METHODS = tuple(m.model_fields["method"].annotation.__args__[0] for m in STEPS)
 Step = Annotated[Union[STEPS], Field(discriminator="method")]  # noqa: UP007 (a tuple of types)
 
@@ -217,7 +330,12 @@ def step_label(step: dict) -> str:
     model = STEPS[STEP_METHODS.index(step["method"])]
     fmt = getattr(model, "LABEL", "")
     tag = "" if step.get("teacher", True) else "-noteacher"
-    return f"{step['method']}-{fmt.format(**step, teacher_tag=tag)}" if fmt else step["method"]
+    # TAGS: optional fields shown when set to something other than their default, e.g. 'lora-r8-nf4'
+    parts = [fmt.format(**step, teacher_tag=tag)] + [
+        t.format(**step) for k, t in getattr(model, "TAGS", {}).items()
+        if step.get(k) not in (None, 0, False) and step.get(k) != model.model_fields[k].default]
+    label = "-".join(p for p in parts if p)
+    return f"{step['method']}-{label}" if label else step["method"]
 
 
 def grid_fields(method: str) -> tuple[str, ...]:
@@ -539,11 +657,17 @@ def check_world(data: dict) -> list[str]:
     pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
     for i, pipeline in enumerate(pipelines):
         layers = base_num_layers(ref)  # blocks entering each step (the largest model of a grid)
+        attn = {k: base_config(ref).get(k) for k in ("num_attention_heads", "num_key_value_heads")}  # likewise
         for j, step in enumerate(pipeline if isinstance(pipeline, list) else []):
             if not isinstance(step, dict) or layers is None:
                 continue
             if step.get("method") == "gqa":
-                problems += _gqa_problems(step, base_config(ref), f"pipelines[{i}][{j}]")
+                problems += _gqa_problems(step, attn, f"pipelines[{i}][{j}]")
+                _track_gqa(step, attn)
+            if step.get("method") == "prune_heads":
+                problems += _prune_heads_problems(step, attn, f"pipelines[{i}][{j}]")
+            if step.get("method") in ("gptq", "awq"):
+                problems += _quant_group_problems(step, base_config(ref), f"pipelines[{i}][{j}]")
             key = {"prune_layers": "drop", "distill": "student_layers"}.get(step.get("method"))
             value = step.get(key) if key else None
             values = [k for k in (value if isinstance(value, list) else [value]) if isinstance(k, int)]
@@ -565,6 +689,20 @@ def check_world(data: dict) -> list[str]:
     return problems
 
 
+def _quant_group_problems(step: dict, cfg: dict, where: str) -> list[str]:
+    """gptq/awq sym/asym groups must divide the base model's widths (q4_0 is 32, which the runtime checks)."""
+    group = step.get("group_size")
+    widths = {k: cfg[k] for k in ("hidden_size", "intermediate_size") if isinstance(cfg.get(k), int)}
+    if step.get("grid") not in ("sym", "asym") or not isinstance(group, int) or group < 1 or group & (group - 1):
+        return []
+    bad = {k: w for k, w in widths.items() if w % group}
+    if not bad:
+        return []
+    fits = [g for g in (16, 32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
+    sizes = ", ".join(f"{k} {w}" for k, w in bad.items())
+    return [f"{where}.group_size: {group} does not divide the model's {sizes}; use one of {fits}"]
+
+
 def _gqa_problems(step: dict, cfg: dict, where: str) -> list[str]:
     n_kv = cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
     values = step.get("kv_heads") if isinstance(step.get("kv_heads"), list) else [step.get("kv_heads")]
@@ -573,6 +711,56 @@ def _gqa_problems(step: dict, cfg: dict, where: str) -> list[str]:
         return []
     fits = [k for k in range(1, n_kv) if n_kv % k == 0]
     return [f"{where}.kv_heads: {bad} is not a proper divisor of the model's {n_kv} KV heads; use one of {fits}"]
+
+
+def _track_gqa(step: dict, attn: dict) -> None:
+    n_kv = attn.get("num_key_value_heads") or attn.get("num_attention_heads")
+    values = step.get("kv_heads") if isinstance(step.get("kv_heads"), list) else [step.get("kv_heads")]
+    fits = [k for k in values if isinstance(k, int) and isinstance(n_kv, int) and 1 <= k < n_kv and n_kv % k == 0]
+    if fits:
+        attn["num_key_value_heads"] = max(fits)
+
+
+def _prune_heads_problems(step: dict, attn: dict, where: str) -> list[str]:
+    """Checks a prune_heads step against the heads entering it, and updates `attn` to what leaves it
+    (the largest model of a grid). Mirrors farm/compress/prune_heads.py:plan."""
+    heads, n_kv = attn.get("num_attention_heads"), attn.get("num_key_value_heads") or attn.get("num_attention_heads")
+    if not (isinstance(heads, int) and isinstance(n_kv, int) and n_kv and heads % n_kv == 0):
+        return []
+    group, problems = heads // n_kv, []
+    shape = f"the model entering this step has {heads} query heads in {n_kv} KV group(s) of {group}"
+
+    def listed(key: str) -> list:
+        v = step.get(key)
+        return [x for x in (v if isinstance(v, list) else [v]) if isinstance(x, (int, float)) and x is not None]
+
+    kv_values = [k for k in listed("kv_heads") if isinstance(k, int)]
+    bad_kv = [k for k in kv_values if not 1 <= k < n_kv]
+    if bad_kv:
+        use = f"use 1..{n_kv - 1}" if n_kv > 1 else "it has only one"
+        problems.append(f"{where}.kv_heads: {bad_kv} would not remove a KV group ({shape}); {use}")
+    keeps: list[int] = []
+    if step.get("heads_per_group") is not None:
+        field, values = "heads_per_group", [k for k in listed("heads_per_group") if isinstance(k, int)]
+        keeps = [k for k in values if 1 <= k < group]
+        bad = [k for k in values if k not in keeps]
+    elif step.get("ratio") is not None:
+        import math
+
+        field, values = "ratio", listed("ratio")
+        keep_of = {r: group - math.floor(group * r + 0.5) for r in values if 0 < r < 1}
+        keeps = [k for k in keep_of.values() if 1 <= k < group]
+        bad = [r for r, k in keep_of.items() if not 1 <= k < group]
+    else:
+        field, bad = "", []
+    if bad:
+        use = f"keep 1..{group - 1} per group" if group > 1 else "use kv_heads to remove whole groups"
+        problems.append(f"{where}.{field}: {bad} must remove some but not all of each KV group's query heads "
+                        f"({shape}); {use}")
+    new_kv = max([k for k in kv_values if 1 <= k < n_kv], default=n_kv)
+    attn["num_key_value_heads"] = new_kv
+    attn["num_attention_heads"] = new_kv * max(keeps, default=group)
+    return problems
 
 
 def _export_problems(data: dict, cfg: dict) -> list[str]:

@@ -19,6 +19,10 @@ METHODS = Registry(
         "distill": "farm.compress.distill:apply",
         "lora": "farm.compress.lora:apply",
         "gqa": "farm.compress.gqa:apply",
+        "prune_heads": "farm.compress.prune_heads:apply",
         "sparsify": "farm.compress.sparsify:apply",
+        "gptq": "farm.compress.gptq:apply",
+        "awq": "farm.compress.awq:apply",
+        "smoothquant": "farm.compress.smoothquant:apply",
     },
 )

@@ -6,6 +6,11 @@ the last, with the teacher's weights (embedding, norms, lm_head included), and i
 calibration text to match the teacher's temperature-softened next-token distribution (farm/compress/
 kd.py). The teacher is the model entering this step. `teacher: false` trains the same student for the
 same steps on the cross-entropy of the text alone — the control that shows what distillation adds.
+
+Two optional additions: `teacher_continuations` windows whose second half the teacher wrote from a
+calibration prompt (sequence-level KD) join the training windows; `attention_weight` adds the KL
+between the attention maps of each student block and the teacher block it was initialised from
+(MiniLM), which runs both models with eager attention during training.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.compress.kd import train
+from farm.compress.kd import continuations, train
 from farm.compress.prune_layers import drop_layers, save_with_tokenizer
 
 
@@ -39,6 +44,19 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
     for p in teacher.parameters():
         p.requires_grad_(False)
     use_teacher = step.get("teacher", True)
-    info = train(student, teacher if use_teacher else None, calib, step, list(student.parameters()), layer_map=keep)
+    attention = use_teacher and float(step.get("attention_weight", 0.0)) > 0
+    if attention:  # sdpa returns no attention maps
+        for m in (teacher, student):
+            m.set_attn_implementation("eager")
+    extra, extra_info = None, {}
+    n_cont = int(step.get("teacher_continuations", 0)) if use_teacher else 0
+    if n_cont:
+        extra = continuations(teacher, calib, n_cont, step["seq_len"], float(step.get("continuation_temperature", 0.0)),
+                              seed=step.get("seed", 0))
+        extra_info = {"teacher_continuations": len(extra), "continuation_tokens": step["seq_len"] - step["seq_len"] // 2}
+    info = train(student, teacher if use_teacher else None, calib, step, list(student.parameters()), layer_map=keep,
+                 extra=extra)
+    if attention:
+        student.set_attn_implementation("sdpa")
     save_with_tokenizer(student, model_dir, out)
-    return {**info, "kept_layers": keep, "layers_before": n, "layers_after": len(keep)}
+    return {**info, **extra_info, "kept_layers": keep, "layers_before": n, "layers_after": len(keep)}
