@@ -165,7 +165,7 @@ class DistillStep(Training):
     lr: float = Field(1e-4, gt=0, le=1)
     hidden_weight: float = Field(0.0, ge=0, le=100, description="MiniLM-style hidden-state matching weight.")
     TAGS: ClassVar[dict[str, str]] = {"teacher_continuations": "seq{teacher_continuations}",
-                                      "attention_weight": "attn{attention_weight}"}
+                                      "attention_weight": "attn{attention_weight}", "kd_weight": "kd{kd_weight}"}
     attention_weight: float = Field(
         0.0, ge=0, le=100, description="MiniLM-style attention-map KL weight (each student block against the "
         "teacher block it came from; trains in eager attention).")
