@@ -29,7 +29,7 @@ def test_a_process_over_its_limit_is_killed_with_a_reason(tmp_path):
     text = note.read_text()
     assert "stage compress:test was killed for memory" in text and "over the 0.39 GiB" in text
     used = float(text.split("it used ")[1].split(" GiB")[0])
-    assert 0.39 < used < 1.0  # stopped soon after crossing the line, not at the end of the loop
+    assert 0.39 <= used < 1.5  # stopped soon after crossing the line, not at the end of the loop (2 GiB)
     with pytest.raises(StageError, match="killed for memory"):
         memguard.check_note(note)
 
