@@ -39,7 +39,7 @@ CODE = {
     "evaluate": ["evaluate.py", "{runtime}"],
     "bench": ["bench.py", "{runtime}"],
 }
-SHARED_CODE = {"awq": ["compress/gptq.py"]}  # compress methods built on another method's module
+SHARED_CODE = {"awq": ["compress/gptq.py"], "smoothquant": ["compress/awq.py"]}  # compress methods built on another method's module
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "llama-cpp-python", "optimum", "optimum-onnx",
              "onnxruntime", "onnxruntime-genai", "optimum-intel", "openvino", "nncf", "numpy")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from farm.compress.awq import fold
 from farm.compress.prune_layers import run_hooked, save_with_tokenizer
 
 FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm y = w·x̂: dividing w by s is exact
@@ -80,14 +81,7 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
         for prev, lins in groups:
             xm = x_max[lins[0]]
             s = smoothing_scale(xm, [lin.weight.data for lin in lins], step["alpha"])
-            if prev.weight.dim() == 2:  # a linear before (up_proj): its output rows
-                prev.weight.data.div_(s.unsqueeze(1))
-            else:
-                prev.weight.data.div_(s)
-            if getattr(prev, "bias", None) is not None:
-                prev.bias.data.div_(s)
-            for lin in lins:
-                lin.weight.data.mul_(s)
+            fold(prev, lins, s)  # prev / s, the linears * s: the same function
             before.append(float(xm.max() / xm.mean()))
             after.append(float((xm / s).max() / (xm / s).mean()))
     save_with_tokenizer(model, model_dir, out)
