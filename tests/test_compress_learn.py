@@ -54,18 +54,22 @@ def test_distilled_student_beats_the_same_student_without_teacher(tiny_model_dir
     assert kl[True] < 0.8 * kl[False], kl
 
 
+def prune_then_heal(model_dir: Path, calib, tmp_path: Path, **lora):
+    """Drop one block of the tiny model, then heal it with rank-8 LoRA towards the unpruned model."""
+    pruned, healed = tmp_path / "pruned", tmp_path / "healed"
+    pruned.mkdir()
+    healed.mkdir()
+    METHODS.get("prune_layers")(model_dir, {"drop": 1, "calib_samples": 2, "seq_len": 64}, calib, pruned, 1)
+    step = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 5e-3, "teacher": True,
+            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **TRAIN, **lora}
+    return pruned, healed, METHODS.get("lora")(pruned, step, calib, healed, 1, teacher_dir=model_dir)
+
+
 def test_lora_heals_a_pruned_model_and_merges(tiny_model_dir, tokens, tmp_path):
     from safetensors import safe_open
 
     calib, evals = tokens
-    pruned = tmp_path / "pruned"
-    pruned.mkdir()
-    METHODS.get("prune_layers")(tiny_model_dir, {"drop": 1, "calib_samples": 2, "seq_len": 64}, calib, pruned, 1)
-    healed = tmp_path / "healed"
-    healed.mkdir()
-    step = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 5e-3, "teacher": True,
-            "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **TRAIN}
-    info = METHODS.get("lora")(pruned, step, calib, healed, 1, teacher_dir=tiny_model_dir)
+    pruned, healed, info = prune_then_heal(tiny_model_dir, calib, tmp_path)
     assert info["trainable_params"] > 0 and info["loss_last"] < info["loss_first"]
     with safe_open(str(healed / "model.safetensors"), "pt") as f:
         keys = list(f.keys())

@@ -45,17 +45,10 @@ def test_qlora_dense_merge_computes_what_the_adapted_nf4_model_computes(tiny_mod
 
 def test_qlora_heals_a_pruned_model_into_a_dense_checkpoint(tiny_model_dir, tokens, tmp_path):
     from safetensors import safe_open
-    from test_compress_learn import kl_to
+    from test_compress_learn import kl_to, prune_then_heal
 
     calib, evals = tokens
-    pruned = tmp_path / "pruned"
-    pruned.mkdir()
-    METHODS.get("prune_layers")(tiny_model_dir, {"drop": 1, "calib_samples": 2, "seq_len": 64}, calib, pruned, 1)
-    healed = tmp_path / "healed"
-    healed.mkdir()
-    step = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 5e-3, "teacher": True,
-            "targets": TARGETS, "base_bits": 4, **TRAIN}
-    info = METHODS.get("lora")(pruned, step, calib, healed, 1, teacher_dir=tiny_model_dir)
+    pruned, healed, info = prune_then_heal(tiny_model_dir, calib, tmp_path, base_bits=4)
     assert info["base_bits"] == 4 and info["trainable_params"] > 0  # (its loss curve is noise-level here)
     assert info["merge_max_abs_logit_diff"] < 1e-3
     cfg = json.loads((healed / "config.json").read_text())
