@@ -15,12 +15,14 @@ STAMP := .venv/.farm-setup
 
 setup: $(STAMP)
 
-# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build. The first install
-# compiles llama-cpp-python (~12 min on 2 cores; pip caches the wheel for later set-ups).
-$(STAMP): requirements.lock pyproject.toml
+# torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build. llama-cpp-python next,
+# built for every CPU variant (scripts/build-llama-cpp.sh: ~10 min on 2 cores the first time, then taken
+# from a wheel cache outside the clone), so that the lock does not compile a native-only one.
+$(STAMP): requirements.lock pyproject.toml scripts/build-llama-cpp.sh
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
+	scripts/build-llama-cpp.sh $(PIP)
 	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-deps -e .
 	$(PIP) show torch | grep -q '^Version: 2.13.0+cpu' || { echo "torch is not the 2.13.0 CPU build" >&2; exit 1; }
@@ -33,18 +35,24 @@ up: setup
 down:
 	clusters/local/down.sh
 
+# The job's exit status: 0 every cell finished; 3 some cells failed (a runtime crash, say) but the rest finished:
+# the demo still promotes from what finished and ends 0 with a warning; anything else fails `make demo`.
 demo: up
 	@start=$$(date +%s); \
-	.venv/bin/ray job submit --address $(RAY_DASHBOARD) --working-dir . \
-	  --runtime-env-json '{"env_vars": {"FARM_HOME": "$(FARM_HOME)", "MLFLOW_TRACKING_URI": "$(MLFLOW_TRACKING_URI)"}}' \
-	  -- python -m farm run jobs/demo.yaml; \
+	.venv/bin/farm submit --address $(RAY_DASHBOARD) jobs/demo.yaml; \
 	rc=$$?; echo "farm: the demo job took $$(( $$(date +%s) - start )) s"; \
-	if [ $$rc -ne 0 ]; then echo "farm: the demo job failed (exit $$rc); see above" >&2; exit $$rc; fi
-	.venv/bin/farm promote demo
-	@echo "MLflow UI: $(MLFLOW_TRACKING_URI)   Ray dashboard: $(RAY_DASHBOARD)   (make down stops both)"
+	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then echo "farm: the demo job failed (exit $$rc); see above" >&2; exit $$rc; fi; \
+	.venv/bin/farm promote demo || exit $$?; \
+	echo "MLflow UI: $(MLFLOW_TRACKING_URI)   Ray dashboard: $(RAY_DASHBOARD)   (make down stops both)"; \
+	if [ $$rc -eq 3 ]; then echo "farm: WARNING: the demo finished with failed cells (listed above and by" \
+	  "\`farm status demo\`); the champion was promoted from the cells that finished" >&2; fi
 
+# The suite runs with HOME pointing at an empty directory, so nothing a user's home holds (a Ray token, HF or
+# MLflow caches) can hide a missing set-up step; pip keeps its own cache.
 test: setup
-	$(PY) -m pytest -q tests
+	@home=$$(mktemp -d -t farm-test-home.XXXXXX); \
+	PIP_CACHE_DIR=$${PIP_CACHE_DIR:-$$($(PIP) cache dir 2>/dev/null)} HOME=$$home $(PY) -m pytest -q tests; \
+	rc=$$?; rm -rf $$home; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not e2e and not integration" tests

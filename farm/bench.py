@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -71,13 +69,13 @@ def one_repeat(rt, prompt: list[int], decode: int) -> dict:
 
 
 def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: int, repeats: int,
-            threads: int) -> dict:
+            threads: int, options: dict | None = None) -> dict:
     """A repeat during which other processes used more than CONTAMINATED_CPUS is set aside and run
     again (up to 3x `repeats` tries); if clean repeats still fall short, the result is flagged."""
     from farm.runtimes import load
 
     t0 = time.perf_counter()
-    rt = load(fmt, artifact, threads=threads, n_ctx=len(prompt) + decode + 8)
+    rt = load(fmt, artifact, threads=threads, n_ctx=len(prompt) + decode + 8, options=options)
     load_s = time.perf_counter() - t0
     for _ in range(warmup):
         one_repeat(rt, prompt, decode)
@@ -109,15 +107,18 @@ def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: in
     }
 
 
-def run(fmt: str, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path) -> dict:
-    """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json)."""
-    cmd = [sys.executable, "-m", "farm.bench", "--format", fmt, "--artifact", str(artifact),
-           "--reference", str(reference), "--threads", str(threads), "--prompt-tokens",
-           str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
-           "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"benchmark process failed ({res.returncode}):\n{res.stderr[-3000:]}")
+def run(fmt: str, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path,
+        options: dict | None = None, what: str = "") -> dict:
+    """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json). A crash
+    of the runtime raises farm.isolate.RuntimeCrash naming the signal and the native frame."""
+    from farm.isolate import run_child
+
+    args = ["-m", "farm.bench", "--format", fmt, "--artifact", str(artifact),
+            "--reference", str(reference), "--threads", str(threads), "--prompt-tokens",
+            str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
+            "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json),
+            "--options", json.dumps(options or {})]
+    run_child(args, fmt, f"benchmarking {what or fmt}")
     return json.loads(out_json.read_text())
 
 
@@ -148,10 +149,12 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--options", default="{}", help="runtime options as JSON (gguf: amx, repack)")
     a = p.parse_args()
     cores = pin(a.threads)
     prompt = prompt_tokens(a.reference, a.prompt_tokens)
-    result = measure(a.format, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads)
+    result = measure(a.format, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads,
+                     json.loads(a.options))
     result["cores"] = cores
     a.out.write_text(json.dumps(result))
 

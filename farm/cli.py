@@ -1,4 +1,4 @@
-"""`farm validate | run | pareto | promote | generate | serve | schema | labels | nodes`."""
+"""`farm validate | run | submit | status | pareto | promote | generate | serve | schema | labels | nodes`."""
 
 from __future__ import annotations
 
@@ -23,6 +23,19 @@ def cmd_run(a) -> int:
     from farm import driver
 
     return driver.run(a.file)
+
+
+def cmd_submit(a) -> int:
+    from farm import driver
+
+    return driver.submit_job(a.file, a.address, wait=not a.no_wait)
+
+
+def cmd_status(a) -> int:
+    from farm.report import status_report
+
+    print(status_report(a.name))
+    return 0
 
 
 def cmd_pareto(a) -> int:
@@ -122,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("run", help="run a sweep (what `ray job submit` runs on the cluster)")
     s.add_argument("file")
     s.set_defaults(fn=cmd_run)
+    s = sub.add_parser("submit", help="submit a sweep to the Ray cluster as a job and follow its log")
+    s.add_argument("file")
+    s.add_argument("--address", help="the cluster's dashboard (default: $RAY_ADDRESS or http://127.0.0.1:8265)")
+    s.add_argument("--no-wait", action="store_true", help="return once submitted")
+    s.set_defaults(fn=cmd_submit)
+    s = sub.add_parser("status", help="a sweep's state and cells, from MLflow (no NAME: every sweep)")
+    s.add_argument("name", nargs="?")
+    s.set_defaults(fn=cmd_status)
     for name, fn, text in (("pareto", cmd_pareto, "print and record the Pareto front of a sweep"),
                            ("promote", cmd_promote, "register the chosen cell's model and set an alias")):
         s = sub.add_parser(name, help=text)

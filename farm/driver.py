@@ -9,6 +9,7 @@ cell becomes a FAILED run with its traceback and the sweep goes on.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -131,15 +132,56 @@ def print_cell(done: int, total: int, cell, evaluate: dict | None, bench: dict |
           f"{'  (CONTAMINATED: other load on the node)' if bench.get('contaminated') else ''}", flush=True)
 
 
+def unwrap(error: BaseException) -> BaseException:
+    """The stage's own exception, without Ray's wrapper (whose text starts with Ray's boilerplate:
+    'ray::bench:5c64... (pid=..., ip=...)')."""
+    while isinstance(error, ray.exceptions.RayTaskError) and getattr(error, "cause", None) is not None:
+        error = error.cause
+    if isinstance(error, ray.exceptions.WorkerCrashedError):
+        return StageError("the Ray worker running this stage died (a native crash or a kill outside farm's "
+                          "child processes); its log is in the Ray session's logs/worker-*.err")
+    return error
+
+
 def _get(ref):
     try:
         return ray.get(ref), None
     except Exception as e:  # a failed stage, or one whose dependency failed
-        return None, e
+        return None, unwrap(e)
+
+
+def running_tasks(job_id: str, grid) -> dict[str, str]:
+    """stage id -> node, for this job's RUNNING tasks (Ray's state API; {} if it cannot answer)."""
+    try:
+        from ray.util.state import list_tasks
+
+        tasks = list_tasks(filters=[("job_id", "=", job_id), ("state", "=", "RUNNING")], limit=1000,
+                           raise_on_missing_output=False, timeout=10)
+        names = {n["NodeID"]: n.get("Labels", {}).get("farm/node") or n["NodeManagerAddress"] for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 (progress is informative; the sweep goes on without it)
+        return {}
+    out = {}
+    for t in tasks:
+        sid = (t.name or "").partition(":")[2]
+        if sid in grid.stages:
+            out[sid] = names.get(t.node_id, (t.node_id or "?")[:8])
+    return out
+
+
+def exit_code(finished: int, failed: int) -> int:
+    """0: every cell finished; 3: some failed but others finished (a partial sweep, still reported and
+    promotable); 1: no cell finished."""
+    if not failed:
+        return 0
+    return 3 if finished else 1
+
+
+PROGRESS_EVERY_S = 30  # FARM_PROGRESS_S overrides
 
 
 def run(path: str) -> int:
     from farm import tracking
+    from farm.progress import Progress
     from farm.report import pareto_report
 
     t0 = time.time()
@@ -159,31 +201,101 @@ def run(path: str) -> int:
     signal.signal(signal.SIGTERM, stopped)
     print(f"farm: sweep '{sweep.name}': {len(grid.cells)} cells, {len(grid.stages)} stages; "
           f"MLflow run {log.run_id}", flush=True)
+    job_id = ray.get_runtime_context().get_job_id()
+    progress = Progress(grid, t0)
+    stage_of = {ref: sid for sid, ref in refs.items()}
+    outcome: dict[str, tuple] = {}  # stage id -> (result, error)
     pending = {cell.id: cell for cell in grid.cells}
-    waiting = {refs[c.bench]: c for c in grid.cells}
     stranded: dict[str, str] = {}  # cell id -> why its benchmark can no longer run anywhere
-    failed = 0
+    failed, last_print, last_strand = 0, time.time(), time.time()
+    every = float(os.environ.get("FARM_PROGRESS_S", PROGRESS_EVERY_S))
     while pending:
-        ready, _ = ray.wait(list(waiting), num_returns=1, timeout=15)
-        if not ready:
+        left = [r for r, sid in stage_of.items() if sid not in outcome]
+        ready, _ = ray.wait(left, num_returns=1, timeout=5) if left else ([], [])
+        if ready:
+            rest = [r for r in left if r not in ready]
+            ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
+        for ref in ready:
+            sid = stage_of[ref]
+            outcome[sid] = _get(ref)
+            result, error = outcome[sid]
+            progress.stage_failed(sid) if error is not None else progress.stage_finished(sid, result)
+        for cell in [c for c in pending.values() if c.bench in outcome and c.evaluate in outcome]:
+            bench, err = outcome[cell.bench]
+            evaluate, err2 = outcome[cell.evaluate]
+            export, err3 = outcome.get(cell.export, (None, None))
+            error = StageError(stranded[cell.id]) if cell.id in stranded else (err or err2 or err3)
+            log.log_cell(cell, export, evaluate, bench, error=error)
+            del pending[cell.id]
+            failed += error is not None
+            progress.cell_logged(error is not None)
+            print_cell(len(grid.cells) - len(pending), len(grid.cells), cell, evaluate, bench, error)
+        now = time.time()
+        if now - last_strand > 15:
+            waiting = {refs[c.bench]: c for c in pending.values() if c.bench not in outcome}
             strand(waiting, stranded)
             log.flush()  # cells queued while MLflow was unreachable
-            continue
-        cell = waiting.pop(ready[0])
-        bench, err = _get(refs[cell.bench])
-        evaluate, err2 = _get(refs[cell.evaluate])
-        export, err3 = _get(refs[cell.export])
-        error = StageError(stranded[cell.id]) if cell.id in stranded else (err or err2 or err3)
-        log.log_cell(cell, export, evaluate, bench, error=error)
-        del pending[cell.id]
-        failed += error is not None
-        print_cell(len(grid.cells) - len(pending), len(grid.cells), cell, evaluate, bench, error)
+            last_strand = now
+        if pending and now - last_print >= every:
+            progress.set_running(running_tasks(job_id, grid))
+            line = progress.line(now)
+            print(line, flush=True)
+            log.progress(line)
+            last_print = now
+    log.progress(progress.line())
     log.finish(failed)
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
-    print(f"\nfarm: {len(grid.cells) - failed} cells finished, {failed} failed, in {time.time() - t0:.0f} s",
-          flush=True)
-    return 1 if failed else 0
+    finished = len(grid.cells) - failed
+    print(f"\nfarm: {finished} cells finished, {failed} failed, in {time.time() - t0:.0f} s", flush=True)
+    if failed:
+        print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
+              "the failed cells and why (exit status " f"{exit_code(finished, failed)})", flush=True)
+    return exit_code(finished, failed)
+
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+
+
+def submit_job(path: str, address: str | None = None, wait: bool = True, working_dir: str = ".") -> int:
+    """`farm submit FILE`: validate the sweep here, then submit `python -m farm run FILE` as a Ray job with
+    the working directory and the farm's environment (FARM_*, MLFLOW_TRACKING_URI), follow its log, and
+    return its exit status (0, or 3 for a partial sweep, see exit_code). What `ray job submit
+    --address ... --working-dir . --runtime-env-json ... -- python -m farm run FILE` does by hand."""
+    import asyncio
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    specmod.load(path)  # a bad sweep fails here, before anything is uploaded
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # farm's clusters all use token authentication
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.path.isfile(token):
+        raise StageError(f"no Ray cluster token in {token}: clusters/local/up.sh makes one for a local cluster; "
+                         "for another cluster copy its token there, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH")
+    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
+    env = {k: v for k, v in os.environ.items() if k.startswith("FARM_") or k == "MLFLOW_TRACKING_URI"}
+    client = JobSubmissionClient(address)
+    job = client.submit_job(entrypoint=f"python -m farm run {path}",
+                            runtime_env={"working_dir": working_dir, "env_vars": env})
+    print(f"farm: submitted {path} as Ray job {job} to {address}; `ray job logs {job}` shows its log, "
+          f"`farm status` its cells", flush=True)
+    if not wait:
+        return 0
+
+    async def follow():
+        async for lines in client.tail_job_logs(job):
+            print(lines, end="", flush=True)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        print(f"\nfarm: stopped following; the job goes on (`ray job stop {job}` stops it)", flush=True)
+        return 130
+    info = client.get_job_info(job)
+    code = getattr(info, "driver_exit_code", None)
+    if info.status == JobStatus.SUCCEEDED:
+        return 0
+    return int(code) if code else 1
 
 
 if __name__ == "__main__":

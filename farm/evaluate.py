@@ -63,11 +63,33 @@ def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray, base_top1: np.ndar
     return {"perplexity": float(np.exp(nll / n)), "kl_div": float(kl / n), "top1_agree": agree / n}
 
 
-def evaluate(fmt: str, artifact: Path, reference: Path, threads: int) -> dict:
+def evaluate(fmt: str, artifact: Path, reference: Path, threads: int, options: dict | None = None) -> dict:
     from farm.runtimes import load
 
     evals = np.load(reference / "eval_tokens.npy")
     base = np.load(reference / "base_logprobs.npy")
     top1 = np.load(reference / "base_top1.npy")
-    rt = load(fmt, artifact, threads=threads, n_ctx=evals.shape[1])
+    rt = load(fmt, artifact, threads=threads, n_ctx=evals.shape[1], options=options)
     return quality(rt, evals, base, top1)
+
+
+def evaluate_isolated(fmt: str, artifact: Path, reference: Path, threads: int, out_json: Path,
+                      options: dict | None = None, what: str = "") -> dict:
+    """`evaluate` in a child process (metrics written to out_json): a runtime that crashes is reported as
+    a crash, with its signal and native frame (farm.isolate), not as a lost Ray worker."""
+    import json
+
+    from farm.isolate import run_child
+
+    run_child(["-m", "farm.evaluate", fmt, str(artifact), str(reference), str(threads), json.dumps(options or {}),
+               str(out_json)], fmt, f"evaluating {what or fmt}")
+    return json.loads(out_json.read_text())
+
+
+if __name__ == "__main__":  # python -m farm.evaluate FORMAT ARTIFACT REFERENCE THREADS OPTIONS_JSON OUT_JSON
+    import json
+    import sys
+
+    fmt_, artifact_, reference_, threads_, options_, out_ = sys.argv[1:7]
+    metrics_ = evaluate(fmt_, Path(artifact_), Path(reference_), int(threads_), json.loads(options_))
+    Path(out_).write_text(json.dumps(metrics_))

@@ -160,19 +160,22 @@ def build(sweep: Sweep) -> Grid:
     bench = sweep.bench.model_dump()
     for steps, exp, baseline in plan:
         fmt = exp["format"]
+        runtime = exp.get("runtime", {})  # runtime options: the same exported file, measured another way
+        exp_params = {k: v for k, v in exp.items() if k != "runtime"}
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
             model = g.add("compress", {"step": step}, (model, reference, *teacher), method=step["method"])
         if exp["quant"] in DIRECT[fmt]:
-            export = g.add("export", exp, (model,), fmt=fmt)
+            export = g.add("export", exp_params, (model,), fmt=fmt)
         else:
             src = g.add("export", {"format": fmt, "quant": BASE_LEVEL[fmt]}, (model,), fmt=fmt)
             calib = (reference,) if exp.get("algorithm") in DATA_AWARE else ()
-            export = g.add("export", exp, (src, *calib), fmt=fmt)
-        evaluate = g.add("evaluate", {"data": data}, (export, reference), fmt=fmt)
+            export = g.add("export", exp_params, (src, *calib), fmt=fmt)
+        rt = {"runtime": runtime} if runtime else {}
+        evaluate = g.add("evaluate", {"data": data, **rt}, (export, reference), fmt=fmt)
         for target in sweep.targets:
-            b = g.add("bench", {"bench": bench, "target": target.model_dump()}, (export, reference), fmt=fmt)
+            b = g.add("bench", {"bench": bench, "target": target.model_dump(), **rt}, (export, reference), fmt=fmt)
             spec = {
                 "sweep": sweep.name,
                 "base": base_params,

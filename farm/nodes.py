@@ -37,14 +37,43 @@ def parse_cpuinfo(text: str) -> dict:
     model = int(first.get("model", "0") or 0)
     stepping = int(first.get("stepping", "0") or 0)
     flags = set(first.get("flags", "").split())
-    arch = "unknown"
+    arch, source = "unknown", "cpuid"
     for lo, hi, name in MICROARCH.get((vendor, family), []):
         if lo <= model <= hi:
             arch = name
     if arch == "skylake-sp" and stepping >= 5:
         arch = "cascadelake"
+    if arch == "unknown":  # a hypervisor may mask the model number (KVM showed an AMX Xeon as model 167)
+        arch, source = infer_family(vendor, flags), "flags"
     return {"vendor": vendor, "model_name": first.get("model name", "unknown"), "family": arch,
-            "isa": isa_level(flags)}
+            "family_source": source, "isa": isa_level(flags)}
+
+
+# (vendor, flags that must all be present, the oldest family that has them), newest first: where the CPUID
+# model is masked or new, the ISA extensions still tell the family's lower bound.
+FLAG_FAMILIES = [
+    ("intel", {"amx_fp16"}, "granite-rapids"),
+    ("intel", {"amx_int8", "avx512_fp16"}, "sapphire-rapids"),
+    ("intel", {"avx512_bf16", "avx512_vnni"}, "cooperlake"),
+    ("intel", {"avx512_vnni", "avx512_vbmi2"}, "icelake"),
+    ("intel", {"avx512_vnni"}, "cascadelake"),
+    ("intel", {"avx512f"}, "skylake-sp"),
+    ("intel", {"avx_vnni"}, "alderlake"),
+    ("intel", {"avx2"}, "haswell"),
+    ("amd", {"avx_vnni", "avx512f", "movdir64b"}, "zen5"),
+    ("amd", {"avx512f"}, "zen4"),
+    ("amd", {"vaes", "avx2"}, "zen3"),
+    ("amd", {"avx2"}, "zen1"),
+]
+
+
+def infer_family(vendor: str, flags: set[str]) -> str:
+    """The oldest microarchitecture family with this CPU's ISA extensions (a lower bound: a Sapphire
+    Rapids and an Emerald Rapids look alike), or 'unknown'."""
+    for v, need, name in FLAG_FAMILIES:
+        if v == vendor and need <= flags:
+            return name
+    return "unknown"
 
 
 def isa_level(flags: set[str]) -> str:
@@ -76,7 +105,8 @@ def facts() -> dict:
     import psutil
 
     cpu = parse_cpuinfo(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").exists() else {
-        "vendor": "unknown", "model_name": platform.processor() or "unknown", "family": "unknown", "isa": "unknown"}
+        "vendor": "unknown", "model_name": platform.processor() or "unknown", "family": "unknown",
+        "family_source": "none", "isa": "unknown"}
     numa = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
     return {**cpu, "cores": physical_cores(), "logical_cpus": os.cpu_count() or 1,
             "memory_gb": round(psutil.virtual_memory().total / 2**30), "numa_nodes": numa,
@@ -89,6 +119,7 @@ def labels(f: dict | None = None) -> dict[str, str]:
         "farm/cpu-vendor": label_value(f["vendor"]),
         "farm/cpu-model": label_value(f["model_name"]),
         "farm/cpu-family": label_value(f["family"]),
+        "farm/cpu-family-from": f.get("family_source", "cpuid"),  # "flags": inferred, the model was masked
         "farm/isa": f["isa"],
         "farm/cores": str(f["cores"]),
         "farm/memory-gb": str(f["memory_gb"]),

@@ -357,6 +357,11 @@ class ExportSpec(Strict):
     ratio: float = Field(1.0, gt=0, le=1, description="openvino int4: share of weights in int4 (the rest int8).")
     calib_samples: int = Field(16, ge=1, le=1024, description="Calibration sequences for data-aware algorithms.")
     calib_seq_len: int = Field(256, ge=16, le=8192, description="Tokens per calibration sequence.")
+    amx: bool | list[bool] = Field(
+        False, description="gguf: run llama.cpp's AMX kernels where the CPU has them (off by default: they crashed "
+        "quantized models on the AMX Xeons seen so far); [false, true] measures both.")
+    repack: bool | list[bool] = Field(
+        True, description="gguf: llama.cpp's CPU extra buffers (weight repacking, e.g. Q4_0 8x8); a list is a grid.")
 
     @field_validator("quant")
     @classmethod
@@ -384,6 +389,12 @@ class ExportSpec(Strict):
                 raise ValueError(f"algorithm: {algs} applies to int4 levels only, and quant has none")
         if self.ratio != 1.0 and not (fmt == "openvino" and any(is_int4(fmt, q) for q in self.levels())):
             raise ValueError("ratio: only openvino int4 levels mix int4 with int8; remove it")
+        for key in ("amx", "repack"):
+            values = _as_list(getattr(self, key))
+            if not values:
+                raise ValueError(f"{key}: give at least one of true, false")
+            if fmt != "gguf" and values != [ExportSpec.model_fields[key].default]:
+                raise ValueError(f"{key}: a llama.cpp runtime option, for format gguf only; remove it")
         return self
 
     def levels(self) -> list[str]:
@@ -406,8 +417,17 @@ class ExportSpec(Strict):
                     v.update(calib_samples=self.calib_samples, calib_seq_len=self.calib_seq_len)
                 if self.format == "openvino" and alg is not None:
                     v["ratio"] = self.ratio
-                out.append(v)
+                if self.format != "gguf":
+                    out.append(v)
+                    continue
+                for amx in _as_list(self.amx):  # runtime options: evaluate and bench read them, not the export
+                    for repack in _as_list(self.repack):
+                        out.append({**v, "runtime": {"amx": amx, "repack": repack}})
         return out
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, list) else [v]
 
 
 def _check_choices(value: str | list[str], allowed: tuple, what: str, prefix: str = "") -> str | list[str]:

@@ -75,11 +75,19 @@ def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
     return {**params, "artifact": path.name, "size_mb": storage.size_mb(path), "sha256": storage.sha256(path)}
 
 
+def describe(export: dict, runtime: dict) -> str:
+    """'gguf Q8_0', 'gguf Q4_0 (amx)': what a runtime was running, for messages."""
+    opts = [k if v else f"no {k}" for k, v in runtime.items() if v != {"amx": False, "repack": True}.get(k)]
+    return f"{export['format']} {export['quant']}" + (f" ({', '.join(opts)})" if opts else "")
+
+
 def run_evaluate(stage: Stage, deps: list[dict], out: Path) -> dict:
-    from farm.evaluate import evaluate
+    from farm.evaluate import evaluate_isolated
 
     export, reference = deps
-    metrics = evaluate(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]), threads_here())
+    runtime = stage.params.get("runtime", {})
+    metrics = evaluate_isolated(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]),
+                                threads_here(), out / "quality.json", runtime, describe(export, runtime))
     return {"metrics": metrics}
 
 
@@ -89,8 +97,9 @@ def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
     export, reference = deps
     spec = stage.params["bench"]
     threads = spec["threads"] or threads_here()
+    runtime = stage.params.get("runtime", {})
     raw = bench.run(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]), spec,
-                    threads, out / "bench.json")
+                    threads, out / "bench.json", runtime, describe(export, runtime))
     metrics = {k: raw[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms",
                                    "token_latency_p90_ms", "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv",
                                    "foreign_cpus", "repeats_set_aside")}

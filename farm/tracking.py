@@ -85,6 +85,14 @@ class SweepLog:
         return self._queue(cell_record(self.experiment_id, self.run_id, cell, export, evaluate, bench,
                                        error, error_text))
 
+    def progress(self, line: str) -> None:
+        """The sweep's progress as a tag of its parent run (`farm status` shows it). Best effort: not queued,
+        the next line replaces it anyway."""
+        try:
+            self.c.set_tag(self.run_id, "farm.progress", line[:4000])
+        except Exception:  # noqa: BLE001, S110 (MLflow unreachable: the outbox holds what matters)
+            pass
+
     def abort(self, reason: str) -> None:
         """The submission was stopped: its finished cells stay, the parent run says KILLED and why.
         Resubmitting the sweep reuses every finished stage and logs a complete new parent run."""
@@ -147,7 +155,8 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
         files["bench.json"] = raw.read_text()
     failed = error is not None or bool(error_text)
     if failed:
-        text = error_text or "".join(traceback.format_exception(error))
+        text = error_text or ((getattr(error, "report", "") or "") + "\n\n--- traceback ---\n"
+                              + "".join(traceback.format_exception(error))).lstrip()
         files["error.txt"] = text
         tags["farm.error"] = (str(error) if error else text.splitlines()[-1])[:4000]
     return {"op": "cell", "experiment_id": experiment_id, "parent_id": parent_id, "cell_id": cell.id,
@@ -231,6 +240,10 @@ def cell_label(cell) -> str:
         export += f"-g{p['export.group_size']}"
     if p.get("export.ratio", "1.0") != "1.0":
         export += f"-r{p['export.ratio']}"
+    if p.get("export.runtime.amx") == "True":
+        export += "-amx"
+    if p.get("export.runtime.repack") == "False":
+        export += "-norepack"
     return f"{steps}/{export}@{p['target.name']}"
 
 
@@ -247,6 +260,25 @@ def latest_sweep_run(name: str, run_id: str | None = None):
     if not runs:
         raise FarmError(f"experiment '{name}' has no sweep run yet")
     return c, exp, runs[0]
+
+
+def sweep_runs(name: str | None) -> list[tuple]:
+    """(experiment, latest sweep run) of one sweep, or of every sweep on the server."""
+    c = client()
+    exps = [latest_sweep_run(name)[1]] if name else c.search_experiments()
+    out = []
+    for exp in exps:
+        runs = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'",
+                             order_by=["attributes.start_time DESC"], max_results=1)
+        if runs:
+            out.append((exp, runs[0]))
+    return out
+
+
+def cell_runs(parent) -> list:
+    """Every cell run of a submission, finished or failed."""
+    return client().search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                                max_results=5000, order_by=["attributes.start_time ASC"])
 
 
 def cell_rows(c: MlflowClient, exp, parent) -> list[dict]:

@@ -90,3 +90,34 @@ def test_a_code_change_invalidates_that_stage_and_its_dependents_only(monkeypatc
     assert {"base", "reference", "compress"} <= kept
     torch_export = [s for s in b.stages.values() if s.kind == "export" and s.params["format"] == "torch"]
     assert torch_export[0].id in a.stages  # the torch baseline's export does not use that module
+
+
+def test_llamacpp_runtime_options_measure_one_file_several_ways():
+    """amx / repack are runtime options: a grid of them shares one export stage, each gets its own
+    evaluate and bench stages, and they show in the cell's params and label."""
+    from farm.tracking import cell_label
+
+    def only_q4(d):
+        d["pipelines"] = [[]]
+        d["exports"] = [{"format": "gguf", "quant": "Q4_0", "amx": [False, True], "repack": [True, False]}]
+
+    g = build(only_q4)
+    cells = [c for c in g.cells if not c.baseline]
+    assert len(cells) == 4 and len({c.export for c in cells}) == 1
+    assert len({c.evaluate for c in cells}) == 4 and len({c.bench for c in cells}) == 4
+    assert g.stages[cells[0].evaluate].params["runtime"] in ({"amx": a, "repack": r} for a in (0, 1) for r in (0, 1))
+    labels = {cell_label(c) for c in cells}
+    assert labels == {"base/gguf-Q4_0@local", "base/gguf-Q4_0-amx@local", "base/gguf-Q4_0-norepack@local",
+                      "base/gguf-Q4_0-amx-norepack@local"}
+    assert {c.params()["export.runtime.amx"] for c in cells} == {"True", "False"}
+
+
+def test_runtime_options_belong_to_gguf_only():
+    import pytest
+
+    from farm.errors import SpecError
+
+    d = copy.deepcopy(DEMO)
+    d["exports"] = [{"format": "onnx", "quant": "int8", "amx": True}]
+    with pytest.raises(SpecError, match=r"exports\[0\].*amx: a llama.cpp runtime option, for format gguf only"):
+        spec.parse(d)

@@ -21,7 +21,7 @@ OLD = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 63\nmodel name\t: 
 
 def test_families_and_isa():
     assert nodes.parse_cpuinfo(SPR) == {"vendor": "intel", "model_name": "Intel(R) Xeon(R) Platinum 8488C",
-                                        "family": "sapphire-rapids", "isa": "amx"}
+                                        "family": "sapphire-rapids", "family_source": "cpuid", "isa": "amx"}
     icx = nodes.parse_cpuinfo(ICX)
     assert (icx["family"], icx["isa"]) == ("icelake", "avx512-vnni")
     assert nodes.parse_cpuinfo(ZEN4)["family"] == "zen4"
@@ -41,3 +41,17 @@ def test_this_machine():
     f = nodes.facts()
     assert f["cores"] >= 1 and f["memory_gb"] >= 1
     assert "farm/isa" in nodes.labels_arg()
+
+
+def test_family_inferred_from_flags_when_the_hypervisor_masks_the_model():
+    """KVM showed an AMX Xeon as model 167 (no such server part): the flags still bound the family."""
+    masked = SPR.replace("model\t\t: 143", "model\t\t: 167").replace("amx_int8", "amx_int8 avx512_fp16 avx512_bf16")
+    f = nodes.parse_cpuinfo(masked)
+    assert (f["family"], f["family_source"], f["isa"]) == ("sapphire-rapids", "flags", "amx")
+    assert nodes.labels({**f, "cores": 2, "memory_gb": 24, "numa_nodes": 1})["farm/cpu-family-from"] == "flags"
+    # without AVX512-FP16 the same AMX flags do not prove Sapphire Rapids: the next bound down is taken
+    assert nodes.parse_cpuinfo(SPR.replace("143", "167"))["family"] == "cascadelake"
+    assert nodes.infer_family("amd", {"avx2", "avx512f"}) == "zen4"
+    assert nodes.infer_family("amd", {"avx2", "vaes"}) == "zen3"
+    assert nodes.infer_family("intel", {"sse4_2"}) == "unknown"
+    assert nodes.parse_cpuinfo(ICX)["family_source"] == "cpuid"  # a known model number is not overridden

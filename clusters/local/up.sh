@@ -14,13 +14,17 @@ DASH_PORT=${RAY_DASHBOARD_PORT:-8265}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
 RUN="$FARM_HOME/run"
 mkdir -p "$RUN" "$FARM_HOME/mlflow/artifacts"
-# Ray token authentication on (Ray creates ~/.ray/auth_token; `ray job submit` and tasks read it).
+# Ray token authentication on. `ray start --head` does not create a token: on a machine that never ran
+# Ray it fails ("no authentication token was found"), so make one here, readable by this user only, where
+# every Ray command looks (RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token): `ray job submit`, `farm submit`,
+# the dashboard, the tasks.
 # A task the memory monitor kills is retried once, then fails (bounded: Ray has its own OOM-retry policy).
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false RAY_task_oom_retries=1
+"$ROOT/clusters/local/token.sh"
 
 up() {
-  local auth=()
-  [ -f "$HOME/.ray/auth_token" ] && auth=(-H "Authorization: Bearer $(cat "$HOME/.ray/auth_token")")
+  local auth=() token=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+  [ -f "$token" ] && auth=(-H "Authorization: Bearer $(cat "$token")")
   curl -sf -o /dev/null "${auth[@]}" "$1"
 }
 

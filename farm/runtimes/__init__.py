@@ -23,8 +23,9 @@ RUNTIMES = Registry(
 )
 
 
-def load(fmt: str, path, threads: int, n_ctx: int):
-    return RUNTIMES.get(fmt)(path, threads=threads, n_ctx=n_ctx)
+def load(fmt: str, path, threads: int, n_ctx: int, options: dict | None = None):
+    """options: the runtime's own settings from the export spec (gguf: amx, repack)."""
+    return RUNTIMES.get(fmt)(path, threads=threads, n_ctx=n_ctx, **(options or {}))
 
 
 def greedy_generate(rt, prompt: str, max_tokens: int) -> str:

@@ -1,23 +1,59 @@
-"""llama.cpp (llama-cpp-python) serving a GGUF file."""
+"""llama.cpp (llama-cpp-python) serving a GGUF file.
+
+Options (a gguf export's `amx` / `repack`, passed by the evaluate and bench stages):
+  amx     run llama.cpp's AMX kernels where the CPU has them (default off: they crashed every quantized
+          model on the AMX Xeons seen here; see farm/runtimes/ggml_cpu.py)
+  repack  the CPU's extra buffer types, which repack Q4_0/IQ4_NL weights for faster kernels (default on)
+"""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
 
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """llama-cpp-python's Llama() does not expose use_extra_bufts; it reads llama_model_default_params(),
+    so that one call is wrapped while the model loads."""
+    import llama_cpp.llama_cpp as lib
+
+    original = lib.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = original
+
+
 class LlamaCppRuntime:
-    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = True):
+    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = True, amx: bool = False,
+                 repack: bool = True):
         from llama_cpp import Llama
 
+        from farm.runtimes import ggml_cpu
+
+        chosen = ggml_cpu.select(amx)
+        extra_bufts = repack
+        if chosen["cpu_variant"] == "static" and not amx and ggml_cpu.system_features().get("AMX_INT8") == "1":
+            extra_bufts = False  # a native build with AMX compiled in: extra buffers off is the only way out
         self.path = Path(path)
         self.n_ctx = n_ctx
-        self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-            n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0,
-        )
+        with _model_params(extra_bufts):
+            self.llm = Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0,
+            )
         self.vocab = self.llm.n_vocab()
+        self.settings = {"runtime": "llama.cpp", "threads": threads, **ggml_cpu.settings(amx, extra_bufts)}
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         self.llm.reset()
@@ -43,5 +79,5 @@ class LlamaCppRuntime:
         return out["choices"][0]["text"]
 
 
-def load(path, threads: int = 1, n_ctx: int = 512) -> LlamaCppRuntime:
-    return LlamaCppRuntime(Path(path), threads, n_ctx)
+def load(path, threads: int = 1, n_ctx: int = 512, amx: bool = False, repack: bool = True) -> LlamaCppRuntime:
+    return LlamaCppRuntime(Path(path), threads, n_ctx, amx=amx, repack=repack)

@@ -1,0 +1,114 @@
+"""What a running sweep prints: stages and cells done / running / failed, what runs where, an ETA.
+
+Pure bookkeeping (no Ray): the driver tells it when a stage finishes or fails and which tasks Ray
+reports running; `line()` is one plain log line, readable in the submitting terminal and in
+`ray job logs` alike (no carriage returns or live bars: a job log keeps every byte).
+
+The ETA is work left over work rate: each stage kind's cost is the mean time of the stages of that
+kind that ran so far (a reused stage costs nothing), the rate is the work done per second of wall
+time, so it accounts for the cluster's parallelism as it actually was. No ETA until some stage of
+the kinds still ahead has run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def stage_label(stage) -> str:
+    """'export gguf Q4_0', 'compress prune_layers', 'bench gguf Q4_0 @local'."""
+    p = stage.params
+    if stage.kind == "compress":
+        return f"compress {p['step']['method']}"
+    if stage.kind == "export":
+        return f"export {p['format']} {p['quant']}"
+    return stage.kind
+
+
+class Progress:
+    def __init__(self, grid, now: float | None = None):
+        self.grid = grid
+        self.t0 = time.time() if now is None else now
+        self.done: dict[str, float] = {}  # stage id -> seconds it ran (0 when reused)
+        self.reused: set[str] = set()
+        self.failed: set[str] = set()
+        self.running: dict[str, str] = {}  # stage id -> where
+        self.cells_done = 0
+        self.cells_failed = 0
+        self.export_of: dict[str, dict] = {}  # stage id -> the export params its evaluate/bench reads
+        for c in grid.cells:
+            for sid in (c.evaluate, c.bench):
+                self.export_of[sid] = grid.stages[c.export].params
+
+    def stage_finished(self, sid: str, result: dict) -> None:
+        self.running.pop(sid, None)
+        cached = bool(result.get("cached"))
+        self.done[sid] = 0.0 if cached else float(result.get("seconds", 0.0))
+        if cached:
+            self.reused.add(sid)
+
+    def stage_failed(self, sid: str) -> None:
+        self.running.pop(sid, None)
+        self.failed.add(sid)
+
+    def cell_logged(self, failed: bool) -> None:
+        self.cells_done += 1
+        self.cells_failed += failed
+
+    def set_running(self, where: dict[str, str]) -> None:
+        """stage id -> node, as Ray reports its RUNNING tasks (only those not finished here yet)."""
+        self.running = {sid: node for sid, node in where.items() if sid not in self.done and sid not in self.failed}
+
+    def eta(self, now: float | None = None) -> float | None:
+        now = time.time() if now is None else now
+        ran = defaultdict(list)
+        for sid, secs in self.done.items():
+            if sid not in self.reused:
+                ran[self.grid.stages[sid].kind].append(secs)
+        if not ran:
+            return None
+        mean_all = sum(map(sum, ran.values())) / sum(map(len, ran.values()))
+        cost = {k: sum(v) / len(v) for k, v in ran.items()}
+        left = [s for sid, s in self.grid.stages.items() if sid not in self.done and sid not in self.failed]
+        if not left:
+            return 0.0
+        if not any(s.kind in cost for s in left):
+            return None
+        work_left = sum(cost.get(s.kind, mean_all) for s in left)
+        work_done = sum(self.done.values())
+        elapsed = max(now - self.t0, 1e-6)
+        return work_left / (work_done / elapsed) if work_done > 0 else None
+
+    def describe(self, sid: str) -> str:
+        stage = self.grid.stages[sid]
+        label = stage_label(stage)
+        if stage.kind in ("evaluate", "bench") and sid in self.export_of:
+            e = self.export_of[sid]
+            label += f" {e['format']} {e['quant']}"
+        if stage.kind == "bench":
+            label += f" @{stage.params['target']['name']}"
+        return label
+
+    def line(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        n_stages, n_cells = len(self.grid.stages), len(self.grid.cells)
+        eta = self.eta(now)
+        parts = [f"farm: {duration(now - self.t0)}",
+                 (f"stages {len(self.done)}/{n_stages} done ({len(self.reused)} reused), {len(self.running)} running, "
+                  f"{len(self.failed)} failed"),
+                 f"cells {self.cells_done}/{n_cells} done, {self.cells_failed} failed",
+                 "ETA " + ("?" if eta is None else "~" + duration(eta))]
+        line = " | ".join(parts)
+        if self.running:
+            line += " | running: " + "; ".join(f"{self.describe(s)} on {w}" for s, w in sorted(self.running.items()))
+        return line

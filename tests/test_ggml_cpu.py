@@ -1,0 +1,31 @@
+"""llama.cpp's CPU backend: one library per ISA level, the best that runs here, AMX only when asked."""
+
+import pytest
+
+from farm.runtimes import ggml_cpu
+
+ZEN4 = {"x64": 1, "haswell": 52, "skylakex": 96, "icelake": 184, "zen4": 248, "sapphirerapids": 0}
+SPR = {**ZEN4, "sapphirerapids": 504}
+
+
+def test_the_best_variant_without_amx_by_default():
+    assert ggml_cpu.choose(ZEN4, amx=False) == "zen4"
+    assert ggml_cpu.choose(SPR, amx=False) == "zen4"  # AVX-512 VBMI/VNNI/BF16 kernels, no AMX
+    assert ggml_cpu.choose(SPR, amx=True) == "sapphirerapids"
+
+
+def test_amx_asked_for_where_there_is_none_says_so():
+    with pytest.raises(RuntimeError, match="amx: true asks for llama.cpp's AMX kernels, but no AMX variant"):
+        ggml_cpu.choose(ZEN4, amx=True)
+    with pytest.raises(RuntimeError, match="no llama.cpp CPU variant runs"):
+        ggml_cpu.choose({"zen4": 0}, amx=False)
+
+
+def test_this_machine_runs_a_variant_its_cpu_supports():
+    """The installed llama-cpp-python is the multi-variant build (scripts/build-llama-cpp.sh): its
+    libraries score this CPU, and the one chosen is what llama.cpp then reports it runs."""
+    found = ggml_cpu.variants()
+    assert {"x64", "haswell", "skylakex", "zen4", "sapphirerapids"} <= set(found), sorted(found)
+    scores = {v: ggml_cpu.score(p) for v, p in found.items()}
+    assert scores["x64"] > 0 and max(scores.values()) > scores["x64"]
+    assert ggml_cpu.choose(scores, amx=False) not in ggml_cpu.AMX_VARIANTS

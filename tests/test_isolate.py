@@ -1,0 +1,54 @@
+"""A runtime that dies by a signal is reported as a crash: signal, runtime, what it was doing, the native
+frame (gdb), the Python frames (faulthandler) — in a real child process that really segfaults."""
+
+import pickle
+import shutil
+
+import pytest
+
+from farm.isolate import ChildFailed, RuntimeCrash, first_fault_frame, frame_function, run_child
+
+SEGFAULT = ["-c", "import ctypes; ctypes.string_at(0)"]  # strlen(NULL) inside libc
+
+
+def test_a_segfault_names_signal_runtime_and_what_it_was_doing(monkeypatch):
+    monkeypatch.setenv("FARM_CRASH_GDB", "0")
+    with pytest.raises(RuntimeCrash) as e:
+        run_child(SEGFAULT, "gguf", "evaluating gguf Q8_0")
+    msg = str(e.value)
+    assert msg.startswith("llama.cpp crashed (SIGSEGV") and "while evaluating gguf Q8_0; see error.txt" in msg
+    assert "Fatal Python error: Segmentation fault" in e.value.report  # faulthandler's Python frames
+    assert 'File "<string>", line 1' in e.value.report
+    again = pickle.loads(pickle.dumps(e.value))  # crosses Ray's process boundary with its report
+    assert isinstance(again, RuntimeCrash) and str(again) == msg and again.report == e.value.report
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_the_native_frame_comes_from_gdb(monkeypatch):
+    monkeypatch.setenv("FARM_CRASH_GDB", "1")
+    with pytest.raises(RuntimeCrash) as e:
+        run_child(SEGFAULT, "openvino", "benchmarking openvino int8")
+    assert "OpenVINO crashed (SIGSEGV in " in str(e.value) and "strlen" in str(e.value), str(e.value)
+    assert "--- native stack (gdb, crashing thread) ---\n#0" in e.value.report
+
+
+def test_a_python_error_in_the_child_is_its_last_line():
+    with pytest.raises(ChildFailed) as e:
+        run_child(["-c", "raise ValueError('amx: true but no AMX here')"], "gguf", "evaluating gguf Q4_0")
+    assert "evaluating gguf Q4_0 failed (llama.cpp, exit 1): ValueError: amx: true but no AMX here" == str(e.value)
+
+
+def test_a_clean_child_returns_its_stdout():
+    assert run_child(["-c", "print('ok')"], "torch", "evaluating torch fp32").strip() == "ok"
+
+
+def test_frames_are_read_past_the_signal_machinery():
+    frames = ["#0  __pthread_kill_implementation (no_tid=0, signo=6) at ./nptl/pthread_kill.c:44",
+              "#1  0x00007f3a in raise () from /lib/x86_64-linux-gnu/libc.so.6",
+              "#2  0x00007f3b in abort () from /lib/x86_64-linux-gnu/libc.so.6",
+              "#3  0x00007f3c in ggml_abort () from /venv/llama_cpp/lib/libggml-base.so",
+              ("#4  0x00007f3d in ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*) () from "
+               "/venv/llama_cpp/lib/libggml-cpu-sapphirerapids.so")]
+    assert first_fault_frame(frames) == "ggml_backend_amx_mul_mat"
+    assert frame_function("#0  0x0000 in ?? ()") == ""
+    assert frame_function("#2  0x1 in (anonymous namespace)::tinyBLAS<16>::gemm(long) () from x.so") == "tinyBLAS<16>::gemm"
