@@ -71,9 +71,19 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
     }
     f = tmp_path / "tiny.yaml"
     f.write_text(yaml.safe_dump(sweep))
-    res = submit(cluster, f)
+    # `farm submit` (not the long `ray job submit` line): working dir, runtime env and token handled
+    dashboard = f"http://127.0.0.1:{PORTS['RAY_DASHBOARD_PORT']}"
+    res = subprocess.run([str(VENV_BIN / "farm"), "submit", str(f)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=1200, env={**cluster, "RAY_ADDRESS": dashboard, "FARM_PROGRESS_S": "3"})
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "9 cells finished, 0 failed" in res.stdout
+    # the job log shows stage-level progress as the sweep runs, with what runs where
+    progress = [ln for ln in res.stdout.splitlines() if ln.startswith("farm: ") and " | stages " in ln]
+    assert progress and all("cells " in ln and " | ETA " in ln for ln in progress), res.stdout[-3000:]
+    assert any(" | running: " in ln and " on " in ln for ln in progress), progress
+    status = farm(cluster, "status", "tiny")
+    assert status.returncode == 0 and "tiny: FINISHED" in status.stdout and "9/9 cells logged, 0 failed" in status.stdout
+    assert status.stdout.count("FINISHED  ") == 9 and "progress: farm: " in status.stdout, status.stdout
 
     c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("tiny")
@@ -92,6 +102,9 @@ def test_sweep_through_ray_and_mlflow(cluster, tiny_model_dir, tmp_path):
         assert tags["farm.node.farm/isa"] and tags["farm.cpu_model"] and tags["farm.cell_id"]
         assert tags["farm.version.llama-cpp-python"] and tags["farm.version.transformers"]
         assert tags["farm.artifact_uri"].startswith("file://")
+        if r.data.params["export.format"] == "gguf":  # which CPU code llama.cpp ran
+            assert tags["farm.runtime.cpu_variant"] not in ("", "static", "sapphirerapids"), tags
+            assert tags["farm.runtime.amx"] == "false" and tags["farm.runtime.repack"] == "true"
         names = {a.path for a in c.list_artifacts(r.info.run_id)}
         assert {"cell_spec.json", "bench.json", "stages.json"} <= names
     baseline = [r for r in cells if r.data.tags["farm.baseline"] == "true"]
@@ -265,13 +278,15 @@ def test_a_failing_stage_and_one_over_its_memory_are_data(cluster, tiny_model_di
     f = tmp_path / "partly.yaml"
     f.write_text(yaml.safe_dump(sweep))
     res = submit(cluster, f)
-    assert res.returncode != 0  # the job says that cells failed ...
+    assert res.returncode != 0  # the job says that cells failed (exit 3: a partial sweep) ...
     assert "2 cells finished, 2 failed" in res.stdout, res.stdout[-4000:]  # ... and the rest of the sweep finished
+    assert "a partial sweep: `farm status partly-broken`" in res.stdout
     c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("partly-broken")
     runs = {r.data.tags["farm.label"]: r for r in c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")}
     failed = runs["prune_layers-drop1/gguf-Q8_0@a"]
     assert failed.info.status == "FAILED" and "need 4096 calibration tokens" in failed.data.tags["farm.error"]
+    assert not failed.data.tags["farm.error"].startswith("ray::")  # the stage's own error, not Ray's wrapper
     assert "error.txt" in {a.path for a in c.list_artifacts(failed.info.run_id)}
     oom = runs["lora-r2/gguf-Q8_0@a"]
     assert oom.info.status == "FAILED" and "killed for memory" in oom.data.tags["farm.error"], oom.data.tags
