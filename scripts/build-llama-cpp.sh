@@ -24,7 +24,7 @@ AMX_TO='__asm__ volatile("ldtilecfg %0" :: "m"(tc));'
 cache_root=${FARM_WHEEL_CACHE:-$("$PIP" cache dir 2>/dev/null || echo "$HOME/.cache/pip")/farm-wheels}
 key=$(printf '%s %s %s %s' "$VERSION" "$FLAGS" "$AMX_TO" "$(uname -m)" | sha256sum | cut -c1-12)
 cache="$cache_root/llama-cpp-python-$VERSION-$key"
-site=$("$PIP" show llama-cpp-python 2>/dev/null | sed -n 's/^Location: //p')
+site=$("$PIP" show llama-cpp-python 2>/dev/null | sed -n 's/^Location: //p' || true)  # empty: not installed
 if [ -n "$site" ] && [ "$(cat "$site/llama_cpp/lib/farm-build-key" 2>/dev/null)" = "$key" ]; then
   exit 0  # this very build is installed
 fi
