@@ -25,7 +25,13 @@ def cmd_run(a) -> int:
     return driver.run(a.file)
 
 
+def ray_token_auth() -> None:
+    """farm's clusters all use Ray's token authentication; Ray reads the mode when it is imported."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def cmd_submit(a) -> int:
+    ray_token_auth()
     from farm import driver
 
     return driver.submit_job(a.file, a.address, wait=not a.no_wait)
@@ -107,6 +113,7 @@ def cmd_labels(a) -> int:
 
 
 def cmd_nodes(a) -> int:
+    ray_token_auth()
     import ray
 
     ray.init(address=a.address or os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)

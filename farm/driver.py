@@ -267,7 +267,6 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     specmod.load(path)  # a bad sweep fails here, before anything is uploaded
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # farm's clusters all use token authentication
     token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if not os.environ.get("RAY_AUTH_TOKEN") and not os.path.isfile(token):
         raise StageError(f"no Ray cluster token in {token}: clusters/local/up.sh makes one for a local cluster; "

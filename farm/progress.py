@@ -89,6 +89,12 @@ class Progress:
         elapsed = max(now - self.t0, 1e-6)
         return work_left / (work_done / elapsed) if work_done > 0 else None
 
+    def queued(self) -> int:
+        """Stages whose inputs are all done that are not running yet: waiting for a CPU, memory or a node."""
+        over = set(self.done) | self.failed
+        return sum(1 for sid, st in self.grid.stages.items()
+                   if sid not in over and sid not in self.running and all(d in self.done for d in st.deps))
+
     def describe(self, sid: str) -> str:
         stage = self.grid.stages[sid]
         label = stage_label(stage)
@@ -109,6 +115,9 @@ class Progress:
                  f"cells {self.cells_done}/{n_cells} done, {self.cells_failed} failed",
                  "ETA " + ("?" if eta is None else "~" + duration(eta))]
         line = " | ".join(parts)
+        queued = self.queued()
+        if queued:
+            line = line.replace(" running, ", f" running, {queued} queued, ", 1)
         if self.running:
             line += " | running: " + "; ".join(f"{self.describe(s)} on {w}" for s, w in sorted(self.running.items()))
         return line

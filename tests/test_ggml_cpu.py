@@ -29,3 +29,22 @@ def test_this_machine_runs_a_variant_its_cpu_supports():
     scores = {v: ggml_cpu.score(p) for v, p in found.items()}
     assert scores["x64"] > 0 and max(scores.values()) > scores["x64"]
     assert ggml_cpu.choose(scores, amx=False) not in ggml_cpu.AMX_VARIANTS
+
+
+def test_a_forced_variant_is_what_loads_and_a_bad_one_is_refused():
+    """FARM_GGML_CPU_VARIANT (benchmarks/llamacpp_paths.py) picks the library; llama.cpp then reports that
+    library's features (haswell: AVX2, no AVX-512). One process per choice: backends stay loaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from farm.runtimes import ggml_cpu; c = ggml_cpu.select(False); "
+            "print(json.dumps([c['cpu_variant'], ggml_cpu.system_features()]))")
+    env = {**os.environ, "FARM_GGML_CPU_VARIANT": "haswell"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    variant, feats = json.loads(out.stdout.strip().splitlines()[-1])
+    assert variant == "haswell" and feats.get("AVX2") == "1" and "AVX512" not in feats
+    env["FARM_GGML_CPU_VARIANT"] = "sapphirerapids" if "amx_int8" not in open("/proc/cpuinfo").read() else "nosuch"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "not a variant that runs on this CPU" in bad.stderr

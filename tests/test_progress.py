@@ -33,7 +33,11 @@ def test_counts_running_and_eta():
     p.set_running({kinds["bench"][0]: "a", exports[0]: "b"})  # a finished stage is not running any more
     line = p.line(now=30.0)
     n = len(g.stages)
-    assert f"stages 3/{n} done (1 reused), 1 running, 1 failed" in line
+    # grid order: the torch baseline first, so exports[0] is its (finished) export and exports[1] the F16 export
+    # (failed). Queued = inputs done, not running: only the baseline's evaluate (its bench is running; Q8_0
+    # waits on the failed F16; F16's evaluate/bench will never run)
+    assert f"stages 3/{n} done (1 reused), 1 running, 1 queued, 1 failed" in line, line
+    assert "running: bench torch fp32 @local on a" in line
     assert f"cells 0/{len(g.cells)} done" in line and "running: bench " in line and "on a" in line
     # work done 15 s in 30 s of wall time; left: the other exports at their mean (10 s) and the rest at the
     # mean of everything that ran (7.5 s) -> (10 * (exports - 2) + 7.5 * others) / 0.5

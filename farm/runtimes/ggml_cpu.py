@@ -12,11 +12,13 @@ runs with its repack kernels. `repack: false` turns the CPU's extra buffer types
 (llama_model_params.use_extra_bufts), which is also what removes AMX from a single-variant build.
 
 What ran is returned by `select()` and recorded with every GGUF cell (farm.runtime.* tags).
+FARM_GGML_CPU_VARIANT=<name> forces a variant (benchmarks/llamacpp_paths.py compares them).
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 from pathlib import Path
 
@@ -83,7 +85,10 @@ def select(amx: bool = False) -> dict:
         _chosen = {"cpu_variant": "static", "amx_requested": amx, "variant_scores": {}}
         return _chosen
     scores = {v: score(p) for v, p in found.items()}
-    name = choose(scores, amx)
+    name = os.environ.get("FARM_GGML_CPU_VARIANT") or choose(scores, amx)  # a diagnostic override
+    if name not in found or scores[name] <= 0:
+        raise RuntimeError(f"FARM_GGML_CPU_VARIANT={name}: not a variant that runs on this CPU "
+                           f"(scores {scores})")
     # through libllama's own handle: dlsym searches its dependencies, so this is the libggml.so.0 that
     # libllama uses (the wheel holds libggml.so and libggml.so.0 as two copies: loading one by path would
     # give a second backend registry that libllama never sees)
