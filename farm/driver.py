@@ -150,8 +150,8 @@ def _get(ref):
         return None, unwrap(e)
 
 
-def running_tasks(job_id: str, grid) -> dict[str, str]:
-    """stage id -> node, for this job's RUNNING tasks (Ray's state API; {} if it cannot answer)."""
+def running_tasks(job_id: str, grid) -> dict[str, str] | None:
+    """stage id -> node, for this job's RUNNING tasks (Ray's state API; None if it cannot answer in time)."""
     try:
         from ray.util.state import list_tasks
 
@@ -159,7 +159,7 @@ def running_tasks(job_id: str, grid) -> dict[str, str]:
                            raise_on_missing_output=False, timeout=10)
         names = {n["NodeID"]: n.get("Labels", {}).get("farm/node") or n["NodeManagerAddress"] for n in ray.nodes()}
     except Exception:  # noqa: BLE001 (progress is informative; the sweep goes on without it)
-        return {}
+        return None
     out = {}
     for t in tasks:
         sid = (t.name or "").partition(":")[2]

@@ -43,6 +43,7 @@ class Progress:
         self.reused: set[str] = set()
         self.failed: set[str] = set()
         self.running: dict[str, str] = {}  # stage id -> where
+        self.running_known = True
         self.cells_done = 0
         self.cells_failed = 0
         self.export_of: dict[str, dict] = {}  # stage id -> the export params its evaluate/bench reads
@@ -65,9 +66,11 @@ class Progress:
         self.cells_done += 1
         self.cells_failed += failed
 
-    def set_running(self, where: dict[str, str]) -> None:
-        """stage id -> node, as Ray reports its RUNNING tasks (only those not finished here yet)."""
-        self.running = {sid: node for sid, node in where.items() if sid not in self.done and sid not in self.failed}
+    def set_running(self, where: dict[str, str] | None) -> None:
+        """stage id -> node, as Ray reports its RUNNING tasks (only those not finished here yet); None: Ray's
+        state API did not answer, so what runs is unknown this time."""
+        self.running_known = where is not None
+        self.running = {sid: node for sid, node in (where or {}).items() if sid not in self.done and sid not in self.failed}
 
     def eta(self, now: float | None = None) -> float | None:
         now = time.time() if now is None else now
@@ -110,8 +113,8 @@ class Progress:
         n_stages, n_cells = len(self.grid.stages), len(self.grid.cells)
         eta = self.eta(now)
         parts = [f"farm: {duration(now - self.t0)}",
-                 (f"stages {len(self.done)}/{n_stages} done ({len(self.reused)} reused), {len(self.running)} running, "
-                  f"{len(self.failed)} failed"),
+                 (f"stages {len(self.done)}/{n_stages} done ({len(self.reused)} reused), "
+                  f"{len(self.running) if self.running_known else '?'} running, {len(self.failed)} failed"),
                  f"cells {self.cells_done}/{n_cells} done, {self.cells_failed} failed",
                  "ETA " + ("?" if eta is None else "~" + duration(eta))]
         line = " | ".join(parts)

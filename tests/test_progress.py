@@ -44,6 +44,8 @@ def test_counts_running_and_eta():
     left = [s for sid, s in g.stages.items() if sid not in p.done and sid not in p.failed]
     want = sum(10.0 if s.kind == "export" else 7.5 for s in left) / (15.0 / 30.0)
     assert abs(p.eta(now=30.0) - want) < 1e-9 and f"ETA ~{duration(want)}" in line
+    p.set_running(None)  # Ray's state API did not answer: unknown, not zero
+    assert ", ? running, " in p.line(now=30.0) and "running: " not in p.line(now=30.0)
     p.cell_logged(failed=True)
     assert f"cells 1/{len(g.cells)} done, 1 failed" in p.line(now=31.0)
 
