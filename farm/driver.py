@@ -219,7 +219,10 @@ def run(path: str) -> int:
             sid = stage_of[ref]
             outcome[sid] = _get(ref)
             result, error = outcome[sid]
-            progress.stage_failed(sid) if error is not None else progress.stage_finished(sid, result)
+            if error is None:
+                progress.stage_finished(sid, result)
+            else:
+                progress.stage_failed(sid)
         for cell in [c for c in pending.values() if c.bench in outcome and c.evaluate in outcome]:
             bench, err = outcome[cell.bench]
             evaluate, err2 = outcome[cell.evaluate]
@@ -247,11 +250,12 @@ def run(path: str) -> int:
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
     finished = len(grid.cells) - failed
+    code = exit_code(finished, failed)
     print(f"\nfarm: {finished} cells finished, {failed} failed, in {time.time() - t0:.0f} s", flush=True)
     if failed:
         print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
-              "the failed cells and why (exit status " f"{exit_code(finished, failed)})", flush=True)
-    return exit_code(finished, failed)
+              f"the failed cells and why (exit status {code})", flush=True)
+    return code
 
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"

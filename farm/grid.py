@@ -40,6 +40,7 @@ CODE = {
     "bench": ["bench.py", "{runtime}"],
 }
 SHARED_CODE = {"awq": ["compress/gptq.py"], "smoothquant": ["compress/awq.py"]}  # compress methods built on another method's module
+RUNTIME_SHARED = {"gguf": ["runtimes/ggml_cpu.py"]}  # what a runtime imports that decides what it runs
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "llama-cpp-python", "optimum", "optimum-onnx",
              "onnxruntime", "onnxruntime-genai", "optimum-intel", "openvino", "nncf", "numpy")
 
@@ -64,6 +65,7 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
 def code_version(kind: str, method: str = "", fmt: str = "") -> dict:
     files = [f.format(method=method, format=fmt, runtime=RUNTIME_MODULE.get(fmt, "")) for f in CODE[kind]]
     files += SHARED_CODE.get(method, []) if kind == "compress" else []
+    files += RUNTIME_SHARED.get(fmt, []) if kind in ("evaluate", "bench") else []
     return {"files": {f: _file_hash(f) for f in files}, "libraries": library_versions()}
 
 

@@ -32,8 +32,8 @@ ASSERTION = re.compile(r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\):")
 GDB_TIMEOUT_S = 600
 
 
-class RuntimeCrash(StageError):
-    """A runtime's process died by a signal. `report` holds stderr and the stacks."""
+class ChildError(StageError):
+    """A runtime's child process failed; `report` (stderr, stacks) becomes the cell's error.txt."""
 
     def __init__(self, message: str, report: str = ""):
         super().__init__(message)
@@ -43,21 +43,18 @@ class RuntimeCrash(StageError):
         return (type(self), (str(self), self.report))
 
 
-class ChildFailed(StageError):
-    """A runtime's process exited with an error (a Python exception in the child)."""
-
-    def __init__(self, message: str, report: str = ""):
-        super().__init__(message)
-        self.report = report
-
-    def __reduce__(self):
-        return (type(self), (str(self), self.report))
+class RuntimeCrash(ChildError):
+    """The runtime's process died by a signal."""
 
 
-def run_child(argv: list[str], fmt: str, what: str, timeout: float | None = None) -> str:
+class ChildFailed(ChildError):
+    """The runtime's process exited with an error (a Python exception in the child)."""
+
+
+def run_child(argv: list[str], fmt: str, what: str) -> str:
     """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"."""
     cmd = [sys.executable, "-X", "faulthandler", *argv]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode == 0:
         return res.stdout
     runtime = RUNTIME_NAMES.get(fmt, fmt)
@@ -116,8 +113,3 @@ def first_fault_frame(frames: list[str]) -> str:
         if name and not SIGNAL_FRAMES.match(name):
             return name
     return ""
-
-
-def crash_report(error: BaseException) -> str:
-    """The report a crash or a failed child carries, else ''."""
-    return getattr(error, "report", "") or ""

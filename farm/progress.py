@@ -26,7 +26,7 @@ def duration(seconds: float) -> str:
 
 
 def stage_label(stage) -> str:
-    """'export gguf Q4_0', 'compress prune_layers', 'bench gguf Q4_0 @local'."""
+    """'export gguf Q4_0', 'compress prune_layers', or the kind ('evaluate', 'bench': see describe)."""
     p = stage.params
     if stage.kind == "compress":
         return f"compress {p['step']['method']}"
@@ -112,15 +112,14 @@ class Progress:
         now = time.time() if now is None else now
         n_stages, n_cells = len(self.grid.stages), len(self.grid.cells)
         eta = self.eta(now)
+        running = str(len(self.running)) if self.running_known else "?"
+        queued = self.queued()
         parts = [f"farm: {duration(now - self.t0)}",
-                 (f"stages {len(self.done)}/{n_stages} done ({len(self.reused)} reused), "
-                  f"{len(self.running) if self.running_known else '?'} running, {len(self.failed)} failed"),
+                 (f"stages {len(self.done)}/{n_stages} done ({len(self.reused)} reused), {running} running, "
+                  + (f"{queued} queued, " if queued else "") + f"{len(self.failed)} failed"),
                  f"cells {self.cells_done}/{n_cells} done, {self.cells_failed} failed",
                  "ETA " + ("?" if eta is None else "~" + duration(eta))]
         line = " | ".join(parts)
-        queued = self.queued()
-        if queued:
-            line = line.replace(" running, ", f" running, {queued} queued, ", 1)
         if self.running:
             line += " | running: " + "; ".join(f"{self.describe(s)} on {w}" for s, w in sorted(self.running.items()))
         return line

@@ -77,7 +77,9 @@ def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
 
 def describe(export: dict, runtime: dict) -> str:
     """'gguf Q8_0', 'gguf Q4_0 (amx)': what a runtime was running, for messages."""
-    opts = [k if v else f"no {k}" for k, v in runtime.items() if v != {"amx": False, "repack": True}.get(k)]
+    from farm.spec import ExportSpec
+
+    opts = [k if v else f"no {k}" for k, v in runtime.items() if v != ExportSpec.model_fields[k].default]
     return f"{export['format']} {export['quant']}" + (f" ({', '.join(opts)})" if opts else "")
 
 

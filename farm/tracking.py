@@ -264,10 +264,12 @@ def latest_sweep_run(name: str, run_id: str | None = None):
 
 def sweep_runs(name: str | None) -> list[tuple]:
     """(experiment, latest sweep run) of one sweep, or of every sweep on the server."""
+    if name:
+        _, exp, run = latest_sweep_run(name)
+        return [(exp, run)]
     c = client()
-    exps = [latest_sweep_run(name)[1]] if name else c.search_experiments()
     out = []
-    for exp in exps:
+    for exp in c.search_experiments():
         runs = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'",
                              order_by=["attributes.start_time DESC"], max_results=1)
         if runs:
