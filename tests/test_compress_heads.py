@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from farm.compress import METHODS
+from farm.compress import run_method
 
 STEP = {"calib_samples": 4, "seq_len": 64}
 
@@ -49,7 +49,7 @@ def test_removing_heads_that_contribute_nothing_changes_nothing(tiny_model_dir, 
     model, silent = with_head_scales(tiny_model_dir, tmp_path, [1.0, 0.0, 0.0, 1.0], "silent")  # one per group
     out = tmp_path / "pruned"
     out.mkdir()
-    info = METHODS.get("prune_heads")(silent, {**STEP, "heads_per_group": 1, "importance": importance},
+    info = run_method("prune_heads", silent, {**STEP, "heads_per_group": 1, "importance": importance},
                                       calib_tokens(), out, 1)
     assert info["kept_heads"] == [[0, 3]] * 4 and (info["heads_after"], info["kv_heads_after"]) == (2, 2)
     cfg = json.loads((out / "config.json").read_text())
@@ -72,7 +72,7 @@ def test_importance_beats_random_heads_and_whole_groups_go(tiny_model_dir, tmp_p
     base, loud = with_head_scales(tiny_model_dir, tmp_path, [0.2, 8.0, 8.0, 0.2], "loud")
     out = tmp_path / "pruned"
     out.mkdir()
-    info = METHODS.get("prune_heads")(loud, {**STEP, "ratio": 0.5}, calib_tokens(), out, 1)
+    info = run_method("prune_heads", loud, {**STEP, "ratio": 0.5}, calib_tokens(), out, 1)
     assert info["kept_heads"] == [[1, 2]] * 4
     g = torch.Generator().manual_seed(0)
     rand = load_model(loud)
@@ -91,7 +91,7 @@ def test_importance_beats_random_heads_and_whole_groups_go(tiny_model_dir, tmp_p
 
     groups = tmp_path / "one-group"
     groups.mkdir()
-    info = METHODS.get("prune_heads")(loud, {**STEP, "kv_heads": 1}, calib_tokens(), groups, 1)
+    info = run_method("prune_heads", loud, {**STEP, "kv_heads": 1}, calib_tokens(), groups, 1)
     assert (info["heads_after"], info["kv_heads_after"]) == (2, 1)
     one = load_model(groups)
     assert one.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
@@ -101,9 +101,9 @@ def test_importance_beats_random_heads_and_whole_groups_go(tiny_model_dir, tmp_p
 
 def test_prune_heads_refuses_to_remove_nothing_or_everything(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="heads_per_group=2: removes no head"):
-        METHODS.get("prune_heads")(tiny_model_dir, {**STEP, "heads_per_group": 2}, calib_tokens(), tmp_path, 1)
+        run_method("prune_heads", tiny_model_dir, {**STEP, "heads_per_group": 2}, calib_tokens(), tmp_path, 1)
     with pytest.raises(ValueError, match="heads_per_group=0"):
-        METHODS.get("prune_heads")(tiny_model_dir, {**STEP, "heads_per_group": 0}, calib_tokens(), tmp_path, 1)
+        run_method("prune_heads", tiny_model_dir, {**STEP, "heads_per_group": 0}, calib_tokens(), tmp_path, 1)
 
 
 def test_spec_tracks_heads_through_the_pipeline():
@@ -142,7 +142,7 @@ def test_llama_cpp_converts_and_runs_a_head_pruned_model(tiny_model_dir, tmp_pat
 
     out = tmp_path / "pruned"
     out.mkdir()
-    METHODS.get("prune_heads")(tiny_model_dir, {**STEP, "heads_per_group": 1}, calib_tokens(), out, 1)
+    run_method("prune_heads", tiny_model_dir, {**STEP, "heads_per_group": 1}, calib_tokens(), out, 1)
     exports = tmp_path / "exports"
     exports.mkdir()
     path = EXPORTERS.get("gguf")(out, {"format": "gguf", "quant": "F32"}, exports, 1, None)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from farm.compress import METHODS
+from farm.compress import run_method
 from farm.evaluate import log_softmax, tokenize_data
 
 DATA = {"files": [], "calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64}
@@ -46,7 +46,7 @@ def test_distilled_student_beats_the_same_student_without_teacher(tiny_model_dir
         out.mkdir()
         step = {"method": "distill", "student_layers": 2, "lr": 2e-3, "hidden_weight": 0.0, "teacher": teacher,
                 **TRAIN}
-        info = METHODS.get("distill")(tiny_model_dir, step, calib, out, 1)
+        info = run_method("distill", tiny_model_dir, step, calib, out, 1)
         assert info["kept_layers"] == [0, 3] and info["steps"] == 30
         assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
         assert (out / "tokenizer.json").is_file()
@@ -59,10 +59,10 @@ def prune_then_heal(model_dir: Path, calib, tmp_path: Path, **lora):
     pruned, healed = tmp_path / "pruned", tmp_path / "healed"
     pruned.mkdir()
     healed.mkdir()
-    METHODS.get("prune_layers")(model_dir, {"drop": 1, "calib_samples": 2, "seq_len": 64}, calib, pruned, 1)
+    run_method("prune_layers", model_dir, {"drop": 1, "calib_samples": 2, "seq_len": 64}, calib, pruned, 1)
     step = {"method": "lora", "rank": 8, "alpha": 16.0, "dropout": 0.0, "lr": 5e-3, "teacher": True,
             "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **TRAIN, **lora}
-    return pruned, healed, METHODS.get("lora")(pruned, step, calib, healed, 1, teacher_dir=model_dir)
+    return pruned, healed, run_method("lora", pruned, step, calib, healed, 1, teacher_dir=model_dir)
 
 
 def test_lora_heals_a_pruned_model_and_merges(tiny_model_dir, tokens, tmp_path):
@@ -82,4 +82,4 @@ def test_student_must_be_smaller_than_its_teacher(tiny_model_dir, tokens, tmp_pa
     calib, _ = tokens
     step = {"method": "distill", "student_layers": 4, "lr": 1e-3, "teacher": True, **TRAIN}
     with pytest.raises(ValueError, match="student_layers=4: the teacher has 4 blocks"):
-        METHODS.get("distill")(tiny_model_dir, step, calib, tmp_path, 1)
+        run_method("distill", tiny_model_dir, step, calib, tmp_path, 1)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from farm.compress import METHODS
+from farm.compress import run_method
 from farm.evaluate import tokenize_data
 
 DATA = {"files": [], "calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64}
@@ -121,7 +121,7 @@ def test_attention_term_is_zero_for_the_teacher_itself_and_shrinks_with_training
         out.mkdir()
         step = {"method": "distill", "student_layers": 2, "lr": 2e-3, "teacher": True, "attention_weight": weight,
                 **TRAIN}
-        info = METHODS.get("distill")(sharp, step, calib, out, 1)
+        info = run_method("distill", sharp, step, calib, out, 1)
         assert json.loads((out / "config.json").read_text()).get("_attn_implementation") in (None, "sdpa")
         trained = load_model(out)
         trained.set_attn_implementation("eager")
@@ -135,5 +135,5 @@ def test_distill_with_teacher_continuations_trains_on_them(tiny_model_dir, token
     calib, _ = tokens
     step = {"method": "distill", "student_layers": 2, "lr": 2e-3, "teacher": True, "teacher_continuations": 8,
             **TRAIN, "steps": 4}
-    info = METHODS.get("distill")(tiny_model_dir, step, calib, tmp_path, 1)
+    info = run_method("distill", tiny_model_dir, step, calib, tmp_path, 1)
     assert info["teacher_continuations"] == 8 and info["continuation_tokens"] == 32 and info["steps"] == 4

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from farm import spec
-from farm.compress import METHODS
+from farm.compress import run_method
 from farm.errors import SpecError
 
 
@@ -72,7 +72,7 @@ def test_gptq_on_the_tiny_model(tiny_model_dir, tmp_path):
 
     step = {"grid": "q4_0", "group_size": 32, "act_order": False, "percdamp": 0.01, "block_size": 128,
             "calib_samples": 4, "seq_len": 64}
-    info = METHODS.get("gptq")(tiny_model_dir, step, calib_tokens(), tmp_path, 1)
+    info = run_method("gptq", tiny_model_dir, step, calib_tokens(), tmp_path, 1)
     assert info["layers_quantized"] == 4 * 7 and info["rel_error_gptq"] < info["rel_error_rtn"]
     assert (tmp_path / "tokenizer.json").is_file()
     base, model = load_model(tiny_model_dir), load_model(tmp_path)
@@ -111,13 +111,13 @@ def test_awq_on_the_tiny_model_keeps_the_function_until_rounded(tiny_model_dir, 
 
     step = {"grid": "q4_0", "group_size": 32, "n_grid": 5, "clip": False, "round": False, "calib_samples": 2,
             "seq_len": 64}
-    info = METHODS.get("awq")(tiny_model_dir, step, calib_tokens(), tmp_path / "scaled", 1)
+    info = run_method("awq", tiny_model_dir, step, calib_tokens(), tmp_path / "scaled", 1)
     assert info["vo_skipped"] == 4 and info["loss_ratio_to_rtn"] <= 1.0  # GQA: 2 KV heads, 4 query heads
     ids = torch.tensor([calib_tokens(32).tolist()])
     base, scaled = load_model(tiny_model_dir), load_model(tmp_path / "scaled")
     with torch.inference_mode():
         torch.testing.assert_close(scaled(ids).logits, base(ids).logits, rtol=1e-4, atol=1e-4)
-    info = METHODS.get("awq")(tiny_model_dir, {**step, "clip": True, "round": True}, calib_tokens(),
+    info = run_method("awq", tiny_model_dir, {**step, "clip": True, "round": True}, calib_tokens(),
                               tmp_path / "rounded", 1)
     w = load_model(tmp_path / "rounded").model.layers[0].mlp.gate_proj.weight.data
     assert info["rounded"] and torch.equal(rtn(w, "q4_0", 32), w)
@@ -138,7 +138,7 @@ def test_smoothquant_keeps_logits_and_flattens_activations(tiny_model_dir, tmp_p
     save_with_tokenizer(model, tiny_model_dir, src)
     out = tmp_path / "smooth"
     step = {"alpha": 0.5, "down_proj": True, "calib_samples": 2, "seq_len": 64}
-    info = METHODS.get("smoothquant")(src, step, calib_tokens(), out, 1)
+    info = run_method("smoothquant", src, step, calib_tokens(), out, 1)
     assert info["groups_smoothed"] == 4 * 3
     smooth = load_model(out)
     ids = torch.tensor([calib_tokens(48).tolist()])

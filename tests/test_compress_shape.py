@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from farm.compress import METHODS
+from farm.compress import run_method
 
 
 def calib_tokens(n: int = 1024) -> np.ndarray:
@@ -29,7 +29,7 @@ def test_gqa_mean_pooling_is_exact_when_grouped_heads_agree(tiny_model_dir, tmp_
         (same / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "mqa"
     out.mkdir()
-    info = METHODS.get("gqa")(same, {"kv_heads": 1}, calib_tokens(), out, 1)
+    info = run_method("gqa", same, {"kv_heads": 1}, calib_tokens(), out, 1)
     assert info["kv_heads_after"] == 1 and info["kv_cache_bytes_per_token_fp16_after"] * 2 == \
         info["kv_cache_bytes_per_token_fp16_before"]
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 1
@@ -41,7 +41,7 @@ def test_gqa_mean_pooling_is_exact_when_grouped_heads_agree(tiny_model_dir, tmp_
 
 def test_gqa_refuses_a_head_count_that_does_not_divide(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="kv_heads=3: the model has 2 KV heads"):
-        METHODS.get("gqa")(tiny_model_dir, {"kv_heads": 3}, calib_tokens(), tmp_path, 1)
+        run_method("gqa", tiny_model_dir, {"kv_heads": 3}, calib_tokens(), tmp_path, 1)
 
 
 @pytest.mark.parametrize("pattern,criterion", [("unstructured", "magnitude"), ("unstructured", "wanda"),
@@ -52,7 +52,7 @@ def test_sparsity_reaches_its_target_in_the_decoder_blocks(tiny_model_dir, tmp_p
     from farm.models import load_model
 
     step = {"sparsity": 0.5, "pattern": pattern, "criterion": criterion, "calib_samples": 2, "seq_len": 64}
-    info = METHODS.get("sparsify")(tiny_model_dir, step, calib_tokens(), tmp_path, 1)
+    info = run_method("sparsify", tiny_model_dir, step, calib_tokens(), tmp_path, 1)
     assert abs(info["sparsity_achieved"] - 0.5) < 0.01
     model = load_model(tmp_path)
     for layer in model.model.layers:
@@ -93,7 +93,7 @@ def test_mlp_pruning_by_importance_beats_dropping_channels_at_random(tiny_model_
 
     calib = calib_tokens(2048)
     step = {"ratio": 0.5, "multiple_of": 32, "calib_samples": 4, "seq_len": 128}
-    info = METHODS.get("prune_mlp")(tiny_model_dir, step, calib, tmp_path, 1)
+    info = run_method("prune_mlp", tiny_model_dir, step, calib, tmp_path, 1)
     assert (info["intermediate_before"], info["intermediate_after"]) == (128, 64)
     assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 64
     base, pruned, rand = load_model(tiny_model_dir), load_model(tmp_path), load_model(tiny_model_dir)

@@ -26,3 +26,9 @@ METHODS = Registry(
         "smoothquant": "farm.compress.smoothquant:apply",
     },
 )
+
+
+def run_method(method: str, model_dir, step: dict, calib, out, threads: int, teacher_dir=None) -> dict:
+    """Apply one step given as plain data (as a sweep file holds it) — what stages and tests call."""
+    extra = {"teacher_dir": teacher_dir} if teacher_dir is not None else {}
+    return METHODS.get(method)(model_dir, {"method": method, **step}, calib, out, threads, **extra)
