@@ -59,7 +59,7 @@ def main() -> None:
             out = Path(d) / "bench.json"
             key = (f.name, variant, amx, repack)
             try:
-                r = bench.run("gguf", f, a.reference, SETTINGS, a.threads, out, {"amx": amx, "repack": repack},
+                r = bench.run({"name": "llamacpp", "amx": amx, "repack": repack}, f, a.reference, SETTINGS, a.threads, out,
                               f"gguf {f.name}")
                 ran = r["runtime_settings"]
                 results.setdefault(key, []).append((r["decode_tok_s"], r["prefill_tok_s"], ran["cpu_variant"],

@@ -43,7 +43,9 @@ def decode_rate(generate, n: int, repeats: int) -> float:
 def farm_loop(fmt: str, path: Path, threads: int, ids: list[int]):
     from farm.runtimes import load
 
-    rt = load(fmt, path, threads=threads, n_ctx=1024)
+    from farm.export import FORMATS
+
+    rt = load(FORMATS.options(fmt).RUNTIME, path, threads=threads, n_ctx=1024)
 
     def gen(k: int) -> None:
         tok = int(np.argmax(rt.prefill(ids)))

@@ -68,14 +68,14 @@ def one_repeat(rt, prompt: list[int], decode: int) -> dict:
     return {"prefill_s": prefill, "decode_s": sum(steps), "step_s": steps, "foreign_cpus": foreign}
 
 
-def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: int, repeats: int,
-            threads: int, options: dict | None = None) -> dict:
+def measure(runtime: str | dict, artifact: Path, prompt: list[int], decode: int, warmup: int, repeats: int,
+            threads: int) -> dict:
     """A repeat during which other processes used more than CONTAMINATED_CPUS is set aside and run
     again (up to 3x `repeats` tries); if clean repeats still fall short, the result is flagged."""
     from farm.runtimes import load
 
     t0 = time.perf_counter()
-    rt = load(fmt, artifact, threads=threads, n_ctx=len(prompt) + decode + 8, options=options)
+    rt = load(runtime, artifact, threads=threads, n_ctx=len(prompt) + decode + 8)
     load_s = time.perf_counter() - t0
     for _ in range(warmup):
         one_repeat(rt, prompt, decode)
@@ -107,18 +107,18 @@ def measure(fmt: str, artifact: Path, prompt: list[int], decode: int, warmup: in
     }
 
 
-def run(fmt: str, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path,
-        options: dict | None = None, what: str = "") -> dict:
+def run(runtime: dict, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path,
+        what: str = "") -> dict:
     """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json). A crash
     of the runtime raises farm.isolate.RuntimeCrash naming the signal and the native frame."""
     from farm.isolate import run_child
+    from farm.runtimes import RUNTIMES
 
-    args = ["-m", "farm.bench", "--format", fmt, "--artifact", str(artifact),
+    args = ["-m", "farm.bench", "--runtime", json.dumps(runtime), "--artifact", str(artifact),
             "--reference", str(reference), "--threads", str(threads), "--prompt-tokens",
             str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
-            "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json),
-            "--options", json.dumps(options or {})]
-    run_child(args, fmt, f"benchmarking {what or fmt}")
+            "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json)]
+    run_child(args, RUNTIMES.options(runtime["name"]).TITLE, f"benchmarking {what or runtime['name']}")
     return json.loads(out_json.read_text())
 
 
@@ -140,7 +140,7 @@ def prompt_tokens(reference: Path, n: int) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description="One isolated benchmark (used by farm's bench stage).")
-    p.add_argument("--format", required=True)
+    p.add_argument("--runtime", required=True, help='a runtime name or JSON {"name": ..., <its options>}')
     p.add_argument("--artifact", type=Path, required=True)
     p.add_argument("--reference", type=Path, required=True)
     p.add_argument("--threads", type=int, required=True)
@@ -149,12 +149,11 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--options", default="{}", help="runtime options as JSON (gguf: amx, repack)")
     a = p.parse_args()
     cores = pin(a.threads)
     prompt = prompt_tokens(a.reference, a.prompt_tokens)
-    result = measure(a.format, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads,
-                     json.loads(a.options))
+    runtime = json.loads(a.runtime) if a.runtime.startswith("{") else a.runtime
+    result = measure(runtime, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads)
     result["cores"] = cores
     a.out.write_text(json.dumps(result))
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import ray
 
 from farm import grid as gridmod
+from farm import modelref
 from farm import spec as specmod
 from farm.errors import SpecError, StageError
 from farm.stages import run_stage
@@ -73,13 +74,13 @@ def check_targets(sweep) -> dict[str, int]:
 
 
 def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, trust_code: bool = False,
-                 stage_memory: int | None = None) -> dict:
+                 stage_memory: int | None = None, stage_cpus: int = 1) -> dict:
     """Benchmarks: every CPU of a node that matches the target's labels, plus its bench slot. Other
-    stages: one CPU anywhere, and the sweep's stage_memory_gb, else memory for ~3 copies of the float
-    model (load, transform, save)."""
+    stages: the sweep's stage_cpus anywhere (Ray sets OMP_NUM_THREADS to it, and the stage runs that many
+    threads), and its stage_memory_gb, else memory for ~3 copies of the float model (load, transform, save)."""
     name = f"{stage.kind}:{stage.id}"
     if trust_code:  # the sweep opted in to the model's own code: only its tasks get the permission
-        return {**task_options(stage, bench_cpus, model_bytes, stage_memory=stage_memory),
+        return {**task_options(stage, bench_cpus, model_bytes, stage_memory=stage_memory, stage_cpus=stage_cpus),
                 "runtime_env": {"env_vars": {"FARM_TRUST_REMOTE_CODE": "1"}}}
     if stage.kind == "bench":
         target = stage.params["target"]
@@ -87,7 +88,7 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
         if target["labels"]:
             opts["label_selector"] = dict(target["labels"])
         return opts
-    opts = {"num_cpus": 1, "name": name}
+    opts = {"num_cpus": stage_cpus, "name": name}
     if stage_memory:
         opts["memory"] = stage_memory
     elif model_bytes:
@@ -97,11 +98,12 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
 
 def submit(grid, sweep) -> dict:
     bench_cpus = check_targets(sweep)
-    model_bytes = specmod.base_bytes(sweep.base.model)
+    model_bytes = modelref.base_bytes(sweep.base.model)
     stage_memory = int(sweep.stage_memory_gb * 2**30) if sweep.stage_memory_gb else None
     refs: dict = {}
     for sid, stage in grid.stages.items():  # insertion order is topological
-        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory)
+        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory,
+                            sweep.stage_cpus)
         limit = stage_memory if stage.kind != "bench" else None  # a benchmark owns its whole node
         refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps], memory_limit=limit)
     return refs

@@ -63,33 +63,35 @@ def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray, base_top1: np.ndar
     return {"perplexity": float(np.exp(nll / n)), "kl_div": float(kl / n), "top1_agree": agree / n}
 
 
-def evaluate(fmt: str, artifact: Path, reference: Path, threads: int, options: dict | None = None) -> dict:
+def evaluate(runtime: str | dict, artifact: Path, reference: Path, threads: int) -> dict:
+    """Quality of an artifact through a runtime (a name, or {'name': ..., <its options>})."""
     from farm.runtimes import load
 
     evals = np.load(reference / "eval_tokens.npy")
     base = np.load(reference / "base_logprobs.npy")
     top1 = np.load(reference / "base_top1.npy")
-    rt = load(fmt, artifact, threads=threads, n_ctx=evals.shape[1], options=options)
+    rt = load(runtime, artifact, threads=threads, n_ctx=evals.shape[1])
     return quality(rt, evals, base, top1)
 
 
-def evaluate_isolated(fmt: str, artifact: Path, reference: Path, threads: int, out_json: Path,
-                      options: dict | None = None, what: str = "") -> dict:
+def evaluate_isolated(runtime: dict, artifact: Path, reference: Path, threads: int, out_json: Path,
+                      what: str = "") -> dict:
     """`evaluate` in a child process (metrics written to out_json): a runtime that crashes is reported as
     a crash, with its signal and native frame (farm.isolate), not as a lost Ray worker."""
     import json
 
     from farm.isolate import run_child
+    from farm.runtimes import RUNTIMES
 
-    run_child(["-m", "farm.evaluate", fmt, str(artifact), str(reference), str(threads), json.dumps(options or {}),
-               str(out_json)], fmt, f"evaluating {what or fmt}")
+    run_child(["-m", "farm.evaluate", json.dumps(runtime), str(artifact), str(reference), str(threads),
+               str(out_json)], RUNTIMES.options(runtime["name"]).TITLE, f"evaluating {what or runtime['name']}")
     return json.loads(out_json.read_text())
 
 
-if __name__ == "__main__":  # python -m farm.evaluate FORMAT ARTIFACT REFERENCE THREADS OPTIONS_JSON OUT_JSON
+if __name__ == "__main__":  # python -m farm.evaluate RUNTIME_JSON ARTIFACT REFERENCE THREADS OUT_JSON
     import json
     import sys
 
-    fmt_, artifact_, reference_, threads_, options_, out_ = sys.argv[1:7]
-    metrics_ = evaluate(fmt_, Path(artifact_), Path(reference_), int(threads_), json.loads(options_))
+    runtime_, artifact_, reference_, threads_, out_ = sys.argv[1:6]
+    metrics_ = evaluate(json.loads(runtime_), Path(artifact_), Path(reference_), int(threads_))
     Path(out_).write_text(json.dumps(metrics_))

@@ -7,66 +7,47 @@ several exports, the F16 GGUF that every GGUF quant level starts from) appears o
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import json
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from farm.spec import DATA_AWARE, Sweep, grid_fields, uses_teacher
+from farm import codeid
+from farm.compress import METHODS
+from farm.export import FORMATS
+from farm.runtimes import RUNTIMES
+from farm.spec import Sweep, grid_fields, uses_teacher
 
-# Levels each exporter writes straight from a Hugging Face directory; every other level of the format is
-# made from that format's BASE_LEVEL export, which is shared (llama.cpp quantizes from F16; ONNX Runtime's
-# and NNCF's quantizers work on the fp32 ONNX graph / OpenVINO IR).
-DIRECT = {"gguf": ("F32", "F16", "BF16"), "onnx": ("fp32",), "onnx_genai": ("fp32", "int4"), "openvino": ("fp32",),
-          "torch": ("fp32", "nf4", "llm_int8")}
-BASE_LEVEL = {"gguf": "F16", "onnx": "fp32", "openvino": "fp32"}
-
-# The source files whose code decides each stage's output ({method}, {format}: the stage's own), and
-# the libraries whose version does. A change to either gives the stage, and so what depends on it, a
-# new id: it runs again, while every other stage stays reused.
-PACKAGE = Path(__file__).parent
-RUNTIME_MODULE = {"gguf": "runtimes/llamacpp_rt.py", "onnx": "runtimes/onnx_rt.py", "onnx_genai": "runtimes/onnx_rt.py", "openvino": "runtimes/openvino_rt.py",
-                  "torch": "runtimes/torch_rt.py"}
-CODE = {
-    "base": ["models.py"],
-    "reference": ["evaluate.py", "data.py", "models.py", "runtimes/torch_rt.py"],
-    "compress": ["compress/{method}.py", "compress/kd.py", "compress/prune_layers.py", "models.py"],
-    "export": ["export/{format}_export.py"],
-    "evaluate": ["evaluate.py", "{runtime}"],
-    "bench": ["bench.py", "{runtime}"],
-}
-SHARED_CODE = {"awq": ["compress/gptq.py"], "smoothquant": ["compress/awq.py"]}  # compress methods built on another method's module
-RUNTIME_SHARED = {"gguf": ["runtimes/ggml_cpu.py"]}  # what a runtime imports that decides what it runs
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "llama-cpp-python", "optimum", "optimum-onnx",
-             "onnxruntime", "onnxruntime-genai", "optimum-intel", "openvino", "nncf", "numpy")
+# The farm module whose code does each kind of stage's work; its import closure (farm.codeid), the versions
+# of the libraries that closure imports and, where it reads the embedded corpus, the Python version make the
+# stage's code id. Change any of it and the stage, and what depends on it, gets a new id and runs again;
+# every other stage stays reused.
+WORKER = {"base": "models.py", "reference": "evaluate.py", "evaluate": "evaluate.py", "bench": "bench.py"}
 
 
-@functools.cache
-def _file_hash(rel: str) -> str:
-    path = PACKAGE / rel
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "absent"
+def _file(module: str) -> str:
+    rel = codeid.module_file(module)
+    if rel is None:  # a plug-in registered from outside farm/ (a test's dummy): hash its own source
+        import importlib.util
+
+        return str(Path(importlib.util.find_spec(module).origin))
+    return rel
 
 
-@functools.cache
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str]:
-    out = {}
-    for lib in names:
-        try:
-            out[lib] = version(lib)
-        except PackageNotFoundError:
-            out[lib] = "absent"
-    return out
+def code_version(kind: str, method: str = "", fmt: str = "", runtime: str = "") -> dict:
+    if kind == "compress":
+        entries = [_file(METHODS.module_name(method))]
+    elif kind == "export":
+        entries = [_file(FORMATS.module_name(fmt))]
+    else:
+        entries = [WORKER[kind]] + ([_file(RUNTIMES.module_name(runtime))] if runtime else [])
+    return codeid.code_version(entries)
 
 
-def code_version(kind: str, method: str = "", fmt: str = "") -> dict:
-    files = [f.format(method=method, format=fmt, runtime=RUNTIME_MODULE.get(fmt, "")) for f in CODE[kind]]
-    files += SHARED_CODE.get(method, []) if kind == "compress" else []
-    files += RUNTIME_SHARED.get(fmt, []) if kind in ("evaluate", "bench") else []
-    return {"files": {f: _file_hash(f) for f in files}, "libraries": library_versions()}
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    return {n: codeid.distribution_version(n) for n in names}
 
 
 def content_id(obj: Any) -> str:
@@ -104,8 +85,8 @@ class Grid:
     stages: dict[str, Stage] = field(default_factory=dict)  # insertion order is a topological order
     cells: list[Cell] = field(default_factory=list)
 
-    def add(self, kind: str, params: dict, deps: tuple[str, ...] = (), method: str = "", fmt: str = "") -> str:
-        sid = content_id({"kind": kind, "params": params, "deps": deps, "code": code_version(kind, method, fmt)})
+    def add(self, kind: str, params: dict, deps: tuple[str, ...] = (), **code) -> str:
+        sid = content_id({"kind": kind, "params": params, "deps": deps, "code": code_version(kind, **code)})
         if sid not in self.stages:
             self.stages[sid] = Stage(sid, kind, params, deps)
         return sid
@@ -152,42 +133,41 @@ def build(sweep: Sweep) -> Grid:
     base = g.add("base", base_params)
     reference = g.add("reference", {"data": data}, (base,))
 
-    exports = [v for e in sweep.exports for v in e.variants()]
+    exports = [(e, v) for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
-    baseline_export = {"format": "torch", "quant": "fp32"}
-    plan = [(p, x, p == [] and x == baseline_export) for p in pipelines for x in exports]
-    if not any(baseline for _, _, baseline in plan):
-        plan.insert(0, ([], baseline_export, True))
+    baseline = FORMATS.options("torch")(format="torch", quant="fp32")
+    plan = [(p, e, v, p == [] and v.params == baseline.variants()[0].params) for p in pipelines for e, v in exports]
+    if not any(is_baseline for *_, is_baseline in plan):
+        plan.insert(0, ([], baseline, baseline.variants()[0], True))
 
     bench = sweep.bench.model_dump()
-    for steps, exp, baseline in plan:
-        fmt = exp["format"]
-        runtime = exp.get("runtime", {})  # runtime options: the same exported file, measured another way
-        exp_params = {k: v for k, v in exp.items() if k != "runtime"}
+    for steps, entry, variant, is_baseline in plan:
+        fmt = variant.params["format"]
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
             model = g.add("compress", {"step": step}, (model, reference, *teacher), method=step["method"])
-        if exp["quant"] in DIRECT[fmt]:
-            export = g.add("export", exp_params, (model,), fmt=fmt)
-        else:
-            src = g.add("export", {"format": fmt, "quant": BASE_LEVEL[fmt]}, (model,), fmt=fmt)
-            calib = (reference,) if exp.get("algorithm") in DATA_AWARE else ()
-            export = g.add("export", exp_params, (src, *calib), fmt=fmt)
-        rt = {"runtime": runtime} if runtime else {}
-        evaluate = g.add("evaluate", {"data": data, **rt}, (export, reference), fmt=fmt)
-        for target in sweep.targets:
-            b = g.add("bench", {"bench": bench, "target": target.model_dump(), **rt}, (export, reference), fmt=fmt)
-            spec = {
-                "sweep": sweep.name,
-                "base": base_params,
-                "compress": steps,
-                "export": exp,
-                "target": target.model_dump(),
-                "bench": bench,
-                "data": data,
-            }
-            g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, baseline))
+        src = model
+        if variant.source is not None:  # made from the format's shared base-level export
+            src = g.add("export", variant.source, (model,), fmt=fmt)
+        calib = (reference,) if variant.calibrated else ()
+        export = g.add("export", variant.params, (src, *calib), fmt=fmt)
+        for runtime in entry.runtimes():  # the same exported file, measured by each runtime setting
+            evaluate = g.add("evaluate", {"data": data, "runtime": runtime}, (export, reference),
+                             runtime=runtime["name"])
+            for target in sweep.targets:
+                b = g.add("bench", {"bench": bench, "target": target.model_dump(), "runtime": runtime},
+                          (export, reference), runtime=runtime["name"])
+                spec = {
+                    "sweep": sweep.name,
+                    "base": base_params,
+                    "compress": steps,
+                    "export": {**variant.params, "runtime": runtime},
+                    "target": target.model_dump(),
+                    "bench": bench,
+                    "data": data,
+                }
+                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline))
     return g
 
 

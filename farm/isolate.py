@@ -22,8 +22,6 @@ import sys
 
 from farm.errors import StageError
 
-RUNTIME_NAMES = {"gguf": "llama.cpp", "onnx": "ONNX Runtime", "onnx_genai": "ONNX Runtime",
-                 "openvino": "OpenVINO", "torch": "PyTorch"}
 # frames of the signal machinery itself, not where the fault is
 SIGNAL_FRAMES = re.compile(r"^(raise|abort|gsignal|__pthread_kill\w*|pthread_kill|__GI_\w+|__restore_rt|"
                            r"ggml_print_backtrace\w*|ggml_abort|_PyErr\w*|faulthandler\w*)$")
@@ -51,13 +49,12 @@ class ChildFailed(ChildError):
     """The runtime's process exited with an error (a Python exception in the child)."""
 
 
-def run_child(argv: list[str], fmt: str, what: str) -> str:
+def run_child(argv: list[str], runtime: str, what: str) -> str:
     """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"."""
     cmd = [sys.executable, "-X", "faulthandler", *argv]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode == 0:
         return res.stdout
-    runtime = RUNTIME_NAMES.get(fmt, fmt)
     if res.returncode < 0:
         sig = signal_name(-res.returncode)
         frames = native_frames(cmd) if gdb_wanted() else []

@@ -10,11 +10,12 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from farm import storage
 from farm.errors import ModelError
-from farm.spec import EMBEDDED_MODELS, model_dir_problems, model_kind
+from farm.modelref import EMBEDDED_MODELS, model_dir_problems, model_kind
 
 # Special tokens of SmolLM2-Instruct (the GGUF's metadata maps eos to <|im_start|>, which is wrong).
 SMOLLM2_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
@@ -136,3 +137,11 @@ def load_model(model_dir: Path):
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code(), **extra)
     return model.eval()
+
+
+def save_with_tokenizer(model, model_dir: Path, out: Path) -> None:
+    """Save safetensors weights and config; the tokenizer and chat template travel with the model."""
+    model.save_pretrained(out, safe_serialization=True)
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy2(f, out / f.name)

@@ -7,6 +7,7 @@ text with the runtime that was measured (llama.cpp, ONNX Runtime, OpenVINO, or P
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -15,22 +16,16 @@ from mlflow.models import infer_signature
 
 from farm import storage, tracking
 from farm.errors import FarmError
+from farm.export import FORMATS
 
 
-def _pins(*names: str) -> list[str]:
-    from farm.grid import library_versions
+def requirements(runtime: str) -> list[str]:
+    """What a promoted model needs to run, beyond farm's own code (the pyfunc's pip requirements): the
+    runtime's REQUIREMENTS at the versions installed here."""
+    from farm.codeid import distribution_version
+    from farm.runtimes import RUNTIMES
 
-    return [f"{n}=={v}" for n, v in library_versions(names).items()]
-
-
-# what a promoted model needs to run, beyond farm's own code (logged as the pyfunc's pip requirements)
-RUNTIME_REQUIREMENTS = {
-    "gguf": _pins("llama-cpp-python", "numpy"),
-    "onnx": _pins("onnxruntime", "transformers", "numpy"),
-    "onnx_genai": _pins("onnxruntime", "transformers", "numpy"),
-    "openvino": _pins("openvino", "transformers", "numpy"),
-    "torch": _pins("torch", "transformers"),
-}
+    return [f"{n}=={distribution_version(n)}" for n in RUNTIMES.options(runtime).REQUIREMENTS]
 
 
 class FarmLLM(mlflow.pyfunc.PythonModel):
@@ -42,7 +37,7 @@ class FarmLLM(mlflow.pyfunc.PythonModel):
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         from farm.runtimes import load
 
-        self.runtime = load(meta["format"], context.artifacts["model"], threads=meta.get("threads", 2),
+        self.runtime = load(meta["runtime"], context.artifacts["model"], threads=meta.get("threads", 2),
                             n_ctx=meta.get("n_ctx", 2048))
 
     def predict(self, context, model_input, params=None):
@@ -77,7 +72,9 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     want = run.data.tags.get("farm.artifact_sha256")
     if want and storage.sha256(artifact) != want:
         raise FarmError(f"checksum mismatch for {artifact}: it changed since it was measured; not promoting")
-    fmt = run.data.tags["farm.artifact_format"]
+    # the runtime and options it was measured with (runs logged before farm.artifact_runtime: the format's own)
+    runtime = json.loads(run.data.tags.get("farm.artifact_runtime") or "null") or \
+        FORMATS.options(run.data.tags["farm.artifact_format"]).RUNTIME
     model_name = model_name or policy.get("model_name") or name
     alias = alias or policy.get("alias") or "champion"
     out = {"run_id": run_id, "model_name": model_name, "alias": alias, "uri": f"models:/{model_name}@{alias}",
@@ -89,8 +86,8 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
         # a resubmitted sweep picked the very same artifact: the alias already points at it
         return {**out, "version": current.version, "unchanged": True}
     meta = storage.home() / "promote" / f"{run_id}.json"
-    storage.atomic_write_text(meta, f'{{"format": "{fmt}", "threads": 2, "n_ctx": 2048}}')
-    reqs = RUNTIME_REQUIREMENTS[fmt]
+    storage.atomic_write_text(meta, json.dumps({"runtime": runtime, "threads": 2, "n_ctx": 2048}))
+    reqs = requirements(runtime if isinstance(runtime, str) else runtime["name"])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=FarmLLM(), artifacts={"model": str(artifact), "meta": str(meta)},

@@ -1,10 +1,16 @@
-"""A small generic registry: name -> "module:Attr", imported lazily, with "did you mean" suggestions."""
+"""A small generic registry: a plug-in's name -> the module that implements it, imported when first used.
+
+Each entry is one line in its package's __init__.py. On first use the module is checked: it must define
+what its kind requires (e.g. `Options`, a subclass of the kind's options base, and `apply`), and its
+Options must name it (`method: Literal["gptq"]`). Unknown names get "did you mean"; a name registered
+twice is refused.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any
+from types import ModuleType
 
 from farm.errors import FarmError
 
@@ -15,23 +21,59 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str]):
-        self.kind = kind
-        self._entries = dict(entries)
-        self._loaded: dict[str, Any] = {}
+    def __init__(self, kind: str, entries: dict[str, str], base: str, key: str, needs: tuple[str, ...]):
+        """kind: for messages; base: 'module:Class' every Options must subclass; key: the Options field that
+        holds the plug-in's name; needs: the functions the module must define."""
+        self.kind, self._base, self.key, self.needs = kind, base, key, needs
+        self._entries: dict[str, str] = {}
+        self._loaded: dict[str, ModuleType] = {}
+        self.version = 0  # bumped by add(): the spec rebuilds its unions
+        for name, module in entries.items():
+            self.add(name, module)
+
+    def add(self, name: str, module: str) -> None:
+        if name in self._entries:
+            raise FarmError(f"{self.kind} '{name}' is registered twice ({self._entries[name]} and {module})")
+        self._entries[name] = module
+        self.version += 1
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def module_name(self, name: str) -> str:
+        self._known(name)
+        return self._entries[name]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
-    def get(self, name: str) -> Any:
+    def _known(self, name: str) -> None:
         if name not in self._entries:
             raise FarmError(
-                f"unknown {self.kind} '{name}'{suggest(name, self.names())} (allowed: {', '.join(self.names())})"
-            )
+                f"unknown {self.kind} '{name}'{suggest(name, self.names())} (allowed: {', '.join(self.names())})")
+
+    def get(self, name: str) -> ModuleType:
+        self._known(name)
         if name not in self._loaded:
-            module, _, attr = self._entries[name].partition(":")
-            self._loaded[name] = getattr(importlib.import_module(module), attr)
+            module = importlib.import_module(self._entries[name])
+            base_mod, _, base_cls = self._base.partition(":")
+            base = getattr(importlib.import_module(base_mod), base_cls)
+            opts = getattr(module, "Options", None)
+            missing = [f for f in self.needs if not callable(getattr(module, f, None))]
+            if not (isinstance(opts, type) and issubclass(opts, base)):
+                missing.insert(0, f"Options (a subclass of {base.__name__})")
+            if missing:
+                raise FarmError(f"{self.kind} '{name}': module {module.__name__} lacks {', '.join(missing)}")
+            field = opts.model_fields.get(self.key)
+            args = getattr(field.annotation, "__args__", ()) if field else ()
+            if args != (name,):
+                raise FarmError(f"{self.kind} '{name}': {module.__name__}.Options.{self.key} must be "
+                                f"Literal['{name}'], is {field.annotation if field else 'missing'}")
+            self._loaded[name] = module
         return self._loaded[name]
+
+    def options(self, name: str) -> type:
+        return self.get(name).Options
+
+    def all_options(self) -> tuple[type, ...]:
+        return tuple(self.options(n) for n in self.names())

@@ -50,14 +50,14 @@ def run_reference(stage: Stage, deps: list[dict], out: Path) -> dict:
 
 
 def run_compress(stage: Stage, deps: list[dict], out: Path) -> dict:
-    from farm.compress import METHODS
+    from farm.compress import run_method
 
     model, reference, *teacher = deps  # methods that learn from the base model get it third
     step = stage.params["step"]
     calib = np.load(Path(reference["reference_dir"]) / "calib_tokens.npy")
     (out / "model").mkdir()
-    extra = {"teacher_dir": _model_dir(teacher[0])} if teacher else {}
-    info = METHODS.get(step["method"])(_model_dir(model), step, calib, out / "model", threads_here(), **extra)
+    teacher_dir = _model_dir(teacher[0]) if teacher else None
+    info = run_method(step["method"], _model_dir(model), step, calib, out / "model", threads_here(), teacher_dir)
     return {"model_dir": "model", "info": info}
 
 
@@ -67,29 +67,28 @@ def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
     if fmt == "torch" and params["quant"] == "fp32":  # the Hugging Face directory itself is the artifact
         artifact = _model_dir(src)
         return {**params, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
-    from farm.export import EXPORTERS
+    from farm.export import FORMATS
 
     source = Path(src["artifact"]) if "artifact" in src else _model_dir(src)
     calib = np.load(Path(deps[1]["reference_dir"]) / "calib_tokens.npy") if len(deps) > 1 else None
-    path = EXPORTERS.get(fmt)(source, params, out, threads_here(), calib)
+    path = FORMATS.get(fmt).export(source, params, out, threads_here(), calib)
     return {**params, "artifact": path.name, "size_mb": storage.size_mb(path), "sha256": storage.sha256(path)}
 
 
 def describe(export: dict, runtime: dict) -> str:
-    """'gguf Q8_0', 'gguf Q4_0 (amx)': what a runtime was running, for messages."""
-    from farm.spec import ExportSpec
+    """'gguf Q8_0 on llamacpp (amx)': what a runtime was running, for messages."""
+    from farm.runtimes import RUNTIMES
 
-    opts = [k if v else f"no {k}" for k, v in runtime.items() if v != ExportSpec.model_fields[k].default]
-    return f"{export['format']} {export['quant']}" + (f" ({', '.join(opts)})" if opts else "")
+    return f"{export['format']} {export['quant']} on " + RUNTIMES.options(runtime["name"])(**runtime).describe()
 
 
 def run_evaluate(stage: Stage, deps: list[dict], out: Path) -> dict:
     from farm.evaluate import evaluate_isolated
 
     export, reference = deps
-    runtime = stage.params.get("runtime", {})
-    metrics = evaluate_isolated(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]),
-                                threads_here(), out / "quality.json", runtime, describe(export, runtime))
+    runtime = stage.params["runtime"]
+    metrics = evaluate_isolated(runtime, Path(export["artifact"]), Path(reference["reference_dir"]),
+                                threads_here(), out / "quality.json", describe(export, runtime))
     return {"metrics": metrics}
 
 
@@ -99,9 +98,9 @@ def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
     export, reference = deps
     spec = stage.params["bench"]
     threads = spec["threads"] or threads_here()
-    runtime = stage.params.get("runtime", {})
-    raw = bench.run(export["format"], Path(export["artifact"]), Path(reference["reference_dir"]), spec,
-                    threads, out / "bench.json", runtime, describe(export, runtime))
+    runtime = stage.params["runtime"]
+    raw = bench.run(runtime, Path(export["artifact"]), Path(reference["reference_dir"]), spec,
+                    threads, out / "bench.json", describe(export, runtime))
     metrics = {k: raw[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms",
                                    "token_latency_p90_ms", "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv",
                                    "foreign_cpus", "repeats_set_aside")}

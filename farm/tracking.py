@@ -133,7 +133,8 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
         metrics.update({k: float(v) for k, v in ((result or {}).get("metrics") or {}).items()})
     if export:
         tags.update({"farm.artifact_uri": storage.uri_of(export["artifact"]),
-                     "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", "")})
+                     "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", ""),
+                     "farm.artifact_runtime": json.dumps(cell.spec["export"]["runtime"], sort_keys=True)})
     for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
         if result:  # reused from an earlier submission (same content id) rather than run again
             tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
@@ -240,10 +241,17 @@ def cell_label(cell) -> str:
         export += f"-g{p['export.group_size']}"
     if p.get("export.ratio", "1.0") != "1.0":
         export += f"-r{p['export.ratio']}"
-    if p.get("export.runtime.amx") == "True":
-        export += "-amx"
-    if p.get("export.runtime.repack") == "False":
-        export += "-norepack"
+    if p.get("export.builder"):
+        export += f"-{p['export.builder']}"
+    runtime = cell.spec["export"].get("runtime")
+    if runtime:  # the runtime, when not the format's own, and its options that differ from their defaults
+        from farm.export import FORMATS
+        from farm.runtimes import RUNTIMES
+
+        if runtime["name"] != FORMATS.options(cell.spec["export"]["format"]).RUNTIME:
+            export += f"-{runtime['name']}"
+        tags = RUNTIMES.options(runtime["name"]).label_of(runtime)
+        export += f"-{tags}" if tags else ""
     return f"{steps}/{export}@{p['target.name']}"
 
 

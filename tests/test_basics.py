@@ -39,8 +39,9 @@ def test_publishing_is_all_or_nothing(tmp_path):
 
 
 def test_registry_did_you_mean():
-    r = Registry("thing", {"prune_layers": "farm.compress.prune_layers:apply"})
-    assert callable(r.get("prune_layers"))
+    r = Registry("thing", {"prune_layers": "farm.compress.prune_layers"}, base="farm.plugin:StepOptions",
+                 key="method", needs=("apply",))
+    assert callable(r.get("prune_layers").apply)
     with pytest.raises(FarmError, match="did you mean 'prune_layers'"):
         r.get("prune_layer")
 

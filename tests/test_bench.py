@@ -34,12 +34,12 @@ def machine(monkeypatch):
 
 def test_contaminated_repeats_are_set_aside_and_rerun(machine):
     machine["load"] = [0.0, 100.0, 0.0, 100.0, 0.0]  # warm-up, then dirty, clean, dirty, clean
-    r = bench.measure("gguf", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
+    r = bench.measure("llamacpp", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
     assert not r["contaminated"] and r["repeats_set_aside"] == 2 and len(r["raw"]["used"]) == 2
     assert r["foreign_cpus"] == 0.0
 
 
 def test_persistent_load_is_flagged(machine):
     machine["load"] = [0.0] + [100.0] * 20
-    r = bench.measure("gguf", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
+    r = bench.measure("llamacpp", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
     assert r["contaminated"] and len(r["raw"]["used"]) == 2 and r["foreign_cpus"] > bench.CONTAMINATED_CPUS

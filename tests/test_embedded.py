@@ -43,5 +43,5 @@ def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
     assert q["kl_div"] < 1e-3 and q["top1_agree"] > 0.98
     from farm.runtimes import load
 
-    text = load("gguf", f16, threads=2, n_ctx=256).generate("The capital of France is", max_tokens=8)
+    text = load("llamacpp", f16, threads=2, n_ctx=256).generate("The capital of France is", max_tokens=8)
     assert "Paris" in text

@@ -9,6 +9,7 @@ import pytest
 
 from farm import grid, spec, stages, storage
 from farm.errors import ToolError
+from farm.export import FORMATS
 
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
 CALIB = {"calib_samples": 2, "calib_seq_len": 64, "group_size": 32}
@@ -19,13 +20,14 @@ def formats(tiny_model_dir, storage_root):
     sweep = spec.parse({
         "name": "tiny-formats", "base": {"model": str(tiny_model_dir)}, "data": DATA,
         "exports": [{"format": "onnx", "quant": ["fp32", "int8", "int4"], "algorithm": ["rtn", "gptq"], **CALIB},
-                    {"format": "onnx_genai", "quant": ["fp32", "int4"], "group_size": 32},
+                    {"format": "onnx", "builder": "genai", "quant": ["fp32", "int4"], "group_size": 32},
                     {"format": "openvino", "quant": ["fp32", "fp16", "int8", "int4_asym"],
                      "algorithm": ["rtn", "awq_se"], **CALIB}],
         "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 0, "repeats": 1, "threads": 1},
     })
     g = grid.build(sweep)
-    cells = {"-".join(str(v) for k, v in c.spec["export"].items() if k in ("format", "quant", "algorithm")): c
+    cells = {"-".join(str(v) for k, v in c.spec["export"].items() if k in ("format", "quant", "algorithm"))
+             .replace("onnx-", "onnx_genai-" if c.spec["export"].get("builder") == "genai" else "onnx-"): c
              for c in g.cells}
     benched = {cells[n].bench for n in ("onnx-fp32", "onnx-int4-rtn", "onnx_genai-int4", "openvino-fp32",
                                         "openvino-int4_asym-rtn")}
@@ -41,10 +43,12 @@ def test_grid_shares_the_fp32_export_and_feeds_calibration_to_data_aware_levels(
     exports = [s for s in g.stages.values() if s.kind == "export"]
     for fmt in ("onnx", "openvino"):
         [fp32] = [s for s in exports if s.params == {"format": fmt, "quant": "fp32"}]
-        derived = [s for s in exports if s.params["format"] == fmt and s.params["quant"] != "fp32"]
+        derived = [s for s in exports if s.params["format"] == fmt and s.params["quant"] != "fp32"
+                   and "builder" not in s.params]  # the genai builder makes every level itself
         assert derived and all(s.deps[0] == fp32.id for s in derived)
         for s in derived:  # only data-aware algorithms read the reference's calibration tokens
-            assert (len(s.deps) == 2) == (s.params.get("algorithm") in spec.DATA_AWARE)
+            aware = FORMATS.options(fmt).DATA_AWARE
+            assert (len(s.deps) == 2) == (s.params.get("algorithm") in aware)
     assert {"onnx-int4-gptq", "openvino-int4_asym-awq_se", "openvino-fp16", "torch-fp32"} <= set(cells)
 
 
@@ -96,7 +100,8 @@ def test_generate_through_each_runtime_matches_torch(formats, tiny_model_dir):
     _, results, cells = formats
     want = load("torch", tiny_model_dir, threads=1, n_ctx=64).generate("Hello there", max_tokens=6)
     for name in ("onnx-fp32", "onnx_genai-fp32", "openvino-fp32"):
-        rt = load(name.split("-")[0], results[cells[name].export]["artifact"], threads=1, n_ctx=64)
+        runtime = cells[name].spec["export"]["runtime"]
+        rt = load(runtime, results[cells[name].export]["artifact"], threads=1, n_ctx=64)
         assert rt.generate("Hello there", max_tokens=6) == want, name
 
 

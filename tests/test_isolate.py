@@ -14,7 +14,7 @@ SEGFAULT = ["-c", "import ctypes; ctypes.string_at(0)"]  # strlen(NULL) inside l
 def test_a_segfault_names_signal_runtime_and_what_it_was_doing(monkeypatch):
     monkeypatch.setenv("FARM_CRASH_GDB", "0")
     with pytest.raises(RuntimeCrash) as e:
-        run_child(SEGFAULT, "gguf", "evaluating gguf Q8_0")
+        run_child(SEGFAULT, "llama.cpp", "evaluating gguf Q8_0")
     msg = str(e.value)
     assert msg.startswith("llama.cpp crashed (SIGSEGV") and "while evaluating gguf Q8_0; see error.txt" in msg
     assert "Fatal Python error: Segmentation fault" in e.value.report  # faulthandler's Python frames
@@ -27,19 +27,19 @@ def test_a_segfault_names_signal_runtime_and_what_it_was_doing(monkeypatch):
 def test_the_native_frame_comes_from_gdb(monkeypatch):
     monkeypatch.setenv("FARM_CRASH_GDB", "1")
     with pytest.raises(RuntimeCrash) as e:
-        run_child(SEGFAULT, "openvino", "benchmarking openvino int8")
+        run_child(SEGFAULT, "OpenVINO", "benchmarking openvino int8")
     assert "OpenVINO crashed (SIGSEGV in " in str(e.value) and "strlen" in str(e.value), str(e.value)
     assert "--- native stack (gdb, crashing thread) ---\n#0" in e.value.report
 
 
 def test_a_python_error_in_the_child_is_its_last_line():
     with pytest.raises(ChildFailed) as e:
-        run_child(["-c", "raise ValueError('amx: true but no AMX here')"], "gguf", "evaluating gguf Q4_0")
+        run_child(["-c", "raise ValueError('amx: true but no AMX here')"], "llama.cpp", "evaluating gguf Q4_0")
     assert "evaluating gguf Q4_0 failed (llama.cpp, exit 1): ValueError: amx: true but no AMX here" == str(e.value)
 
 
 def test_a_clean_child_returns_its_stdout():
-    assert run_child(["-c", "print('ok')"], "torch", "evaluating torch fp32").strip() == "ok"
+    assert run_child(["-c", "print('ok')"], "PyTorch", "evaluating torch fp32").strip() == "ok"
 
 
 def test_frames_are_read_past_the_signal_machinery():

@@ -45,7 +45,7 @@ def test_unknown_method_suggests_the_nearest():
     d["pipelines"][1][0]["method"] = "prune_layer"
     [p] = problems(d)
     assert p.startswith("pipelines[1][0].method:")
-    assert "did you mean 'prune_layers'" in p and "allowed: none, prune_layers" in p
+    assert "did you mean 'prune_layers'" in p and "allowed: awq, distill, gptq" in p and "prune_layers" in p
 
 
 def test_quant_level_the_format_lacks():
@@ -106,7 +106,7 @@ def test_schema_file_is_current():
     assert committed == spec.json_schema(), "run `make schema` to regenerate jobs/sweep.schema.json"
 
 
-# ---- ONNX / OpenVINO export options: exports[1] is onnx, exports[2] onnx_genai, exports[3] openvino in the demo sweep
+# ---- ONNX / OpenVINO export options: exports[1] is onnx, exports[2] onnx (genai builder), exports[3] openvino in the demo sweep
 def test_level_of_another_format_is_refused():
     d = demo()
     d["exports"][1]["quant"] = ["fp32", "int4_asym"]
@@ -147,7 +147,7 @@ def test_algorithm_of_another_format_or_level():
     d = demo()
     d["exports"][0]["algorithm"] = "gptq"
     [p] = problems(d)
-    assert p.startswith("exports[0].algorithm:") and "'gguf' has no algorithms" in p
+    assert p.startswith("exports[0].algorithm:") and "unknown key 'algorithm'" in p  # gguf has none
 
 
 def test_onnx_packed_algorithms_need_an_even_number_of_groups():
@@ -160,8 +160,11 @@ def test_onnx_packed_algorithms_need_an_even_number_of_groups():
 
 
 def test_variants_hold_only_what_each_level_reads():
-    e = spec.ExportSpec(format="openvino", quant=["fp16", "int4_sym"], algorithm=["rtn", "gptq"], ratio=0.8)
-    assert e.variants() == [
+    from farm.export import FORMATS
+
+    e = FORMATS.options("openvino")(format="openvino", quant=["fp16", "int4_sym"], algorithm=["rtn", "gptq"],
+                                    ratio=0.8)
+    assert [v.params for v in e.variants()] == [
         {"format": "openvino", "quant": "fp16"},
         {"format": "openvino", "quant": "int4_sym", "group_size": 64, "algorithm": "rtn", "ratio": 0.8},
         {"format": "openvino", "quant": "int4_sym", "group_size": 64, "algorithm": "gptq", "calib_samples": 16,

@@ -9,7 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from farm import spec
+from farm.compress import METHODS
 from farm.errors import SpecError
+from farm.export import FORMATS
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 TRIED = {"n": 0}
@@ -55,7 +57,7 @@ def test_wrong_types_and_out_of_range(field, value):
 
 
 @settings(max_examples=40, deadline=None)
-@given(method=key_names.filter(lambda m: m not in spec.STEP_METHODS))
+@given(method=key_names.filter(lambda m: m not in METHODS))
 def test_unknown_methods(method):
     d = copy.deepcopy(DEMO)
     d["pipelines"] = [[{"method": method}]]
@@ -63,9 +65,9 @@ def test_unknown_methods(method):
 
 
 @settings(max_examples=40, deadline=None)
-@given(fmt=st.sampled_from(sorted(spec.EXPORT_LEVELS)), quant=st.text(min_size=1, max_size=6))
+@given(fmt=st.sampled_from(FORMATS.names()), quant=st.text(min_size=1, max_size=6))
 def test_levels_a_format_lacks(fmt, quant):
-    if quant in spec.EXPORT_LEVELS[fmt]:
+    if quant in FORMATS.options(fmt).LEVELS:
         return
     d = copy.deepcopy(DEMO)
     d["exports"] = [{"format": fmt, "quant": [quant]}]

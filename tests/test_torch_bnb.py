@@ -8,7 +8,7 @@ import pytest
 
 from farm import storage
 from farm.evaluate import quality, tokenize_data
-from farm.export import EXPORTERS
+from farm.export import FORMATS
 
 DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 64}
 
@@ -19,7 +19,7 @@ def test_bitsandbytes_level_is_saved_quantized_and_measured(tiny_model_dir, tmp_
     from farm.models import load_tokenizer
     from farm.runtimes import load
 
-    out = EXPORTERS.get("torch")(tiny_model_dir, {"format": "torch", "quant": quant}, tmp_path, 1)
+    out = FORMATS.get("torch").export(tiny_model_dir, {"format": "torch", "quant": quant}, tmp_path, 1)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "bitsandbytes"
     assert storage.size_mb(out) < storage.size_mb(tiny_model_dir)

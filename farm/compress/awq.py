@@ -25,13 +25,37 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from farm.compress.gptq import block_inputs, calibration_batches, check_group, rtn, run_block
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.compress.common import (
+    FOLDABLE,
+    QuantGrid,
+    block_inputs,
+    calibration_batches,
+    check_group,
+    fold,
+    load,
+    rtn,
+    run_block,
+    save_with_tokenizer,
+)
+from farm.modelref import ModelShape
+from farm.plugin import architecture_problems
 
-FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm y = w·x̂: dividing w by s is exact
+
+class Options(QuantGrid):
+    method: Literal["awq"]
+    n_grid: int = Field(20, ge=2, le=200, description="Points of [0, 1] searched for the scale exponent alpha.")
+    clip: bool = Field(True, description="Search a per-group weight clipping threshold as well.")
+    round: bool = Field(False, description="Write the grid's rounded weights; default: scaled, rounded by the export.")
+
+    def check(self, shape: ModelShape):
+        problems, shape = super().check(shape)
+        return problems + architecture_problems("awq", shape, FOLDABLE), shape
+
 CLIP_TOKENS = 512  # tokens the clipping search looks at (evenly spaced), as AutoAWQ
 
 
@@ -100,17 +124,6 @@ def search_scale(linears: list, xs: list, forward, grid: str, group_size: int, n
     return best_s, losses
 
 
-def fold(prev, linears: list, s) -> None:
-    """prev's output channels / s, the linears' input channels * s: the same function."""
-    with_rows = prev.weight.data.dim() == 2  # a linear (its output rows) or a norm (its weight vector)
-    if with_rows:
-        prev.weight.data.div_(s.unsqueeze(1))
-    else:
-        prev.weight.data.div_(s)
-    if getattr(prev, "bias", None) is not None:
-        prev.bias.data.div_(s)
-    for lin in linears:
-        lin.weight.data.mul_(s)
 
 
 def search_clip(lin, x, grid: str, group_size: int, n_grid: int = 20, max_shrink: float = 0.5) -> None:
@@ -139,25 +152,22 @@ def search_clip(lin, x, grid: str, group_size: int, n_grid: int = 20, max_shrink
     lin.weight.data = torch.maximum(torch.minimum(wg, best_max), -best_max).reshape(rows, cols)
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
-    from farm.models import load_model
-
     t0 = time.time()
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load(model_dir, threads)
     if model.config.model_type not in FOLDABLE:
         raise ValueError(f"awq: folds scales into Llama-style RMSNorm blocks ({', '.join(FOLDABLE)}); "
                          f"this model is '{model.config.model_type}'")
-    grid, n_grid = step["grid"], step["n_grid"]
-    inputs = block_inputs(model, calibration_batches(calib, step, "awq"))
+    grid, n_grid = opt.grid, opt.n_grid
+    inputs = block_inputs(model, calibration_batches(calib, opt, "awq"))
     alphas, gains, skipped_vo = [], [], 0
     with torch.no_grad():
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            gs = {lin: check_group(grid, step["group_size"], lin.in_features, "awq") for lin in linears}
+            gs = {lin: check_group(grid, opt.group_size, lin.in_features, "awq") for lin in linears}
             got = capture(layer, inputs)
             for prev, group, xs, forward in scaling_groups(layer, got):
                 if prev is attn.v_proj and attn.v_proj.out_features != attn.o_proj.in_features:
@@ -167,18 +177,18 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
                 fold(prev, group, s)
                 alphas.append(float(np.linspace(0, 1, n_grid)[int(np.argmin(losses))]))
                 gains.append(min(losses) / losses[0] if losses[0] > 0 else 1.0)
-            if step["clip"]:  # q/k are left alone, as AWQ does: the attention scores hide their error
+            if opt.clip:  # q/k are left alone, as AWQ does: the attention scores hide their error
                 got = capture(layer, inputs)  # the inputs as scaled
                 flat = {k: torch.cat([x if torch.is_tensor(x) else x[0] for x in v]).flatten(0, -2)
                         for k, v in got.items()}
                 for lin, key in ((attn.v_proj, "attn"), (attn.o_proj, "o"), (mlp.gate_proj, "mlp"),
                                  (mlp.up_proj, "mlp"), (mlp.down_proj, "down")):
                     search_clip(lin, flat[key], grid, gs[lin])
-            if step["round"]:
+            if opt.round:
                 for lin in linears:
                     lin.weight.data = rtn(lin.weight.data, grid, gs[lin])
             inputs = run_block(layer, inputs)
     save_with_tokenizer(model, model_dir, out)
     return {"blocks": len(model.model.layers), "grid": grid, "alpha_mean": round(float(np.mean(alphas)), 3),
             "loss_ratio_to_rtn": round(float(np.mean(gains)), 4), "vo_skipped": skipped_vo,
-            "clip": step["clip"], "rounded": step["round"], "seconds": round(time.time() - t0, 1)}
+            "clip": opt.clip, "rounded": opt.round, "seconds": round(time.time() - t0, 1)}

@@ -16,11 +16,50 @@ between the attention maps of each student block and the teacher block it was in
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from farm.compress.common import Training, drop_layers, load, save_with_tokenizer
 from farm.compress.kd import continuations, train
-from farm.compress.prune_layers import drop_layers, save_with_tokenizer
+from farm.modelref import ModelShape
+from farm.plugin import PositiveGrid, as_list
+
+
+class Options(Training):
+    LABEL = "L{student_layers}{teacher_tag}"
+    GRID = ("student_layers",)
+    TAGS = {"teacher_continuations": "seq{teacher_continuations}", "attention_weight": "attn{attention_weight}",
+            "kd_weight": "kd{kd_weight}"}
+    method: Literal["distill"]
+    student_layers: PositiveGrid = Field(
+        ..., description="Decoder blocks of the student (fewer than the teacher's); a list is a grid.")
+    lr: float = Field(1e-4, gt=0, le=1)
+    hidden_weight: float = Field(0.0, ge=0, le=100, description="MiniLM-style hidden-state matching weight.")
+    attention_weight: float = Field(
+        0.0, ge=0, le=100, description="MiniLM-style attention-map KL weight (each student block against the "
+        "teacher block it came from; trains in eager attention).")
+    teacher_continuations: int = Field(
+        0, ge=0, le=100_000, description="Sequence-level KD: windows whose second half the teacher writes from a "
+        "calibration prompt, added to the training windows.")
+    continuation_temperature: float = Field(
+        0.0, ge=0, le=10, description="0: the teacher continues greedily; > 0: sampled at this temperature (seed).")
+
+    @model_validator(mode="after")
+    def _teacher_terms_need_a_teacher(self):
+        for name in ("attention_weight", "teacher_continuations"):
+            if getattr(self, name) and not self.teacher:
+                raise ValueError(f"{name}: needs teacher: true (teacher: false is the control on the text alone)")
+        return self
+
+    def check(self, shape: ModelShape):
+        if shape.layers is None:
+            return [], shape
+        too_big = [k for k in as_list(self.student_layers) if k >= shape.layers]
+        problems = [f"student_layers: {too_big} is not smaller than the teacher (the model entering this step "
+                    f"has {shape.layers} blocks); use 1..{shape.layers - 1}"] if too_big else []
+        return problems, shape.but(layers=max(as_list(self.student_layers)))
 
 
 def student_layers(n_teacher: int, n_student: int) -> list[int]:
@@ -29,32 +68,29 @@ def student_layers(n_teacher: int, n_student: int) -> list[int]:
     return sorted({round(float(x)) for x in np.linspace(0, n_teacher - 1, n_student)})
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(step.get("seed", 0))
-    teacher = load_model(model_dir).eval()
-    student = load_model(model_dir)
+    torch.manual_seed(opt.seed)
+    teacher = load(model_dir, threads).eval()
+    student = load(model_dir, threads)
     n = len(teacher.model.layers)
-    keep = student_layers(n, int(step["student_layers"]))
+    keep = student_layers(n, opt.student_layers)
     drop_layers(student, [i for i in range(n) if i not in keep])
     for p in teacher.parameters():
         p.requires_grad_(False)
-    use_teacher = step.get("teacher", True)
-    attention = use_teacher and float(step.get("attention_weight", 0.0)) > 0
+    use_teacher = opt.teacher
+    attention = use_teacher and opt.attention_weight > 0
     if attention:  # sdpa returns no attention maps
         for m in (teacher, student):
             m.set_attn_implementation("eager")
     extra, extra_info = None, {}
-    n_cont = int(step.get("teacher_continuations", 0)) if use_teacher else 0
+    n_cont = opt.teacher_continuations if use_teacher else 0
     if n_cont:
-        extra = continuations(teacher, calib, n_cont, step["seq_len"], float(step.get("continuation_temperature", 0.0)),
-                              seed=step.get("seed", 0))
-        extra_info = {"teacher_continuations": len(extra), "continuation_tokens": step["seq_len"] - step["seq_len"] // 2}
-    info = train(student, teacher if use_teacher else None, calib, step, list(student.parameters()), layer_map=keep,
+        extra = continuations(teacher, calib, n_cont, opt.seq_len, opt.continuation_temperature,
+                              seed=opt.seed)
+        extra_info = {"teacher_continuations": len(extra), "continuation_tokens": opt.seq_len - opt.seq_len // 2}
+    info = train(student, teacher if use_teacher else None, calib, opt, list(student.parameters()), layer_map=keep,
                  extra=extra)
     if attention:
         student.set_attn_implementation("sdpa")

@@ -29,64 +29,46 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.compress.common import (
+    Q4_0_GROUP,
+    QuantGrid,
+    Stop,
+    block_inputs,
+    calibration_batches,
+    check_group,
+    fake_quant,
+    grid_params,
+    load,
+    rtn,
+    run_block,
+    save_with_tokenizer,
+)
 
-GRIDS = ("q4_0", "sym", "asym")
-Q4_0_GROUP = 32  # llama.cpp's QK4_0
+__all__ = ["Options", "apply", "gptq", "rtn"]
+
+
+class Options(QuantGrid):
+    method: Literal["gptq"]
+    act_order: bool = Field(False, description="Quantize columns by decreasing Hessian diagonal.")
+    percdamp: float = Field(0.01, gt=0, le=1, description="Dampening added to the Hessian: this x mean(diag).")
+    block_size: int = Field(128, ge=1, le=8192, description="Columns per lazy batch update.")
+
 # the linear layers of a Llama-style block in the order they compute; others go last, together
 SEQUENTIAL = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
               ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-# ---- the grid -------------------------------------------------------------------------------------
-def grid_params(w, grid: str):
-    """Scale and zero point of each row of w [rows, k] (one group per row)."""
-    import torch
-
-    if grid == "q4_0":
-        signed_max = w.gather(1, w.abs().argmax(1, keepdim=True))  # first of equal |x|, as llama.cpp
-        return signed_max / -8, torch.full_like(signed_max, 8.0)
-    if grid == "sym":
-        scale = 2 * w.abs().amax(1, keepdim=True) / 15
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        return scale, torch.full_like(scale, 8.0)
-    lo = w.amin(1, keepdim=True).clamp(max=0)
-    hi = w.amax(1, keepdim=True).clamp(min=0)
-    scale = (hi - lo) / 15
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    return scale, torch.round(-lo / scale)
 
 
-def fake_quant(x, scale, zero, grid: str):
-    """x quantized to the grid and de-quantized (scale, zero broadcast against x)."""
-    import torch
-
-    if grid == "q4_0":  # quantize_row_q4_0_ref: x * (1/d) + 8.5 truncated, d stored as fp16
-        inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-        q = torch.floor(x * inv + 8.5).clamp(0, 15)
-        return scale.half().float() * (q - 8)
-    q = (torch.round(x / scale) + zero).clamp(0, 15)
-    return scale * (q - zero)
 
 
-def rtn(w, grid: str, group_size: int):
-    """Round to nearest on the grid, group by group along the input dimension: the baseline."""
-    rows, cols = w.shape
-    g = w.float().reshape(-1, group_size)
-    scale, zero = grid_params(g, grid)
-    return fake_quant(g, scale, zero, grid).reshape(rows, cols).to(w.dtype)
 
 
-def check_group(grid: str, group_size: int, width: int, method: str) -> int:
-    if grid == "q4_0":
-        group_size = Q4_0_GROUP
-    if width % group_size:
-        raise ValueError(f"{method}.group_size={group_size} does not divide the layer width {width}; "
-                         "use a smaller power of two")
-    return group_size
 
 
 # ---- GPTQ on one layer ----------------------------------------------------------------------------
@@ -148,46 +130,10 @@ def output_error(w, q, h) -> float:
     return float((e @ h * e).sum() / (w.float() @ h * w.float()).sum().clamp(min=1e-30))
 
 
-# ---- blocks ---------------------------------------------------------------------------------------
-class _Stop(Exception):
-    pass
 
 
-def block_inputs(model, batches: list) -> list:
-    """(hidden states, keyword arguments) entering the first decoder block, one pair per batch."""
-    import torch
-
-    captured = []
-
-    def hook(module, args, kwargs):
-        kw = dict(kwargs)
-        hidden = args[0] if args else kw.pop("hidden_states")
-        captured.append((hidden, kw))
-        raise _Stop
-
-    handle = model.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(ids, use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    return captured
 
 
-def run_block(layer, inputs: list) -> list:
-    """The block's outputs for each (hidden, kwargs) pair, as the next block's inputs."""
-    import torch
-
-    out = []
-    with torch.no_grad():
-        for hidden, kw in inputs:
-            y = layer(hidden, **kw)
-            out.append((y[0] if isinstance(y, tuple) else y, kw))
-    return out
 
 
 def linear_groups(layer) -> list[list[str]]:
@@ -218,7 +164,7 @@ def hessians(layer, names: list[str], inputs: list) -> dict:
             acc[n][0] = acc[n][0] + xtx
             acc[n][1] += x.shape[0]
             if len(seen) == len(names):
-                raise _Stop
+                raise Stop
         handles.append(mods[n].register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -226,7 +172,7 @@ def hessians(layer, names: list[str], inputs: list) -> dict:
                 seen.clear()
                 try:
                     layer(hidden, **kw)
-                except _Stop:
+                except Stop:
                     pass
     finally:
         for hd in handles:
@@ -234,26 +180,14 @@ def hessians(layer, names: list[str], inputs: list) -> dict:
     return {n: 2 * s / k for n, (s, k) in acc.items()}
 
 
-def calibration_batches(calib: np.ndarray, step: dict, method: str) -> list:
-    import torch
-
-    seq = step["seq_len"]
-    n = min(step["calib_samples"], len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"{method}: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-    return [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)]
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
-    import torch
-
-    from farm.models import load_model
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
 
     t0 = time.time()
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
-    grid = step["grid"]
-    inputs = block_inputs(model, calibration_batches(calib, step, "gptq"))
+    model = load(model_dir, threads)
+    grid = opt.grid
+    inputs = block_inputs(model, calibration_batches(calib, opt, "gptq"))
     errs, errs_rtn = [], []
     for layer in model.model.layers:
         mods = dict(layer.named_modules())
@@ -262,14 +196,14 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
             for n in names:
                 lin = mods[n]
                 w = lin.weight.data
-                gs = check_group(grid, step["group_size"], w.shape[1], "gptq")
-                q = gptq(w, hs[n], grid, gs, step["block_size"], step["percdamp"], step["act_order"])
+                gs = check_group(grid, opt.group_size, w.shape[1], "gptq")
+                q = gptq(w, hs[n], grid, gs, opt.block_size, opt.percdamp, opt.act_order)
                 errs.append(output_error(w, q, hs[n]))
                 errs_rtn.append(output_error(w, rtn(w, grid, gs), hs[n]))
                 lin.weight.data.copy_(q.to(w.dtype))
         inputs = run_block(layer, inputs)  # the next block sees this one quantized
     save_with_tokenizer(model, model_dir, out)
     return {"layers_quantized": len(errs), "grid": grid,
-            "group_size": Q4_0_GROUP if grid == "q4_0" else step["group_size"],
+            "group_size": Q4_0_GROUP if grid == "q4_0" else opt.group_size,
             "rel_error_gptq": round(float(np.mean(errs)), 6), "rel_error_rtn": round(float(np.mean(errs_rtn)), 6),
             "seconds": round(time.time() - t0, 1)}

@@ -8,10 +8,31 @@ merged groups are contiguous, so it now reads merged head i // (heads / new_kv_h
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.compress.common import load, save_with_tokenizer
+from farm.modelref import ModelShape
+from farm.plugin import PositiveGrid, StepOptions, as_list
+
+
+class Options(StepOptions):
+    LABEL = "kv{kv_heads}"
+    GRID = ("kv_heads",)
+    method: Literal["gqa"]
+    kv_heads: PositiveGrid = Field(..., description="KV heads after mean-pooling (a divisor of the current).")
+
+    def check(self, shape: ModelShape):
+        n_kv = shape.kv_heads
+        if n_kv is None:
+            return [], shape
+        fits = [k for k in as_list(self.kv_heads) if k < n_kv and n_kv % k == 0]
+        bad = [k for k in as_list(self.kv_heads) if k not in fits]
+        problems = [f"kv_heads: {bad} is not a proper divisor of the model's {n_kv} KV heads; use one of "
+                    f"{[k for k in range(1, n_kv) if n_kv % k == 0]}"] if bad else []
+        return problems, shape.but(kv_heads=max(fits, default=n_kv))
 
 
 def kv_cache_bytes_per_token(config, kv_heads: int, bytes_per_value: int = 2) -> int:
@@ -33,15 +54,10 @@ def merge_heads(linear, n_kv: int, target: int, head_dim: int):
     return new
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
-    import torch
-
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
+    model = load(model_dir, threads)
     cfg = model.config
-    heads, n_kv, target = cfg.num_attention_heads, cfg.num_key_value_heads, int(step["kv_heads"])
+    heads, n_kv, target = cfg.num_attention_heads, cfg.num_key_value_heads, int(opt.kv_heads)
     if not (target < n_kv and n_kv % target == 0):
         raise ValueError(f"gqa.kv_heads={target}: the model has {n_kv} KV heads; use a proper divisor of {n_kv}")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads

@@ -97,27 +97,27 @@ def ce_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def train(student, teacher, calib: np.ndarray, step: dict, params, layer_map: list[int] | None = None,
+def train(student, teacher, calib: np.ndarray, opt, params, layer_map: list[int] | None = None,
           extra: np.ndarray | None = None) -> dict:
-    """Train `params` of `student` for step['steps'] batches; return the loss curve's summary.
+    """Train `params` of `student` for opt.steps batches; return the loss curve's summary.
     `extra`: more training windows (see `windows`). The attention term needs both models in eager
     attention (the only implementation that returns the maps)."""
     import torch
 
-    hidden_w = float(step.get("hidden_weight", 0.0)) if teacher is not None and layer_map else 0.0
-    attn_w = float(step.get("attention_weight", 0.0)) if teacher is not None and layer_map else 0.0
-    kd_w = float(step.get("kd_weight", 1.0)) if teacher is not None else 0.0
-    opt = torch.optim.AdamW(params, lr=step["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / max(1, step["steps"]))
+    hidden_w = float(getattr(opt, "hidden_weight", 0.0)) if teacher is not None and layer_map else 0.0
+    attn_w = float(getattr(opt, "attention_weight", 0.0)) if teacher is not None and layer_map else 0.0
+    kd_w = float(getattr(opt, "kd_weight", 1.0)) if teacher is not None else 0.0
+    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: 1.0 - i / max(1, opt.steps))
     student.train()
     losses, attn_terms, t0 = [], [], time.time()
-    for ids in windows(calib, step["seq_len"], step["batch"], step["steps"], seed=step.get("seed", 0), extra=extra):
+    for ids in windows(calib, opt.seq_len, opt.batch, opt.steps, seed=getattr(opt, "seed", 0), extra=extra):
         out = student(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
         loss = (1 - kd_w) * ce_loss(out.logits, ids) if kd_w < 1 else 0.0
         if teacher is not None:
             with torch.no_grad():
                 ref = teacher(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
-            loss = loss + kd_w * kd_loss(out.logits, ref.logits, step["temperature"])
+            loss = loss + kd_w * kd_loss(out.logits, ref.logits, opt.temperature)
             if hidden_w > 0:  # hidden_states[0] is the embedding output; layer j's output is [j + 1]
                 pairs = [(out.hidden_states[j + 1], ref.hidden_states[t + 1]) for j, t in enumerate(layer_map)]
                 loss = loss + hidden_w * sum(((s - h) ** 2).mean() / (h ** 2).mean() for s, h in pairs) / len(pairs)
@@ -127,9 +127,9 @@ def train(student, teacher, calib: np.ndarray, step: dict, params, layer_map: li
                 loss = loss + attn_w * term
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optim.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
+        optim.zero_grad(set_to_none=True)
         losses.append(float(loss))
     student.eval()
     tail = max(1, len(losses) // 10)

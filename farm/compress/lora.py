@@ -13,11 +13,40 @@ model's logits equal the adapted model's on a calibration window (`merge_max_abs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
+from farm.compress.common import Training, save_with_tokenizer
 from farm.compress.kd import train
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.plugin import PositiveGrid
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Options(Training):
+    """Heals the model entering it towards the sweep's base model (the teacher), then merges."""
+    LABEL = "r{rank}{teacher_tag}"
+    GRID = ("rank",)
+    TAGS = {"base_bits": "nf{base_bits}"}
+    TEACHER = True
+    method: Literal["lora"]
+    rank: PositiveGrid = Field(8, description="LoRA rank (> 0); a list is a grid.")
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[Literal[TARGETS]] = Field(list(TARGETS), min_length=1)  # type: ignore[valid-type]
+    lr: float = Field(5e-4, gt=0, le=1)
+    base_bits: int | None = Field(
+        None, description="4: QLoRA — the model entering the step is frozen in bitsandbytes NF4 while the "
+        "adapters train; then dequantized and merged into a dense checkpoint. null: plain LoRA.")
+
+    @field_validator("base_bits")
+    @classmethod
+    def _nf4_only(cls, v: int | None) -> int | None:
+        if v not in (None, 4):
+            raise ValueError(f"{v} is not supported: 4 (NF4, QLoRA), or leave it out for plain LoRA")
+        return v
 
 
 def load_nf4(model_dir: Path):
@@ -84,7 +113,7 @@ def logit_gap(a, b, ids) -> float:
         return float((a(ids, use_cache=False).logits.float() - b(ids, use_cache=False).logits.float()).abs().max())
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int,
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int,
           teacher_dir: Path | None = None) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -92,25 +121,23 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
     from farm.models import load_model
 
     torch.set_num_threads(threads)
-    torch.manual_seed(step.get("seed", 0))
-    bits = step.get("base_bits")
-    if bits not in (None, 4):
-        raise ValueError(f"lora.base_bits={bits}: use 4 (QLoRA, NF4) or leave it out")
+    torch.manual_seed(opt.seed)
+    bits = opt.base_bits
     if bits == 4:  # freezes the base, keeps fp32 compute; no gradient checkpointing: the model is small
         model = prepare_model_for_kbit_training(load_nf4(model_dir), use_gradient_checkpointing=False)
     else:
         model = load_model(model_dir)
     teacher = None
-    if step.get("teacher", True):
+    if opt.teacher:
         teacher = load_model(teacher_dir or model_dir).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-    config = LoraConfig(r=int(step["rank"]), lora_alpha=float(step["alpha"]), lora_dropout=float(step["dropout"]),
-                        target_modules=list(step["targets"]), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=opt.rank, lora_alpha=opt.alpha, lora_dropout=opt.dropout,
+                        target_modules=list(opt.targets), bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    info = train(peft_model, teacher, calib, step, params)
-    probe = torch.tensor(calib[: min(len(calib), step["seq_len"])]).unsqueeze(0)
+    info = train(peft_model, teacher, calib, opt, params)
+    probe = torch.tensor(calib[: min(len(calib), opt.seq_len)]).unsqueeze(0)
     if bits == 4:
         merged = dense_merge(peft_model, model_dir)
         gap = logit_gap(peft_model.eval(), merged, probe)

@@ -19,10 +19,68 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from farm.compress.prune_layers import run_hooked, save_with_tokenizer
+from farm.compress.common import Calibrated, calibration_batches, load, run_hooked, save_with_tokenizer
+from farm.modelref import ModelShape
+from farm.plugin import FractionGrid, PositiveGrid, as_list
+
+
+def kept_per_group(group: int, ratio: float) -> int:
+    return group - math.floor(group * ratio + 0.5)
+
+
+class Options(Calibrated):
+    """Removes the least important query heads of every KV group (and whole groups with kv_heads)."""
+    TAGS = {"heads_per_group": "hpg{heads_per_group}", "ratio": "{ratio}", "kv_heads": "kv{kv_heads}",
+            "importance": "{importance}"}
+    GRID = ("heads_per_group", "ratio", "kv_heads")
+    method: Literal["prune_heads"]
+    heads_per_group: PositiveGrid | None = Field(
+        None, description="Query heads each KV group keeps (1 .. fewer than now); a list is a grid.")
+    ratio: FractionGrid | None = Field(
+        None, description="Or: share of each KV group's query heads to remove (rounded); a list is a grid.")
+    kv_heads: PositiveGrid | None = Field(
+        None, description="KV groups to keep (fewer than now); the least important go with their query heads.")
+    importance: Literal["activation", "gradient"] = Field(
+        "activation", description="activation: norm of each head's output through o_proj; gradient: |a·dL/da|.")
+
+    @model_validator(mode="after")
+    def _one_amount(self):
+        if self.heads_per_group is not None and self.ratio is not None:
+            raise ValueError("ratio: give heads_per_group or ratio, not both")
+        if self.heads_per_group is None and self.ratio is None and self.kv_heads is None:
+            raise ValueError("heads_per_group: say how many heads to keep (heads_per_group, ratio or kv_heads)")
+        return self
+
+    def check(self, shape: ModelShape):
+        """The same arithmetic as `plan`, for every value of a grid; the shape leaving is the largest."""
+        heads, n_kv = shape.heads, shape.kv_heads
+        if not (heads and n_kv and heads % n_kv == 0):
+            return [], shape
+        group, problems = heads // n_kv, []
+        entering = f"the model entering this step has {heads} query heads in {n_kv} KV group(s) of {group}"
+        kv_values = as_list(self.kv_heads) if self.kv_heads is not None else []
+        bad_kv = [k for k in kv_values if not 1 <= k < n_kv]
+        if bad_kv:
+            use = f"use 1..{n_kv - 1}" if n_kv > 1 else "it has only one"
+            problems.append(f"kv_heads: {bad_kv} would not remove a KV group ({entering}); {use}")
+        field, keep_of = "", {}
+        if self.heads_per_group is not None:
+            field, keep_of = "heads_per_group", {k: k for k in as_list(self.heads_per_group)}
+        elif self.ratio is not None:
+            field, keep_of = "ratio", {r: kept_per_group(group, r) for r in as_list(self.ratio)}
+        bad = [v for v, k in keep_of.items() if not 1 <= k < group]
+        if bad:
+            use = f"keep 1..{group - 1} per group" if group > 1 else "use kv_heads to remove whole groups"
+            problems.append(f"{field}: {bad} must remove some but not all of each KV group's query heads "
+                            f"({entering}); {use}")
+        new_kv = max([k for k in kv_values if 1 <= k < n_kv], default=n_kv)
+        keeps = [k for k in keep_of.values() if 1 <= k < group]
+        return problems, shape.but(kv_heads=new_kv, heads=new_kv * max(keeps, default=group))
 
 
 def head_dim_of(config) -> int:
@@ -94,43 +152,34 @@ def slice_heads(linear, heads: list[int], head_dim: int, dim: int):
     return new
 
 
-def plan(heads: int, n_kv: int, step: dict) -> tuple[int, int]:
+def plan(heads: int, n_kv: int, opt: Options) -> tuple[int, int]:
     """(KV heads to keep, query heads to keep per group), checked against the model's shape."""
     group = heads // n_kv
-    kv_keep = int(step.get("kv_heads") or n_kv)
-    if step.get("heads_per_group") is not None:
-        per_group, field = int(step["heads_per_group"]), "heads_per_group"
-    elif step.get("ratio") is not None:
-        per_group, field = group - math.floor(group * float(step["ratio"]) + 0.5), "ratio"
+    kv_keep = int(opt.kv_heads or n_kv)
+    if opt.heads_per_group is not None:
+        per_group, field = int(opt.heads_per_group), "heads_per_group"
+    elif opt.ratio is not None:
+        per_group, field = kept_per_group(group, float(opt.ratio)), "ratio"
     else:
         per_group, field = group, "kv_heads"
     if not 1 <= kv_keep <= n_kv:
         raise ValueError(f"prune_heads.kv_heads={kv_keep}: the model has {n_kv} KV heads; keep 1..{n_kv - 1}")
     if not 1 <= per_group <= group:
-        raise ValueError(f"prune_heads.{field}={step.get(field)}: keeps {per_group} of the {group} query heads per "
+        raise ValueError(f"prune_heads.{field}={getattr(opt, field)}: keeps {per_group} of the {group} query heads per "
                          f"KV group; keep 1..{group - 1}")
     if (kv_keep, per_group) == (n_kv, group):
-        raise ValueError(f"prune_heads.{field}={step.get(field)}: removes no head (the model has {n_kv} KV groups "
+        raise ValueError(f"prune_heads.{field}={getattr(opt, field)}: removes no head (the model has {n_kv} KV groups "
                          f"of {group} query heads)")
     return kv_keep, per_group
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
-    import torch
-
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
+    model = load(model_dir, threads)
     cfg = model.config
     heads, n_kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg)
-    kv_keep, per_group = plan(heads, n_kv, step)
-    seq = step["seq_len"]
-    n = min(step["calib_samples"], len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"prune_heads: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-    how = step.get("importance", "activation")
-    scores = head_importance(model, [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)], how)
+    kv_keep, per_group = plan(heads, n_kv, opt)
+    how = opt.importance
+    scores = head_importance(model, calibration_batches(calib, opt, "prune_heads"), how)
     kept = []
     for layer, score in zip(model.model.layers, scores):
         q, kv = keep_heads(score, n_kv, kv_keep, per_group)

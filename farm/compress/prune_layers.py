@@ -7,23 +7,38 @@ change the residual stream least and are removed; the result is a genuinely smal
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from farm.compress.common import (
+    Calibrated,
+    calibration_batches,
+    drop_layers,
+    load,
+    run_hooked,
+    save_with_tokenizer,
+)
+from farm.modelref import ModelShape
+from farm.plugin import PositiveGrid, as_list
 
 
-def run_hooked(model, batches: list, handles: list) -> None:
-    """Run the calibration batches through the model, then remove the hooks that watched them."""
-    import torch
+class Options(Calibrated):
+    LABEL = "drop{drop}"
+    GRID = ("drop",)
+    method: Literal["prune_layers"]
+    drop: PositiveGrid = Field(
+        ..., description="How many decoder blocks to drop; a list makes one pipeline per value (grid).")
 
-    try:
-        with torch.inference_mode():
-            for ids in batches:
-                model(ids, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    def check(self, shape: ModelShape):
+        if shape.layers is None:
+            return [], shape
+        too_many = [k for k in as_list(self.drop) if k >= shape.layers]
+        problems = [f"drop: {too_many} would leave no decoder block (the model entering this step has "
+                    f"{shape.layers}); use 1..{shape.layers - 1}"] if too_many else []
+        return problems, shape.but(layers=max(1, shape.layers - min(as_list(self.drop))))
 
 
 def block_influence(model, batches: list) -> list[float]:
@@ -53,43 +68,15 @@ def block_influence(model, batches: list) -> list[float]:
     return [float(1 - torch.cat(s).mean()) for s in sims]
 
 
-def drop_layers(model, drop: list[int]) -> None:
-    import torch
-
-    keep = [layer for i, layer in enumerate(model.model.layers) if i not in set(drop)]
-    for new_idx, layer in enumerate(keep):
-        layer.self_attn.layer_idx = new_idx
-    model.model.layers = torch.nn.ModuleList(keep)
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in set(drop)]
 
 
-def save_with_tokenizer(model, model_dir: Path, out: Path) -> None:
-    """Save safetensors weights and config; the tokenizer and chat template travel with the model."""
-    model.save_pretrained(out, safe_serialization=True)
-    for f in model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.copy2(f, out / f.name)
-
-
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
-    import torch
-
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
+    model = load(model_dir, threads)
     n_layers = len(model.model.layers)
-    k = int(step["drop"])
+    k = int(opt.drop)
     if not 1 <= k < n_layers:
         raise ValueError(f"prune_layers.drop={k}: the model has {n_layers} blocks; drop 1..{n_layers - 1}")
-    seq = step["seq_len"]
-    n = min(step["calib_samples"], len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"prune_layers: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-    batches = [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)]
-    scores = block_influence(model, batches)
+    scores = block_influence(model, calibration_batches(calib, opt, "prune_layers"))
     drop = sorted(np.argsort(scores)[:k].tolist())
     drop_layers(model, drop)
     save_with_tokenizer(model, model_dir, out)

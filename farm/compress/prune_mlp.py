@@ -12,10 +12,35 @@ that block-wise quantizers (group sizes 16–64) still divide the new width.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from farm.compress.prune_layers import run_hooked, save_with_tokenizer
+from farm.compress.common import Calibrated, calibration_batches, load, run_hooked, save_with_tokenizer
+from farm.modelref import ModelShape
+from farm.plugin import FractionGrid, as_list
+
+
+def kept_width(width: int, ratio: float, multiple_of: int) -> int:
+    return max(multiple_of, round(width * (1 - ratio) / multiple_of) * multiple_of)
+
+
+class Options(Calibrated):
+    LABEL = "{ratio}"
+    GRID = ("ratio",)
+    method: Literal["prune_mlp"]
+    ratio: FractionGrid = Field(..., description="Share of every block's MLP channels to remove; a list is a grid.")
+    multiple_of: int = Field(64, ge=1, le=4096, description="The kept width is a multiple of this.")
+
+    def check(self, shape: ModelShape):
+        if shape.intermediate is None:
+            return [], shape
+        kept = {r: kept_width(shape.intermediate, r, self.multiple_of) for r in as_list(self.ratio)}
+        bad = [r for r, k in kept.items() if k >= shape.intermediate]
+        problems = [f"ratio: {bad} keeps all {shape.intermediate} MLP channels at multiples of {self.multiple_of}; "
+                    "raise ratio or lower multiple_of"] if bad else []
+        return problems, shape.but(intermediate=max(kept.values()))
 
 
 def channel_importance(model, batches: list) -> list:
@@ -56,24 +81,16 @@ def shrink(mlp, keep) -> None:
     mlp.intermediate_size = len(keep)
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load(model_dir, threads)
     width = model.config.intermediate_size
-    mult = int(step["multiple_of"])
-    kept = max(mult, round(width * (1 - step["ratio"]) / mult) * mult)
+    kept = kept_width(width, opt.ratio, opt.multiple_of)
     if kept >= width:
-        raise ValueError(f"prune_mlp.ratio={step['ratio']} keeps all {width} channels at multiples of {mult}; "
-                         "raise ratio")
-    seq = step["seq_len"]
-    n = min(step["calib_samples"], len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"prune_mlp: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-    scores = channel_importance(model, [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)])
+        raise ValueError(f"prune_mlp.ratio={opt.ratio} keeps all {width} channels at multiples of "
+                         f"{opt.multiple_of}; raise ratio")
+    scores = channel_importance(model, calibration_batches(calib, opt, "prune_mlp"))
     for layer, score in zip(model.model.layers, scores):
         keep = torch.sort(torch.topk(score, kept).indices).values
         shrink(layer.mlp, keep)

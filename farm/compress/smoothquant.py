@@ -17,13 +17,36 @@ The final norm, the embedding and the (tied) lm_head are not touched.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from farm.compress.awq import fold
-from farm.compress.prune_layers import run_hooked, save_with_tokenizer
+from farm.compress.common import (
+    FOLDABLE,
+    Calibrated,
+    calibration_batches,
+    fold,
+    load,
+    run_hooked,
+    save_with_tokenizer,
+)
+from farm.modelref import ModelShape
+from farm.plugin import UnitGrid, architecture_problems
 
-FOLDABLE = ("llama", "mistral", "qwen2", "qwen3")  # RMSNorm y = w·x̂: dividing w by s is exact
+
+class Options(Calibrated):
+    LABEL = "a{alpha}"
+    GRID = ("alpha",)
+    method: Literal["smoothquant"]
+    alpha: UnitGrid = Field(
+        0.5, description="Migration strength in [0, 1]: s = max|X|^alpha / max|W|^(1-alpha); a list is a grid.")
+    down_proj: bool = Field(True, description="Also smooth down_proj's input (folded into up_proj's rows).")
+    calib_samples: int = Field(16, ge=1, le=1024, description="Calibration sequences.")
+
+    def check(self, shape: ModelShape):
+        return architecture_problems("smoothquant", shape, FOLDABLE), shape
+
 
 
 def smoothing_groups(layer, down_proj: bool) -> list:
@@ -59,32 +82,25 @@ def smoothing_scale(x_max, weights: list, alpha: float):
     return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load(model_dir, threads)
     if model.config.model_type not in FOLDABLE:
         raise ValueError(f"smoothquant: folds scales into Llama-style RMSNorm blocks ({', '.join(FOLDABLE)}); "
                          f"this model is '{model.config.model_type}'")
-    seq = step["seq_len"]
-    n = min(step["calib_samples"], len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"smoothquant: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-    batches = [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)]
-    groups = [g for layer in model.model.layers for g in smoothing_groups(layer, step["down_proj"])]
+    batches = calibration_batches(calib, opt, "smoothquant")
+    groups = [g for layer in model.model.layers for g in smoothing_groups(layer, opt.down_proj)]
     x_max = input_max(model, [lins[0] for _, lins in groups], batches)
     before, after = [], []
     with torch.no_grad():
         for prev, lins in groups:
             xm = x_max[lins[0]]
-            s = smoothing_scale(xm, [lin.weight.data for lin in lins], step["alpha"])
+            s = smoothing_scale(xm, [lin.weight.data for lin in lins], opt.alpha)
             fold(prev, lins, s)  # prev / s, the linears * s: the same function
             before.append(float(xm.max() / xm.mean()))
             after.append(float((xm / s).max() / (xm / s).mean()))
     save_with_tokenizer(model, model_dir, out)
-    return {"groups_smoothed": len(groups), "alpha": step["alpha"],
+    return {"groups_smoothed": len(groups), "alpha": opt.alpha,
             "act_max_over_mean_before": round(float(np.mean(before)), 2),
             "act_max_over_mean_after": round(float(np.mean(after)), 2)}

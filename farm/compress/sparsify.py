@@ -12,10 +12,28 @@ matrices, so expect no speed-up and no smaller file from sparsity alone; quality
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from farm.compress.prune_layers import run_hooked, save_with_tokenizer
+from farm.compress.common import Calibrated, calibration_batches, load, run_hooked, save_with_tokenizer
+from farm.plugin import FractionGrid
+
+
+class Options(Calibrated):
+    LABEL = "{criterion}-{pattern}-{sparsity}"
+    GRID = ("sparsity",)
+    method: Literal["sparsify"]
+    sparsity: FractionGrid = Field(0.5, description="Share of each row's weights set to zero; a list is a grid.")
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    criterion: Literal["magnitude", "wanda"] = "wanda"
+
+    @model_validator(mode="after")
+    def _two_four_is_half(self):
+        if self.pattern == "2:4" and self.sparsity != 0.5:
+            raise ValueError("sparsity: the 2:4 pattern removes exactly half of the weights; use 0.5")
+        return self
 
 
 def input_norms(model, batches: list) -> dict:
@@ -51,20 +69,13 @@ def mask(score, sparsity: float, pattern: str):
     return score > cut
 
 
-def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: int) -> dict:
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
     import torch
 
-    from farm.models import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_dir)
+    model = load(model_dir, threads)
     norms = {}
-    if step["criterion"] == "wanda":
-        seq = step["seq_len"]
-        n = min(step["calib_samples"], len(calib) // seq)
-        if n < 1:
-            raise ValueError(f"sparsify: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
-        norms = input_norms(model, [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)])
+    if opt.criterion == "wanda":
+        norms = input_norms(model, calibration_batches(calib, opt, "sparsify"))
     zeros = total = 0
     with torch.no_grad():
         for name, mod in model.model.layers.named_modules():
@@ -72,7 +83,7 @@ def apply(model_dir: Path, step: dict, calib: np.ndarray, out: Path, threads: in
                 continue
             w = mod.weight.data
             score = w.abs() * norms[name].to(w.dtype) if norms else w.abs()
-            w.mul_(mask(score, step["sparsity"], step["pattern"]).to(w.dtype))
+            w.mul_(mask(score, opt.sparsity, opt.pattern).to(w.dtype))
             zeros += int((w == 0).sum())
             total += w.numel()
     save_with_tokenizer(model, model_dir, out)

@@ -13,9 +13,11 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from farm import storage
 from farm.errors import ToolError
+from farm.export.common import ExportOptions
 
 # spec quant level -> llama.cpp ftype name
 FTYPES = {
@@ -31,6 +33,17 @@ FTYPES = {
     "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1",
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
+
+
+class Options(ExportOptions):
+    """llama.cpp's levels: F32/F16/BF16 converted from the checkpoint, the rest quantized from the F16 file."""
+    LEVELS = tuple(FTYPES)
+    DIRECT = ("F32", "F16", "BF16")
+    BASE_LEVEL = "F16"
+    RUNTIME = "llamacpp"
+    format: Literal["gguf"]
+
+
 MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
 
 

@@ -19,17 +19,66 @@ only, so untying would store the table twice. Sizes are the files on disk.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from farm.errors import ToolError
+from farm.export.common import BlockwiseExport, copy_side_files
+from farm.modelref import ModelShape
 from farm.models import trust_remote_code
 
 MODEL = "model.onnx"
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "tokenizer.model")
+GENAI_LEVELS = ("fp32", "int4")  # what onnxruntime-genai's model builder writes
+
+
+class Options(BlockwiseExport):
+    """builder optimum: optimum's graph, quantized by ONNX Runtime's tools from the fp32 export; builder genai:
+    ONNX Runtime GenAI's model builder writes its own graph at each level (farm/export/onnx_genai_export.py)."""
+    LEVELS = ("fp32", "int8_dynamic", "int8", "int4")
+    DIRECT = ("fp32",)
+    BASE_LEVEL = "fp32"
+    RUNTIME = "onnxruntime"
+    GROUPED = ("int8", "int4")
+    ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")
+    DATA_AWARE = ("gptq",)
+    format: Literal["onnx"]
+    builder: Literal["optimum", "genai"] = Field(
+        "optimum", description="optimum: optimum's export + ONNX Runtime quantizers; genai: ONNX Runtime GenAI's "
+        "model builder (levels fp32, int4; fused attention, faster on CPU).")
+
+    @model_validator(mode="after")
+    def _genai_levels(self):
+        if self.builder == "genai":
+            bad = [q for q in self.levels() if q not in GENAI_LEVELS]
+            if bad:
+                raise ValueError(f"quant: the genai builder writes {', '.join(GENAI_LEVELS)}, not {bad}")
+            if self.algorithm != "rtn":
+                raise ValueError("algorithm: the genai builder quantizes int4 itself (rtn); remove algorithm")
+        return self
+
+    def params(self, quant: str) -> list[dict]:
+        if self.builder == "optimum":
+            return super().params(quant)
+        return [{"format": "onnx", "quant": quant, "builder": "genai",
+                 **({"group_size": self.group_size} if quant == "int4" else {})}]
+
+    def source(self, params: dict) -> dict | None:
+        return None if params.get("builder") == "genai" else super().source(params)
+
+    def check(self, shape: ModelShape, calib_tokens: int) -> list[str]:
+        problems = super().check(shape, calib_tokens)
+        packed = [a for a in self.algorithm if a in ("k_quant", "gptq")] if isinstance(self.algorithm, list) \
+            else [a for a in [self.algorithm] if a in ("k_quant", "gptq")]
+        odd = {k: w // self.group_size for k, w in shape.widths().items()
+               if w % self.group_size == 0 and (w // self.group_size) % 2}
+        if packed and odd:  # ONNX Runtime packs two zero points per byte per row for these two algorithms
+            problems.append(f"group_size: onnx {packed} need an even number of groups per row, but "
+                            f"{self.group_size} gives {', '.join(f'{n} for {k}' for k, n in odd.items())}; "
+                            f"use {self.group_size // 2}")
+        return problems
 LARGE = 1_800_000_000
 # MatMulNBits computes with int8 activations (ONNX Runtime GenAI's choice for CPU int4); its error is
 # part of what the quality metrics measure
@@ -37,6 +86,10 @@ ACCURACY_LEVEL = 4  # protobuf's 2 GB limit: bigger graphs keep their weights in
 
 
 def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
+    if params.get("builder") == "genai":
+        from farm.export.onnx_genai_export import build
+
+        return build(source, params, out_dir, threads)
     out = out_dir / f"onnx-{params['quant']}"
     if params["quant"] == "fp32":
         export_fp32(source, out, threads)
@@ -54,12 +107,6 @@ def export_fp32(model_dir: Path, out: Path, threads: int) -> None:
     main_export(str(model_dir), output=str(out), task="text-generation-with-past", device="cpu",
                 do_validation=False, trust_remote_code=trust_remote_code())
     copy_side_files(model_dir, out)  # optimum skips files it cannot handle, and says so only in its debug log
-
-
-def copy_side_files(src: Path, out: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file() and not (out / name).is_file():
-            shutil.copy2(src / name, out / name)
 
 
 def check_complete(out: Path) -> None:

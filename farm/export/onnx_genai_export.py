@@ -19,10 +19,12 @@ import sys
 from pathlib import Path
 
 from farm.errors import ToolError
-from farm.export.onnx_export import check_complete, copy_side_files
+from farm.export.common import copy_side_files
+from farm.export.onnx_export import check_complete
 
 
-def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=None) -> Path:
+def build(source: Path, params: dict, out_dir: Path, threads: int = 1) -> Path:
+    """The `builder: genai` levels of the onnx format (farm/export/onnx_export.py)."""
     out = out_dir / f"onnx_genai-{params['quant']}"
     cache = out_dir / "builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),

@@ -16,12 +16,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from farm.errors import ToolError
-from farm.export.onnx_export import copy_side_files
+from farm.export.common import BlockwiseExport, copy_side_files
 from farm.models import trust_remote_code
+
+
+class Options(BlockwiseExport):
+    LEVELS = ("fp32", "fp16", "int8", "int4_sym", "int4_asym")
+    DIRECT = ("fp32",)
+    BASE_LEVEL = "fp32"
+    RUNTIME = "openvino"
+    GROUPED = ("int4_sym", "int4_asym")
+    ALGORITHMS = ("rtn", "awq", "scale_estimation", "awq_se", "gptq")
+    DATA_AWARE = ("awq", "scale_estimation", "awq_se", "gptq")
+    format: Literal["openvino"]
+    ratio: float = Field(1.0, gt=0, le=1, description="int4 levels: share of weights in int4 (the rest int8).")
+
+    @model_validator(mode="after")
+    def _ratio_for_int4(self):
+        if self.ratio != 1.0 and not any(self.is_int4(q) for q in self.levels()):
+            raise ValueError("ratio: only the int4 levels mix int4 with int8; remove it")
+        return self
+
+    def params(self, quant: str) -> list[dict]:
+        return [{**p, "ratio": self.ratio} if "algorithm" in p else p for p in super().params(quant)]
 
 MODEL = "openvino_model.xml"
 

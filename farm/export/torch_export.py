@@ -8,8 +8,17 @@ level needs no export: its artifact is the Hugging Face directory itself (the ba
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from farm.compress.prune_layers import save_with_tokenizer
+from farm.export.common import ExportOptions
+from farm.models import save_with_tokenizer
+
+
+class Options(ExportOptions):
+    LEVELS = ("fp32", "nf4", "llm_int8")
+    DIRECT = LEVELS
+    RUNTIME = "torch"
+    format: Literal["torch"]
 
 
 def config(quant: str):

@@ -1,6 +1,6 @@
 """llama.cpp (llama-cpp-python) serving a GGUF file.
 
-Options (a gguf export's `amx` / `repack`, passed by the evaluate and bench stages):
+Options (an export's `runtime: {name: llamacpp, amx: ..., repack: ...}`, passed by the evaluate and bench stages):
   amx     run llama.cpp's AMX kernels where the CPU has them (default off: they crashed every quantized
           model on the AMX Xeons seen here; see farm/runtimes/ggml_cpu.py)
   repack  the CPU's extra buffer types, which repack Q4_0/IQ4_NL weights for faster kernels (default on)
@@ -10,8 +10,26 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from farm.plugin import BoolGrid, RuntimeOptions
+
+
+class Options(RuntimeOptions):
+    TITLE = "llama.cpp"
+    FORMATS = ("gguf",)
+    REQUIREMENTS = ("llama-cpp-python", "numpy")
+    GRID = ("amx", "repack")
+    TAGS = {"amx": "amx", "repack": "norepack"}
+    name: Literal["llamacpp"]
+    amx: BoolGrid = Field(
+        False, description="Run llama.cpp's AMX kernels where the CPU has them (off by default: they crashed "
+        "quantized models on the AMX Xeons seen so far); [false, true] measures both.")
+    repack: BoolGrid = Field(
+        True, description="llama.cpp's CPU extra buffers (weight repacking, e.g. Q4_0 8x8); a list is a grid.")
 
 
 @contextlib.contextmanager

@@ -9,10 +9,19 @@ less than half the speed on this machine; benchmarks/runtimes.py compares the tw
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from farm.runtimes import greedy_generate
+from farm.plugin import RuntimeOptions
+from farm.runtimes.common import greedy_generate
+
+
+class Options(RuntimeOptions):
+    TITLE = "ONNX Runtime"
+    FORMATS = ("onnx",)
+    REQUIREMENTS = ("onnxruntime", "transformers", "numpy")
+    name: Literal["onnxruntime"]
 
 
 class OnnxRuntime:

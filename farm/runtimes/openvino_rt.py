@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from farm.runtimes import greedy_generate
+from farm.plugin import RuntimeOptions
+from farm.runtimes.common import greedy_generate
+
+
+class Options(RuntimeOptions):
+    TITLE = "OpenVINO"
+    FORMATS = ("openvino",)
+    REQUIREMENTS = ("openvino", "transformers", "numpy")
+    name: Literal["openvino"]
 
 
 class OpenVinoRuntime:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+
+from farm.plugin import RuntimeOptions
+
+
+class Options(RuntimeOptions):
+    TITLE = "PyTorch"
+    FORMATS = ("torch",)
+    REQUIREMENTS = ("torch", "transformers")
+    name: Literal["torch"]
 
 
 class TorchRuntime:
