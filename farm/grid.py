@@ -24,6 +24,7 @@ from farm.spec import Sweep, grid_fields, uses_teacher
 # of the libraries that closure imports and, where it reads the embedded corpus, the Python version make the
 # stage's code id. Change any of it and the stage, and what depends on it, gets a new id and runs again;
 # every other stage stays reused.
+BASELINE_RUNTIME = {"name": "torch"}
 WORKER = {"base": "models.py", "reference": "evaluate.py", "evaluate": "evaluate.py", "bench": "bench.py"}
 
 
@@ -135,13 +136,14 @@ def build(sweep: Sweep) -> Grid:
 
     exports = [(e, v) for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
-    baseline = FORMATS.options("torch")(format="torch", quant="fp32")
-    plan = [(p, e, v, p == [] and v.params == baseline.variants()[0].params) for p in pipelines for e, v in exports]
-    if not any(is_baseline for *_, is_baseline in plan):
-        plan.insert(0, ([], baseline, baseline.variants()[0], True))
+    baseline = FORMATS.options("torch")(format="torch", quant="fp32")  # the base model in PyTorch, fp32
+    plan = [(p, e, v) for p in pipelines for e, v in exports]
+    if not any(p == [] and v.params == baseline.variants()[0].params and BASELINE_RUNTIME in e.runtimes()
+               for p, e, v in plan):
+        plan.insert(0, ([], baseline, baseline.variants()[0]))
 
     bench = sweep.bench.model_dump()
-    for steps, entry, variant, is_baseline in plan:
+    for steps, entry, variant in plan:
         fmt = variant.params["format"]
         model = base
         for step in steps:  # shared prefixes map to the same stage ids
@@ -167,6 +169,8 @@ def build(sweep: Sweep) -> Grid:
                     "bench": bench,
                     "data": data,
                 }
+                is_baseline = steps == [] and variant.params == baseline.variants()[0].params \
+                    and runtime == BASELINE_RUNTIME
                 g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline))
     return g
 

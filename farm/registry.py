@@ -1,15 +1,19 @@
 """A small generic registry: a plug-in's name -> the module that implements it, imported when first used.
 
-Each entry is one line in its package's __init__.py. On first use the module is checked: it must define
-what its kind requires (e.g. `Options`, a subclass of the kind's options base, and `apply`), and its
-Options must name it (`method: Literal["gptq"]`). Unknown names get "did you mean"; a name registered
-twice is refused.
+Each entry is one line in its package's __init__.py. A plug-in kept outside farm/ is registered by
+FARM_PLUGINS="method:NAME=MODULE format:NAME=MODULE runtime:NAME=MODULE" (space- or comma-separated; every
+process of a sweep, the evaluate and bench children included, reads it). On first use the module is checked:
+it must define what its kind requires (e.g. `Options`, a subclass of the kind's options base, and `apply`),
+and its Options must name it (`method: Literal["gptq"]`). Unknown names get "did you mean"; a name
+registered twice is refused.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import re
 from types import ModuleType
 
 from farm.errors import FarmError
@@ -21,20 +25,35 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str], base: str, key: str, needs: tuple[str, ...]):
+    def __init__(self, kind: str, entries: dict[str, str], base: str, key: str, needs: tuple[str, ...],
+                 plugin_kind: str = ""):
         """kind: for messages; base: 'module:Class' every Options must subclass; key: the Options field that
-        holds the plug-in's name; needs: the functions the module must define."""
+        holds the plug-in's name; needs: the functions the module must define; plugin_kind: this registry's
+        prefix in FARM_PLUGINS."""
         self.kind, self._base, self.key, self.needs = kind, base, key, needs
         self._entries: dict[str, str] = {}
         self._loaded: dict[str, ModuleType] = {}
         self.version = 0  # bumped by add(): the spec rebuilds its unions
         for name, module in entries.items():
             self.add(name, module)
+        for item in re.split(r"[\s,]+", os.environ.get("FARM_PLUGINS", "").strip()):
+            prefix, _, entry = item.partition(":")
+            if prefix == plugin_kind and plugin_kind:
+                name, _, module = entry.partition("=")
+                if not (name and module):
+                    raise FarmError(f"FARM_PLUGINS: '{item}' is not {plugin_kind}:NAME=MODULE")
+                self.add(name, module)
 
     def add(self, name: str, module: str) -> None:
         if name in self._entries:
             raise FarmError(f"{self.kind} '{name}' is registered twice ({self._entries[name]} and {module})")
         self._entries[name] = module
+        self.version += 1
+
+    def remove(self, name: str) -> None:
+        self._known(name)
+        del self._entries[name]
+        self._loaded.pop(name, None)
         self.version += 1
 
     def names(self) -> list[str]:

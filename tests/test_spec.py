@@ -207,3 +207,19 @@ def test_gqa_and_sparsity_bounds():
     assert any(p.startswith("pipelines[0][0].kv_heads:") and "3 KV heads" in p for p in ps), ps
     assert any(p.startswith("pipelines[1][0].sparsity:") and "between 0 and 1" in p for p in ps), ps
     assert any(p.startswith("pipelines[2][0].sparsity:") and "2:4" in p for p in ps), ps
+
+
+def test_a_method_refuses_an_architecture_it_cannot_handle_at_validation(tmp_path):
+    """Found by a new user's non-Llama checkpoint: smoothquant/awq failed inside their Ray tasks."""
+    model = tmp_path / "gpt2-like"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_hidden_layers": 4, "hidden_size": 64}))
+    (model / "model.safetensors").write_bytes(b"")
+    (model / "tokenizer.json").write_text("{}")
+    d = demo()
+    d["base"] = {"model": str(model)}
+    d["pipelines"] = [[{"method": "smoothquant"}], [{"method": "awq"}]]
+    ps = problems(d)
+    assert any(p.startswith("pipelines[0][0].method: smoothquant supports the architectures llama") and "'gpt2'" in p
+               for p in ps), ps
+    assert any(p.startswith("pipelines[1][0].method: awq supports") for p in ps), ps

@@ -23,7 +23,7 @@ METHODS = Registry("compression method", {
     "gptq": "farm.compress.gptq",
     "awq": "farm.compress.awq",
     "smoothquant": "farm.compress.smoothquant",
-}, base="farm.plugin:StepOptions", key="method", needs=("apply",))
+}, base="farm.plugin:StepOptions", key="method", needs=("apply",), plugin_kind="method")
 
 
 def run_method(method: str, model_dir, step: dict, calib, out, threads: int, teacher_dir=None) -> dict:

@@ -16,4 +16,4 @@ FORMATS = Registry("export format", {
     "onnx": "farm.export.onnx_export",
     "openvino": "farm.export.openvino_export",
     "torch": "farm.export.torch_export",  # bitsandbytes levels; fp32 is the checkpoint itself
-}, base="farm.export.common:ExportOptions", key="format", needs=("export",))
+}, base="farm.export.common:ExportOptions", key="format", needs=("export",), plugin_kind="format")

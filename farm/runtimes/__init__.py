@@ -19,7 +19,7 @@ RUNTIMES = Registry("runtime", {
     "onnxruntime": "farm.runtimes.onnx_rt",
     "openvino": "farm.runtimes.openvino_rt",
     "torch": "farm.runtimes.torch_rt",
-}, base="farm.plugin:RuntimeOptions", key="name", needs=("load",))
+}, base="farm.plugin:RuntimeOptions", key="name", needs=("load",), plugin_kind="runtime")
 
 
 def runtimes_for(fmt: str) -> tuple[str, ...]:

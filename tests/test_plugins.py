@@ -1,0 +1,122 @@
+"""A plug-in costs one module + one registry line + one test. Test-only dummies (tests/plugins/) — a method,
+a format whose default runtime is a new runtime, and that runtime serving the torch format too — go through
+validation, the grid, every stage (evaluate and bench in their own processes), MLflow and the Pareto report."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from farm import grid, report, spec, stages, tracking
+from farm.compress import METHODS
+from farm.errors import FarmError, SpecError
+from farm.export import FORMATS
+from farm.runtimes import RUNTIMES
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = {METHODS: ("dummy_shrink", "tests.plugins.dummy_method"), FORMATS: ("dummy", "tests.plugins.dummy_format"),
+           RUNTIMES: ("dummy_rt", "tests.plugins.dummy_runtime")}
+
+
+@pytest.fixture
+def dummies(monkeypatch):
+    """The registry lines, in this process and (FARM_PLUGINS) in the evaluate/bench children."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    kinds = {METHODS: "method", FORMATS: "format", RUNTIMES: "runtime"}
+    monkeypatch.setenv("FARM_PLUGINS", " ".join(f"{kinds[r]}:{n}={m}" for r, (n, m) in PLUGINS.items()))
+    for registry, (name, module) in PLUGINS.items():
+        registry.add(name, module)
+    yield
+    for registry, (name, _) in PLUGINS.items():
+        registry.remove(name)
+
+
+def sweep_data(tiny_model_dir) -> dict:
+    return {
+        "name": "dummies", "base": {"model": str(tiny_model_dir)},
+        "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 32},
+        "pipelines": [[{"method": "dummy_shrink", "shrink": 0.5}]],
+        "exports": [{"format": "dummy", "quant": ["fp32", "fp16"]},
+                    {"format": "torch", "quant": "fp32", "runtime": ["torch", {"name": "dummy_rt", "scale": 2.0}]}],
+        "bench": {"prompt_tokens": 16, "decode_tokens": 4, "warmup": 0, "repeats": 1, "threads": 1},
+        "objectives": {"kl_div": "min", "size_mb": "min"},
+    }
+
+
+def test_the_dummies_validate_and_say_what_is_wrong(dummies, tiny_model_dir):
+    d = sweep_data(tiny_model_dir)
+    d["pipelines"][0][0]["shrink"] = 1.5
+    d["exports"][0]["quant"] = ["fp32", "int3"]
+    d["exports"][1]["runtime"] = ["torch", {"name": "dummy_rt", "scal": 2}]
+    with pytest.raises(SpecError) as e:
+        spec.parse(d)
+    text = "\n".join(e.value.problems)
+    assert "pipelines[0][0].shrink: " in text and "fraction" in text
+    assert "exports[0].quant: 'int3' is not a level of format 'dummy'" in text
+    assert "exports[1].runtime: dummy_rt: scal: Extra inputs" in text
+    d = sweep_data(tiny_model_dir)
+    d["exports"][0]["runtime"] = "llamacpp"  # a runtime that cannot load the format
+    with pytest.raises(SpecError, match="'llamacpp' is not a runtime of format 'dummy'"):
+        spec.parse(d)
+
+
+def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_model_dir, storage_root, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    sweep = spec.parse(sweep_data(tiny_model_dir))
+    g = grid.build(sweep)
+    # the shrunk model x (2 dummy levels + torch fp32 measured by torch and by dummy_rt) + the baseline
+    assert len(g.cells) == 2 + 2 + 1 and sum(c.baseline for c in g.cells) == 1
+    [fp32] = [s for s in g.stages.values() if s.kind == "export" and s.params == {"format": "dummy", "quant": "fp32"}]
+    [fp16] = [s for s in g.stages.values() if s.kind == "export" and s.params == {"format": "dummy", "quant": "fp16"}]
+    assert fp16.deps == (fp32.id,)  # made from the format's BASE_LEVEL export, which is shared
+
+    results = {}
+    for sid, stage in g.stages.items():
+        results[sid] = stages.run_stage(stage, [results[d] for d in stage.deps])
+    log = tracking.SweepLog(sweep, g, yaml.safe_dump(sweep_data(tiny_model_dir)))
+    for c in g.cells:
+        log.log_cell(c, results[c.export], results[c.evaluate], results[c.bench])
+    log.finish(0)
+
+    kl = {tracking.cell_label(c): results[c.evaluate]["metrics"]["kl_div"] for c in g.cells}
+    shrunk = "dummy_shrink-s0.5"
+    noise = abs(kl["base/torch-fp32@any"])  # the baseline against itself: the fp16-stored reference's resolution
+    assert noise < 1e-5 and kl[f"{shrunk}/torch-fp32@any"] > 10 * noise  # the method changed the model
+    assert abs(kl[f"{shrunk}/dummy-fp32@any"] - kl[f"{shrunk}/torch-fp32@any"]) < 1e-6  # same weights, new runtime
+    assert abs(kl[f"{shrunk}/dummy-fp16@any"] - kl[f"{shrunk}/dummy-fp32@any"]) < 1e-4  # fp16 rounding
+    assert kl[f"{shrunk}/torch-fp32-dummy_rt-x2.0@any"] > kl[f"{shrunk}/torch-fp32@any"] + 1e-3  # option arrived
+    by_label = {tracking.cell_label(c): c for c in g.cells}
+    assert results[by_label[f"{shrunk}/torch-fp32-dummy_rt-x2.0@any"].bench]["runtime_settings"] == \
+        {"runtime": "dummy", "scale": 2.0}
+
+    rep = report.pareto_report("dummies")
+    assert len(rep["rows"]) == len(g.cells) and rep["best"] is not None
+    labels = {r["label"] for r in rep["rows"]}
+    assert labels == set(kl)
+    run = tracking.client().get_run(rep["best"]["id"])
+    assert json.loads(run.data.tags["farm.artifact_runtime"])["name"] in ("dummy_rt", "torch")
+
+
+def test_a_registry_refuses_twins_and_modules_that_are_not_plug_ins(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    with pytest.raises(FarmError, match="registered twice"):
+        METHODS.add("gptq", "tests.plugins.dummy_method")
+    METHODS.add("not_a_method", "tests.plugins.not_a_method")
+    try:
+        with pytest.raises(FarmError, match="lacks Options .a subclass of StepOptions., apply"):
+            METHODS.get("not_a_method")
+    finally:
+        METHODS.remove("not_a_method")
+    METHODS.add("wrong_name", "tests.plugins.dummy_method")
+    try:
+        with pytest.raises(FarmError, match=r"Options.method must be Literal\['wrong_name'\]"):
+            METHODS.get("wrong_name")
+    finally:
+        METHODS.remove("wrong_name")
