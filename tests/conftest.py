@@ -1,5 +1,6 @@
-"""Shared fixtures. Stage outputs go to a per-session temporary storage; the embedded model's one-time
-float conversion is cached under FARM_HOME (./.farm by default), like any other model cache."""
+"""Shared fixtures. Stage outputs go to a per-session temporary storage. Unit tests use the tiny model
+(tests/tiny_model.py); only tests marked integration or e2e use the embedded model (`embedded_dir`), whose
+one-time float conversion is cached under FARM_HOME (./.farm by default), like any other model cache."""
 
 from __future__ import annotations
 
@@ -33,21 +34,19 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, embedded_dir) -> Path:
-    """A tiny random Llama with the embedded model's real tokenizer, saved as a local HF directory."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with a small tokenizer trained in-process (tests/tiny_model.py): no embedded model."""
+    from tiny_model import build
 
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(embedded_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny model trained briefly on the calibration text: a teacher with something to teach."""
+    from tiny_model import train
+
+    return train(tiny_model_dir, tmp_path_factory.mktemp("tiny-trained"))
 
 
 @pytest.fixture(scope="session")

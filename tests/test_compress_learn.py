@@ -1,5 +1,6 @@
-"""The methods that learn, on the tiny in-process model: distillation beats the same student trained
-without the teacher at equal steps; LoRA healing brings a pruned model closer to the base, and merges."""
+"""The methods that learn, on the tiny in-process model trained briefly into a teacher worth learning from
+(the random model is near uniform): distillation beats the same student trained without the teacher at
+equal steps; LoRA healing brings a pruned model closer to the base, and merges."""
 
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from farm.compress import run_method
 from farm.evaluate import log_softmax, tokenize_data
 
+pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64}
 TRAIN = {"steps": 30, "batch": 2, "seq_len": 64, "temperature": 2.0, "kd_weight": 1.0, "seed": 0}
 
@@ -38,20 +40,24 @@ def kl_to(reference_dir: Path, model_dir: Path, evals: np.ndarray) -> float:
     return total / n
 
 
-def test_distilled_student_beats_the_same_student_without_teacher(tiny_model_dir, tokens, tmp_path):
+def test_distilled_student_beats_the_same_student_without_teacher(trained_tiny_dir, tokens, tmp_path):
+    """The teacher is trained (a peaked distribution to learn): the student that starts as its blocks 0 and 3
+    is already close to it, and training on the text alone moves it away, so only a student that really
+    learned from the teacher ends far closer than the control (measured 0.15 of its KL; 0.60 with KD zeroed)."""
     calib, evals = tokens
-    kl = {}
+    kl, info = {}, {}
     for teacher in (True, False):
         out = tmp_path / f"student-{teacher}"
         out.mkdir()
         step = {"method": "distill", "student_layers": 2, "lr": 2e-3, "hidden_weight": 0.0, "teacher": teacher,
                 **TRAIN}
-        info = run_method("distill", tiny_model_dir, step, calib, out, 1)
-        assert info["kept_layers"] == [0, 3] and info["steps"] == 30
+        info[teacher] = run_method("distill", trained_tiny_dir, step, calib, out, 1)
+        assert info[teacher]["kept_layers"] == [0, 3] and info[teacher]["steps"] == 30
         assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
         assert (out / "tokenizer.json").is_file()
-        kl[teacher] = kl_to(tiny_model_dir, out, evals)
-    assert kl[True] < 0.8 * kl[False], kl
+        kl[teacher] = kl_to(trained_tiny_dir, out, evals)
+    assert info[True]["loss_last"] < 0.5 * info[True]["loss_first"], info[True]  # the KD loss itself fell
+    assert kl[True] < 0.3 * kl[False], kl
 
 
 def prune_then_heal(model_dir: Path, calib, tmp_path: Path, **lora):
@@ -65,17 +71,17 @@ def prune_then_heal(model_dir: Path, calib, tmp_path: Path, **lora):
     return pruned, healed, run_method("lora", pruned, step, calib, healed, 1, teacher_dir=model_dir)
 
 
-def test_lora_heals_a_pruned_model_and_merges(tiny_model_dir, tokens, tmp_path):
+def test_lora_heals_a_pruned_model_and_merges(trained_tiny_dir, tokens, tmp_path):
     from safetensors import safe_open
 
     calib, evals = tokens
-    pruned, healed, info = prune_then_heal(tiny_model_dir, calib, tmp_path)
+    pruned, healed, info = prune_then_heal(trained_tiny_dir, calib, tmp_path)
     assert info["trainable_params"] > 0 and info["loss_last"] < info["loss_first"]
     with safe_open(str(healed / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not [k for k in keys if "lora" in k]  # merged: a plain dense checkpoint
     assert json.loads((healed / "config.json").read_text())["num_hidden_layers"] == 3
-    assert kl_to(tiny_model_dir, healed, evals) < 0.8 * kl_to(tiny_model_dir, pruned, evals)
+    assert kl_to(trained_tiny_dir, healed, evals) < 0.8 * kl_to(trained_tiny_dir, pruned, evals)
 
 
 def test_student_must_be_smaller_than_its_teacher(tiny_model_dir, tokens, tmp_path):

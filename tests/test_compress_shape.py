@@ -4,12 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from tiny_model import VOCAB
 
 from farm.compress import run_method
 
 
 def calib_tokens(n: int = 1024) -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 49152, size=n)
+    return np.random.default_rng(0).integers(0, VOCAB, size=n)
 
 
 def test_gqa_mean_pooling_is_exact_when_grouped_heads_agree(tiny_model_dir, tmp_path):
@@ -94,12 +95,13 @@ def test_mlp_pruning_by_importance_beats_dropping_channels_at_random(tiny_model_
     calib = calib_tokens(2048)
     step = {"ratio": 0.5, "multiple_of": 32, "calib_samples": 4, "seq_len": 128}
     info = run_method("prune_mlp", tiny_model_dir, step, calib, tmp_path, 1)
-    assert (info["intermediate_before"], info["intermediate_after"]) == (128, 64)
-    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == 64
+    width = json.loads((tiny_model_dir / "config.json").read_text())["intermediate_size"]
+    assert (info["intermediate_before"], info["intermediate_after"]) == (width, width // 2)
+    assert json.loads((tmp_path / "config.json").read_text())["intermediate_size"] == width // 2
     base, pruned, rand = load_model(tiny_model_dir), load_model(tmp_path), load_model(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
     for layer in rand.model.layers:
-        shrink(layer.mlp, torch.sort(torch.randperm(128, generator=g)[:64]).values)
+        shrink(layer.mlp, torch.sort(torch.randperm(width, generator=g)[:width // 2]).values)
     ids = torch.tensor([calib[:256].tolist()])
     with torch.inference_mode():
         ref = base(ids).logits.log_softmax(-1)

@@ -11,6 +11,7 @@ from farm import grid, spec, stages, storage
 from farm.errors import ToolError
 from farm.export import FORMATS
 
+pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
 CALIB = {"calib_samples": 2, "calib_seq_len": 64, "group_size": 32}
 

@@ -9,6 +9,7 @@ import pytest
 
 from farm import grid, spec, stages, storage
 
+pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
 
 

@@ -18,7 +18,7 @@ import pytest
 from farm import grid, spec, tracking
 from farm.errors import FarmError
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow  # a real MLflow server; the tiny model only
 VENV_BIN = Path(sys.executable).parent
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
 
