@@ -14,7 +14,6 @@ from farm.errors import SpecError
 from farm.export import FORMATS
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
-TRIED = {"n": 0}
 
 # (path into the sweep, bad values that must be refused there)
 INT_FIELDS = [("data", "calib_tokens"), ("data", "eval_windows"), ("data", "eval_window_tokens"),
@@ -27,7 +26,6 @@ key_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size
 
 
 def rejected(d) -> list[str]:
-    TRIED["n"] += 1
     try:
         spec.parse(d)
     except SpecError as e:
@@ -87,7 +85,20 @@ def test_empty_grids_and_impossible_pipelines(drop, empty):
         assert any(p.startswith("pipelines[0][0].drop:") for p in problems)
 
 
-def test_report_how_many_were_tried():
-    # runs last in this module: the generated cases above all went through `rejected`
-    assert TRIED["n"] >= 100
-    print(f"\n{TRIED['n']} generated bad sweeps tried, all rejected with the field named")
+def test_every_generator_reaches_the_parser(monkeypatch):
+    """Each property test above, run again here (so in any order, or alone), sends most of its generated
+    sweeps through `rejected`: its early return for a generated key or level that happens to be valid
+    does not leave it vacuous."""
+    tests = [test_unknown_keys, test_wrong_types_and_out_of_range, test_unknown_methods, test_levels_a_format_lacks,
+             test_empty_grids_and_impossible_pipelines]
+    tried: dict[str, int] = {}
+    for test in tests:
+        def counted(d, name=test.__name__, real=rejected):
+            tried[name] = tried.get(name, 0) + 1
+            return real(d)
+
+        monkeypatch.setitem(globals(), "rejected", counted)
+        test()
+        monkeypatch.undo()
+    assert all(tried.get(t.__name__, 0) >= 20 for t in tests), tried  # of 30 to 60 examples each
+    print(f"\n{sum(tried.values())} generated bad sweeps tried, all rejected with the field named: {tried}")
