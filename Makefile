@@ -47,15 +47,19 @@ demo: up
 	if [ $$rc -eq 3 ]; then echo "farm: WARNING: the demo finished with failed cells (listed above and by" \
 	  "\`farm status demo\`); the champion was promoted from the cells that finished" >&2; fi
 
-# The suite runs with HOME pointing at an empty directory, so nothing a user's home holds (a Ray token, HF or
-# MLflow caches) can hide a missing set-up step; pip keeps its own cache.
+# Test tiers (markers in pyproject.toml): unmarked unit tests, on the tiny in-process model only; slow: heavy
+# ones on the tiny model (exports through every runtime, training, servers, memory hogs); integration: the
+# embedded SmolLM2 model (converted from its GGUF once); e2e: a real Ray cluster and MLflow server.
+# `make test` runs all four, with HOME pointing at an empty directory, so nothing a user's home holds (a Ray
+# token, HF or MLflow caches) can hide a missing set-up step; pip keeps its own cache.
 test: setup
 	@home=$$(mktemp -d -t farm-test-home.XXXXXX); \
-	PIP_CACHE_DIR=$${PIP_CACHE_DIR:-$$($(PIP) cache dir 2>/dev/null)} HOME=$$home $(PY) -m pytest -q tests; \
+	PIP_CACHE_DIR=$${PIP_CACHE_DIR:-$$($(PIP) cache dir 2>/dev/null)} HOME=$$home $(PY) -m pytest -q --durations=25 tests; \
 	rc=$$?; rm -rf $$home; exit $$rc
 
+# The unit tier alone.
 test-fast: setup
-	$(PY) -m pytest -q -m "not e2e and not integration" tests
+	$(PY) -m pytest -q -m "not e2e and not integration and not slow" tests
 
 schema: setup
 	.venv/bin/farm schema -o jobs/sweep.schema.json
