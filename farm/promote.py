@@ -37,7 +37,8 @@ class FarmLLM(mlflow.pyfunc.PythonModel):
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         from farm.runtimes import load
 
-        self.runtime = load(meta["runtime"], context.artifacts["model"], threads=meta.get("threads", 2),
+        runtime = meta.get("runtime") or FORMATS.options(meta["format"]).RUNTIME  # promoted before runtimes had names
+        self.runtime = load(runtime, context.artifacts["model"], threads=meta.get("threads", 2),
                             n_ctx=meta.get("n_ctx", 2048))
 
     def predict(self, context, model_input, params=None):
