@@ -65,6 +65,7 @@ def test_the_dummies_validate_and_say_what_is_wrong(dummies, tiny_model_dir):
         spec.parse(d)
 
 
+@pytest.mark.slow  # every stage, evaluate and bench in child processes, MLflow: ~80 s on 2 cores
 def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_model_dir, storage_root, tmp_path,
                                                                     monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
