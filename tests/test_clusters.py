@@ -52,12 +52,13 @@ def test_a_machine_that_never_ran_ray_gets_a_private_token(tmp_path):
     env.pop("RAY_AUTH_TOKEN", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     script = str(ROOT / "clusters/local/token.sh")
-    first = subprocess.run([script], env=env, capture_output=True, text=True, timeout=120)
+    first = subprocess.run([script], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     token = tmp_path / ".ray" / "auth_token"
     assert token.stat().st_size >= 16 and stat.S_IMODE(token.stat().st_mode) == 0o600
     before = token.read_text()
-    assert subprocess.run([script], env=env, timeout=120).returncode == 0 and token.read_text() == before
+    assert subprocess.run([script], check=False, env=env, timeout=120).returncode == 0 and token.read_text() == before
     custom = tmp_path / "elsewhere" / "token"
-    res = subprocess.run([script], env={**env, "RAY_AUTH_TOKEN_PATH": str(custom)}, capture_output=True, timeout=120)
+    res = subprocess.run([script], check=False, env={**env, "RAY_AUTH_TOKEN_PATH": str(custom)}, capture_output=True,
+                         timeout=120)
     assert res.returncode == 0 and stat.S_IMODE(custom.stat().st_mode) == 0o600 and custom.read_text() != before
