@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from farm.errors import FarmError
 
@@ -150,6 +151,10 @@ def fetch(name: str) -> Path:
     if marker is None:
         raise FarmError(f"stage {name} is not in the store {url()} — rerun the sweep to produce it")
     fs, base = _fs()
+    problems = manifest_problems(marker)
+    if problems:
+        raise FarmError(f"{url()}/stages/{name}/COMPLETE.json: {'; '.join(problems)} — refusing to fetch it; the "
+                        "store was written by something other than farm, delete that stage there and rerun")
     with publishing(final) as tmp:
         for rel, want in marker["files"].items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +163,24 @@ def fetch(name: str) -> Path:
                 raise FarmError(f"{url()}/stages/{name}/{marker['payload']}/{rel}: checksum mismatch — the store "
                                 f"holds a damaged copy; delete {url()}/stages/{name}/ and rerun the sweep")
     return final
+
+
+def manifest_problems(marker: dict) -> list[str]:
+    """A manifest may only name files inside its stage: relative paths without '..', a plain payload name,
+    and a sha256 for each (what a store that others can write may hold otherwise, it must not place)."""
+    problems = []
+    payload, files = marker.get("payload"), marker.get("files")
+    if not isinstance(payload, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", payload):
+        problems.append(f"payload {payload!r} is not a plain directory name")
+    if not isinstance(files, dict):
+        return [*problems, "files is not a mapping of path -> sha256"]
+    for rel, want in files.items():
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        if not parts or rel.startswith("/") or "\\" in rel or any(p in ("..", ".", "") for p in parts):
+            problems.append(f"file {rel!r} is not a path inside the stage")
+        if not (isinstance(want, str) and re.fullmatch(r"[0-9a-f]{64}", want)):
+            problems.append(f"file {rel!r} has no sha256")
+    return problems
 
 
 def _remove_stale(final: Path) -> None:

@@ -98,3 +98,29 @@ def test_incomplete_upload_is_invisible_and_damage_is_caught(store, tiny_model_d
 
     with pytest.raises(FarmError, match="FARM_STORAGE"):
         storage.local_path("s3://another-bucket/stages/x/y/model.gguf")
+
+
+def test_a_hostile_manifest_cannot_place_files_outside_the_stage(store, tiny_model_dir, tmp_path, monkeypatch):
+    """Someone who can write the bucket rewrites a stage's COMPLETE.json to name '../..' paths (with the right
+    checksums, which sit in the same bucket): the fetch is refused before a byte is written."""
+    import hashlib
+
+    fs, base = store
+    g = _grid(tiny_model_dir)
+    base_stage = next(s for s in g.stages.values() if s.kind == "base")
+    stages.run_stage(base_stage, [])
+    marker = json.loads(fs.cat_file(f"{base}/stages/{base_stage.name}/COMPLETE.json"))
+    payload = b"written by the store"
+    for rel in ("../../escaped.txt", "/tmp/farm-escaped.txt", "model/../../escaped.txt"):
+        fs.pipe_file(f"{base}/stages/{base_stage.name}/{marker['payload']}/{rel.lstrip('/')}", payload)
+        hostile = {**marker, "files": {**marker["files"], rel: hashlib.sha256(payload).hexdigest()}}
+        fs.pipe_file(f"{base}/stages/{base_stage.name}/COMPLETE.json", json.dumps(hostile).encode())
+        monkeypatch.setenv("FARM_HOME", str(tmp_path / f"node-{len(rel)}"))
+        with pytest.raises(FarmError, match="is not a path inside the stage"):
+            storage.read_result(base_stage.name)
+        assert not storage.stage_dir(base_stage.name).exists()
+        assert not list(tmp_path.rglob("escaped.txt")) and not Path("/tmp/farm-escaped.txt").exists()
+    hostile = {**marker, "payload": "../other-stage"}
+    fs.pipe_file(f"{base}/stages/{base_stage.name}/COMPLETE.json", json.dumps(hostile).encode())
+    with pytest.raises(FarmError, match="not a plain directory name"):
+        storage.read_result(base_stage.name)
