@@ -71,7 +71,10 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     if not artifact.exists():
         raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
     want = run.data.tags.get("farm.artifact_sha256")
-    if want and storage.sha256(artifact) != want:
+    if not want:
+        raise FarmError(f"run {run_id} records no checksum of its artifact, so what would be registered cannot be "
+                        "shown to be what was measured; not promoting — rerun the sweep")
+    if storage.sha256(artifact) != want:
         raise FarmError(f"checksum mismatch for {artifact}: it changed since it was measured; not promoting")
     # the runtime and options it was measured with (runs logged before farm.artifact_runtime: the format's own)
     runtime = json.loads(run.data.tags.get("farm.artifact_runtime") or "null") or \

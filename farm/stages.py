@@ -65,8 +65,9 @@ def run_export(stage: Stage, deps: list[dict], out: Path) -> dict:
     params = stage.params
     fmt, src = params["format"], deps[0]
     if fmt == "torch" and params["quant"] == "fp32":  # the Hugging Face directory itself is the artifact
-        artifact = _model_dir(src)
-        return {**params, "artifact": str(artifact), "size_mb": storage.size_mb(artifact)}
+        artifact = _model_dir(src)  # recorded with its checksum like every artifact: promote verifies it
+        return {**params, "artifact": str(artifact), "size_mb": storage.size_mb(artifact),
+                "sha256": storage.sha256(artifact)}
     from farm.export import FORMATS
 
     source = Path(src["artifact"]) if "artifact" in src else _model_dir(src)

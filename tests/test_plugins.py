@@ -104,6 +104,17 @@ def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_m
     run = tracking.client().get_run(rep["best"]["id"])
     assert json.loads(run.data.tags["farm.artifact_runtime"])["name"] in ("dummy_rt", "torch")
 
+    # every artifact is checksummed when exported, the torch baseline's checkpoint too; promote refuses one
+    # whose run records no checksum (it would register what it cannot show was measured)
+    baseline = next(c for c in g.cells if c.baseline)
+    assert len(results[baseline.export]["sha256"]) == 64
+    from farm import promote
+
+    c = tracking.client()
+    c.set_tag(rep["best"]["id"], "farm.artifact_sha256", "")
+    with pytest.raises(FarmError, match="records no checksum"):
+        promote.promote("dummies", run_id=rep["best"]["id"])
+
 
 def test_a_registry_refuses_twins_and_modules_that_are_not_plug_ins(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
