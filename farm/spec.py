@@ -29,6 +29,7 @@ from farm.compress import METHODS
 from farm.errors import SpecError
 from farm.export import FORMATS
 from farm.modelref import EMBEDDED_MODELS, ModelShape, base_config, model_dir_problems, model_kind
+from farm.plugin import Calibrated
 from farm.runtimes import RUNTIMES
 
 # Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
@@ -305,6 +306,8 @@ def check_world(data: dict) -> list[str]:
         if isinstance(f, str) and not Path(f).expanduser().is_file():
             problems.append(f"data.files[{i}]: file '{f}' does not exist")
     shape0 = ModelShape.of(base_config(ref))
+    d = data.get("data") if isinstance(data.get("data"), dict) else {}
+    calib_tokens = d.get("calib_tokens", DataSpec().calib_tokens)
     pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
     for i, pipeline in enumerate(pipelines):
         shape = shape0  # the model entering each step (the largest of a grid)
@@ -313,9 +316,8 @@ def check_world(data: dict) -> list[str]:
             opt = _valid(step_options(method), step) if method in METHODS else None
             if opt is not None:
                 found, shape = opt.check(shape)
+                found += calibration_problems(opt, calib_tokens)
                 problems += [f"pipelines[{i}][{j}].{p}" for p in found]
-    d = data.get("data") if isinstance(data.get("data"), dict) else {}
-    calib_tokens = d.get("calib_tokens", DataSpec().calib_tokens)
     exports = data.get("exports") if isinstance(data.get("exports"), list) else []
     for i, e in enumerate(exports):
         fmt = e.get("format") if isinstance(e, dict) else None
@@ -323,6 +325,16 @@ def check_world(data: dict) -> list[str]:
         if opt is not None and isinstance(calib_tokens, int):
             problems += [f"exports[{i}].{p}" for p in opt.check(shape0, calib_tokens)]
     return problems
+
+
+def calibration_problems(opt, calib_tokens) -> list[str]:
+    """A step that reads calib_samples x seq_len tokens needs that much calibration text: it is refused
+    here rather than quietly given fewer samples than the sweep says."""
+    need = getattr(opt, "calib_samples", 0) * getattr(opt, "seq_len", 0) if isinstance(opt, Calibrated) else 0
+    if not isinstance(calib_tokens, int) or need <= calib_tokens:
+        return []
+    return [f"calib_samples: {opt.calib_samples} x seq_len {opt.seq_len} = {need} calibration tokens, but "
+            f"data.calib_tokens is {calib_tokens}; raise data.calib_tokens or lower calib_samples/seq_len"]
 
 
 def json_schema() -> dict:

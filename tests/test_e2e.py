@@ -291,8 +291,8 @@ def test_a_failing_stage_and_one_over_its_memory_are_data(cluster, tiny_model_di
 
     sweep = {"name": "partly-broken", "base": {"model": str(tiny_model_dir)},
              "data": {"calib_tokens": 2048, "eval_windows": 1, "eval_window_tokens": 32},
-             # needs 4096 calibration tokens but the sweep has 2048: a deterministic runtime error
-             "pipelines": [[], [{"method": "prune_layers", "drop": 1, "seq_len": 4096}],
+             # a test-only method that raises (FARM_PLUGINS): every limit of a real one is caught at validation
+             "pipelines": [[], [{"method": "fail_at_run_time", "message": "deliberately broken step"}],
                            # 64 x 1024 tokens through student and teacher: far over 2.5 GiB (batch 16: 2.8 GB)
                            [{"method": "lora", "rank": 2, "steps": 2, "batch": 64, "seq_len": 1024}]],
              "exports": [{"format": "gguf", "quant": "Q8_0"}],
@@ -301,21 +301,21 @@ def test_a_failing_stage_and_one_over_its_memory_are_data(cluster, tiny_model_di
              "stage_memory_gb": 2.5}
     f = tmp_path / "partly.yaml"
     f.write_text(yaml.safe_dump(sweep))
-    res = submit(cluster, f)
+    res = submit(cluster, f, FARM_PLUGINS="method:fail_at_run_time=tests.plugins.failing_method")
     assert res.returncode != 0  # the job says that cells failed (exit 3: a partial sweep) ...
     assert "2 cells finished, 2 failed" in res.stdout, res.stdout[-4000:]  # ... and the rest of the sweep finished
     assert "a partial sweep: `farm status partly-broken`" in res.stdout
     c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("partly-broken")
     runs = {r.data.tags["farm.label"]: r for r in c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")}
-    failed = runs["prune_layers-drop1/gguf-Q8_0@a"]
-    assert failed.info.status == "FAILED" and "need 4096 calibration tokens" in failed.data.tags["farm.error"]
+    failed = runs["fail_at_run_time/gguf-Q8_0@a"]
+    assert failed.info.status == "FAILED" and "deliberately broken step" in failed.data.tags["farm.error"]
     assert not failed.data.tags["farm.error"].startswith("ray::")  # the stage's own error, not Ray's wrapper
     assert "error.txt" in {a.path for a in c.list_artifacts(failed.info.run_id)}
     oom = runs["lora-r2/gguf-Q8_0@a"]
     assert oom.info.status == "FAILED" and "killed for memory" in oom.data.tags["farm.error"], oom.data.tags
     assert "stage_memory_gb" in oom.data.tags["farm.error"]
-    ok = {k: r for k, r in runs.items() if k not in ("prune_layers-drop1/gguf-Q8_0@a", "lora-r2/gguf-Q8_0@a")}
+    ok = {k: r for k, r in runs.items() if k not in ("fail_at_run_time/gguf-Q8_0@a", "lora-r2/gguf-Q8_0@a")}
     assert len(ok) == 2 and all(r.info.status == "FINISHED" for r in ok.values())
     parent = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")[0]
     assert parent.data.metrics["cells_failed"] == 2 and parent.info.status == "FAILED"

@@ -131,7 +131,7 @@ def test_group_size_must_be_a_power_of_two():
 def test_data_aware_algorithm_without_enough_calibration_text():
     d = demo()
     d["data"]["calib_tokens"] = 1024  # awq_se reads 16 x 256 tokens by default
-    [p] = problems(d)
+    [p] = [p for p in problems(d) if p.startswith("exports")]  # (the demo's prune_layers wants 8 x 256 too)
     assert p.startswith("exports[3].calib_samples:") and "awq_se" in p and "data.calib_tokens" in p
 
 
@@ -223,3 +223,13 @@ def test_a_method_refuses_an_architecture_it_cannot_handle_at_validation(tmp_pat
     assert any(p.startswith("pipelines[0][0].method: smoothquant supports the architectures llama") and "'gpt2'" in p
                for p in ps), ps
     assert any(p.startswith("pipelines[1][0].method: awq supports") for p in ps), ps
+
+
+def test_a_step_that_would_get_fewer_calibration_samples_than_it_asks_for_is_refused():
+    """It used to be given min(calib_samples, tokens // seq_len) samples without a word."""
+    d = demo()
+    d["data"]["calib_tokens"] = 1024
+    d["exports"] = [{"format": "gguf", "quant": "Q8_0"}]
+    d["pipelines"] = [[{"method": "prune_layers", "drop": 2}], [{"method": "gptq", "calib_samples": 4, "seq_len": 256}]]
+    [p] = problems(d)  # prune_layers: 8 x 256 > 1024; gptq: 4 x 256 = 1024 fits
+    assert p.startswith("pipelines[0][0].calib_samples: 8 x seq_len 256 = 2048") and "data.calib_tokens" in p

@@ -92,13 +92,14 @@ def drop_layers(model, drop: list[int]) -> None:
 
 
 def calibration_batches(calib: np.ndarray, opt: Calibrated, method: str) -> list:
-    """The first calib_samples windows of seq_len calibration tokens, as [1, seq_len] tensors."""
+    """The first calib_samples windows of seq_len calibration tokens, as [1, seq_len] tensors: exactly what
+    the options say, never fewer (the spec refuses a sweep whose data.calib_tokens is too short)."""
     import torch
 
-    seq = opt.seq_len
-    n = min(opt.calib_samples, len(calib) // seq)
-    if n < 1:
-        raise ValueError(f"{method}: need {seq} calibration tokens, have {len(calib)} — raise data.calib_tokens")
+    seq, n = opt.seq_len, opt.calib_samples
+    if n * seq > len(calib):
+        raise ValueError(f"{method}: calib_samples {n} x seq_len {seq} needs {n * seq} calibration tokens, have "
+                         f"{len(calib)} — raise data.calib_tokens or lower calib_samples/seq_len")
     return [torch.tensor(calib[i * seq:(i + 1) * seq]).unsqueeze(0) for i in range(n)]
 
 
