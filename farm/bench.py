@@ -44,13 +44,17 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+STATUS = "/proc/self/status"
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM). Not ru_maxrss: that survives exec() and would report
     the RSS of the (large) Ray worker this process was forked from."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path(STATUS).read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    raise RuntimeError(f"{STATUS} has no VmHWM line: this process's own peak memory cannot be read here "
+                       "(ru_maxrss would report the Ray worker it was forked from)")
 
 
 def one_repeat(rt, prompt: list[int], decode: int) -> dict:

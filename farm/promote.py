@@ -90,7 +90,10 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
         # a resubmitted sweep picked the very same artifact: the alias already points at it
         return {**out, "version": current.version, "unchanged": True}
     meta = storage.home() / "promote" / f"{run_id}.json"
-    storage.atomic_write_text(meta, json.dumps({"runtime": runtime, "threads": 2, "n_ctx": 2048}))
+    # served as measured: the cell's runtime and options, and the threads its benchmark ran with
+    threads = run.data.tags.get("farm.bench.threads", "")
+    served = {"runtime": runtime, "threads": int(threads) if threads.isdigit() else 2, "n_ctx": 2048}
+    storage.atomic_write_text(meta, json.dumps(served))
     reqs = requirements(runtime if isinstance(runtime, str) else runtime["name"])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(

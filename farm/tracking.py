@@ -154,6 +154,10 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
     raw = _bench_json(bench)
     if raw is not None:
         files["bench.json"] = raw.read_text()
+    elif bench:  # the raw repeats are what the medians come from: a run without them says so
+        tags["farm.bench.raw_missing"] = "true"
+        print(f"farm: WARNING: {label}: the benchmark's raw bench.json is gone from storage; its run is flagged "
+              "farm.bench.raw_missing=true", flush=True)
     failed = error is not None or bool(error_text)
     if failed:
         text = error_text or ((getattr(error, "report", "") or "") + "\n\n--- traceback ---\n"

@@ -23,9 +23,13 @@ export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EX
 "$ROOT/clusters/local/token.sh"
 
 up() {
-  local auth=() token=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
-  [ -f "$token" ] && auth=(-H "Authorization: Bearer $(cat "$token")")
-  curl -sf -o /dev/null "${auth[@]}" "$1"
+  local token=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+  # the header goes to curl on its stdin (printf is a shell builtin): never on a command line, where ps shows it
+  if [ -f "$token" ]; then
+    printf 'header = "Authorization: Bearer %s"\n' "$(<"$token")" | curl -sf -o /dev/null -K - "$1"
+  else
+    curl -sf -o /dev/null "$1"
+  fi
 }
 
 if ! up "http://127.0.0.1:$MLFLOW_PORT/health"; then
