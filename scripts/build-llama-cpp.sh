@@ -33,6 +33,9 @@ if ! ls "$cache"/*.whl >/dev/null 2>&1; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   "$PIP" download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work/sdist"
+  # the sdist's code is compiled and run: it must be the pinned one
+  (cd "$work/sdist" && grep -F "llama_cpp_python-$VERSION.tar.gz" "$ROOT/farm/export/llama_cpp_sdist.sha256" | sha256sum -c --quiet) \
+    || { echo "farm: llama-cpp-python $VERSION sdist does not match farm/export/llama_cpp_sdist.sha256" >&2; exit 1; }
   tar -xzf "$work"/sdist/*.tar.gz -C "$work"
   mmq=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp)
   grep -qF "$AMX_FROM" "$mmq" || { echo "farm: $mmq changed upstream; review the AMX fix in $0" >&2; exit 1; }

@@ -53,3 +53,19 @@ def test_peak_memory_comes_from_this_process_or_not_at_all(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "STATUS", str(status))
     with pytest.raises(RuntimeError, match="no VmHWM"):  # not ru_maxrss: that is the forking Ray worker's
         bench.peak_rss_mb()
+
+
+def test_the_llama_cpp_sdist_whose_code_runs_must_be_the_pinned_one(tmp_path):
+    from farm.errors import ToolError
+    from farm.export.gguf_export import SDIST_HASHES, check_sdist, llama_cpp_version
+
+    name = f"llama_cpp_python-{llama_cpp_version()}.tar.gz"
+    assert name in SDIST_HASHES.read_text()  # the installed version is pinned
+    fake = tmp_path / name
+    fake.write_bytes(b"not the release")
+    with pytest.raises(ToolError, match="is not the pinned"):
+        check_sdist(fake)
+    other = tmp_path / "llama_cpp_python-0.0.1.tar.gz"
+    other.write_bytes(b"")
+    with pytest.raises(ToolError, match="has no pinned sha256"):
+        check_sdist(other)

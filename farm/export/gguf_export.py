@@ -53,6 +53,19 @@ def llama_cpp_version() -> str:
     return version("llama-cpp-python")
 
 
+SDIST_HASHES = Path(__file__).with_name("llama_cpp_sdist.sha256")  # also read by scripts/build-llama-cpp.sh
+
+
+def check_sdist(path: Path) -> None:
+    """The downloaded sdist is the one pinned in SDIST_HASHES (its code runs: the converter, the build)."""
+    pins = dict(reversed(line.split()) for line in SDIST_HASHES.read_text().splitlines() if line.strip())
+    if path.name not in pins:
+        raise ToolError(f"{path.name} has no pinned sha256 in {SDIST_HASHES}; add the hash PyPI lists for it")
+    if storage.sha256(path) != pins[path.name]:
+        raise ToolError(f"{path.name}: sha256 {storage.sha256(path)} is not the pinned {pins[path.name]} "
+                        f"({SDIST_HASHES}); not running its code")
+
+
 def converter_dir() -> Path:
     """llama.cpp's converter for the installed llama-cpp-python, fetched once from its sdist."""
     ver = llama_cpp_version()
@@ -66,6 +79,7 @@ def converter_dir() -> Path:
         sdists = list(Path(dl).glob("*.tar.gz"))
         if res.returncode != 0 or not sdists:
             raise ToolError(f"could not download the llama-cpp-python {ver} sdist for its converter:\n{res.stderr}")
+        check_sdist(sdists[0])
         with storage.publishing(final) as tmp, tarfile.open(sdists[0]) as tar:
             prefix = f"{sdists[0].name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
             members = [m for m in tar.getmembers()
