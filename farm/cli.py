@@ -126,11 +126,14 @@ def cmd_nodes(a) -> int:
 
 
 def cmd_sync(a) -> int:
-    from farm.tracking import sync
+    from farm.tracking import parked, sync
 
     left = sync()
     print("farm: every queued MLflow record delivered" if not left else f"farm: {left} record(s) still queued")
-    return 1 if left else 0
+    refused = parked()
+    for f, why in refused:
+        print(f"farm: parked (MLflow refused it for good): {f}: {why}")
+    return 1 if left or refused else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -56,13 +57,17 @@ class SweepLog:
     def __init__(self, sweep, grid, source_text: str):
         self.c = client()
         deadline = time.time() + wait_limit()
+        submission, tried = uuid.uuid4().hex, False
         while True:  # the parent run is needed before anything else: wait for the server here
             try:
                 exp = self.c.get_experiment_by_name(sweep.name)
                 self.experiment_id = exp.experiment_id if exp else self.c.create_experiment(sweep.name)
-                run = self.c.create_run(self.experiment_id,
-                                        run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                        tags={"farm.kind": "sweep", "farm.sweep": sweep.name})
+                found = self.c.search_runs([self.experiment_id], f"tags.`farm.submission` = '{submission}'",
+                                           max_results=1) if tried else []  # a lost reply: the run exists
+                tried = True
+                run = found[0] if found else self.c.create_run(
+                    self.experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                    tags={"farm.kind": "sweep", "farm.sweep": sweep.name, "farm.submission": submission})
                 break
             except Exception as e:
                 if time.time() > deadline:
@@ -170,21 +175,43 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
             "status": "FAILED" if failed else "FINISHED"}
 
 
+def refused_for_good(e: BaseException) -> bool:
+    """MLflow said no to the request itself (a 4xx other than timeout / too many requests): retrying the
+    same record can never succeed. Unreachable servers and 5xx are worth retrying."""
+    status = getattr(e, "get_http_status_code", None)
+    code = status() if callable(status) else None
+    return isinstance(code, int) and 400 <= code < 500 and code not in (408, 429)
+
+
 def deliver_outbox(c: MlflowClient, outbox: Path) -> int:
-    """Deliver queued records in order; stop at the first that cannot be. Returns how many are left."""
+    """Deliver queued records in order; stop at the first that cannot be delivered yet. A record MLflow
+    refuses for good is parked in outbox/<run>/parked/ with the reason (`farm sync` lists them) and the rest
+    go on. Returns how many are left to deliver."""
     queued = sorted(outbox.glob("*.json")) if outbox.is_dir() else []
     for i, f in enumerate(queued):
         record = json.loads(f.read_text())
         try:
             _deliver(c, record, f)
-        except Exception as e:  # noqa: BLE001 (unreachable, or refused: keep it and those after it)
+        except Exception as e:  # noqa: BLE001 (unreachable or refused: keep it)
             record["last_error"] = str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+            if refused_for_good(e):
+                storage.atomic_write_text(outbox / "parked" / f.name, json.dumps(record, default=str))
+                f.unlink()
+                print(f"farm: MLflow refused {record.get('run_name') or record['op']} for good "
+                      f"({record['last_error'][:200]}); parked in {outbox / 'parked' / f.name}", flush=True)
+                continue
             storage.atomic_write_text(f, json.dumps(record, default=str))
             return len(queued) - i
         f.unlink()
     if outbox.is_dir() and not any(outbox.iterdir()):
         outbox.rmdir()
     return 0
+
+
+def parked(home: Path | None = None) -> list[tuple[Path, str]]:
+    """Records MLflow refused for good, with why."""
+    files = sorted((home or storage.home()).joinpath("outbox").glob("*/parked/*.json"))
+    return [(f, json.loads(f.read_text()).get("last_error", "")) for f in files]
 
 
 def _deliver(c: MlflowClient, record: dict, path: Path) -> None:

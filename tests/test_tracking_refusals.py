@@ -1,0 +1,60 @@
+"""Delivery to MLflow (an in-process sqlite store): a lost reply does not make a second parent run, and a
+record MLflow refuses for good is parked with its reason instead of blocking every record behind it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from farm import grid, spec, tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def mlflow_here(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FARM_TRACKING_WAIT_S", "30")
+    sweep = spec.parse(copy.deepcopy(yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())))
+    return sweep, grid.build(sweep)
+
+
+def test_a_lost_reply_does_not_make_a_second_parent_run(mlflow_here, monkeypatch):
+    sweep, g = mlflow_here
+    real = tracking.MlflowClient.create_run
+    calls = []
+
+    def lossy(self, *a, **k):  # the server makes the run, the reply is lost on the way back
+        run = real(self, *a, **k)
+        calls.append(run.info.run_id)
+        if len(calls) == 1:
+            raise ConnectionError("reply lost")
+        return run
+
+    monkeypatch.setattr(tracking.MlflowClient, "create_run", lossy)
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    log = tracking.SweepLog(sweep, g, "name: demo")
+    c = tracking.client()
+    parents = c.search_runs([log.experiment_id], "tags.`farm.kind` = 'sweep'")
+    assert len(calls) == 1 and [r.info.run_id for r in parents] == [log.run_id] == calls
+
+
+def test_a_record_mlflow_refuses_for_good_is_parked_and_the_rest_delivered(mlflow_here):
+    sweep, g = mlflow_here
+    log = tracking.SweepLog(sweep, g, "name: demo")
+    bad, good = g.cells[0], g.cells[1]
+    record = tracking.cell_record(log.experiment_id, log.run_id, bad, None, None, None, None, None)
+    record["params"]["not a valid key!"] = "x"  # MLflow refuses this param name: INVALID_PARAMETER_VALUE
+    log.seq += 1
+    log.outbox.mkdir(parents=True, exist_ok=True)
+    (log.outbox / f"{log.seq:06d}.json").write_text(json.dumps(record))
+    assert log.log_cell(good, None, None, None) == 0  # the good one behind it got through
+    [(path, why)] = tracking.parked()
+    assert path.parent.name == "parked" and "not a valid key" in why
+    runs = tracking.client().search_runs([log.experiment_id], "tags.`farm.kind` = 'cell'")
+    assert {r.data.tags["farm.cell_id"] for r in runs if r.info.status == "FINISHED"} == {good.id}
