@@ -67,6 +67,11 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     run = c.get_run(run_id)
     if run.info.status != "FINISHED" or "farm.artifact_uri" not in run.data.tags:
         raise FarmError(f"run {run_id} is not a finished farm cell run")
+    recorded = _export_record(run)
+    if storage.uri_of(recorded["artifact"]) != run.data.tags["farm.artifact_uri"] or \
+            recorded.get("sha256", "") != run.data.tags.get("farm.artifact_sha256", ""):
+        raise FarmError(f"run {run_id}'s artifact tags do not match what its export stage "
+                        f"{run.data.tags['farm.export_stage']} recorded in storage; not promoting")
     artifact = storage.local_path(run.data.tags["farm.artifact_uri"])
     if not artifact.exists():
         raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
@@ -105,6 +110,22 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     c.set_registered_model_alias(model_name, alias, version.version)
     c.set_tag(run_id, "farm.promoted", f"{model_name}@{alias} v{version.version}")
     return {**out, "version": version.version, "unchanged": False}
+
+
+def _export_record(run) -> dict:
+    """What the cell's export stage recorded in the sweep's storage (its artifact and checksum): the authority
+    the run's MLflow tags, which anyone who can edit tags could change, are checked against."""
+    from farm.stages import local
+
+    stage = run.data.tags.get("farm.export_stage", "")
+    result = storage.read_result(stage) if stage else None
+    if result is None:
+        raise FarmError(f"run {run.info.run_id} names no export stage in this storage ({storage.root()}); set "
+                        "FARM_STORAGE to the sweep's store, or rerun the sweep")
+    path = Path(result["artifact"])
+    if not path.is_absolute():
+        path = storage.stage_dir(stage) / path
+    return {**local({**result, "artifact": str(path)}), "sha256": result.get("sha256", "")}
 
 
 def _version_by_alias(c, model_name: str, alias: str):

@@ -139,7 +139,8 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
     if export:
         tags.update({"farm.artifact_uri": storage.uri_of(export["artifact"]),
                      "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", ""),
-                     "farm.artifact_runtime": json.dumps(cell.spec["export"]["runtime"], sort_keys=True)})
+                     "farm.artifact_runtime": json.dumps(cell.spec["export"]["runtime"], sort_keys=True),
+                     "farm.export_stage": export.get("stage", "")})
     for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
         if result:  # reused from an earlier submission (same content id) rather than run again
             tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()

@@ -111,9 +111,16 @@ def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_m
     from farm import promote
 
     c = tracking.client()
-    c.set_tag(rep["best"]["id"], "farm.artifact_sha256", "")
-    with pytest.raises(FarmError, match="records no checksum"):
-        promote.promote("dummies", run_id=rep["best"]["id"])
+    best = c.get_run(rep["best"]["id"])
+    uris = {c.get_run(r["id"]).data.tags["farm.artifact_uri"] for r in rep["rows"]}
+    elsewhere = next(u for u in sorted(uris) if u != best.data.tags["farm.artifact_uri"])
+    c.set_tag(best.info.run_id, "farm.artifact_uri", elsewhere)
+    with pytest.raises(FarmError, match="do not match what its export stage"):  # a tag pointed elsewhere
+        promote.promote("dummies", run_id=best.info.run_id)
+    c.set_tag(best.info.run_id, "farm.artifact_uri", best.data.tags["farm.artifact_uri"])
+    c.set_tag(best.info.run_id, "farm.artifact_sha256", "")
+    with pytest.raises(FarmError, match="do not match what its export stage"):
+        promote.promote("dummies", run_id=best.info.run_id)
 
 
 def test_a_registry_refuses_twins_and_modules_that_are_not_plug_ins(monkeypatch):
