@@ -28,7 +28,7 @@ def test_converted_checkpoint_keeps_config(embedded_dir):
 
 def test_converted_checkpoint_matches_the_original_gguf(embedded_dir, reference):
     torch_q = evaluate.evaluate("torch", embedded_dir, reference, threads=2)
-    gguf_q = evaluate.evaluate("gguf", embedded_gguf("smollm2-135m-instruct"), reference, threads=2)
+    gguf_q = evaluate.evaluate("llamacpp", embedded_gguf("smollm2-135m-instruct"), reference, threads=2)
     # same weights (Q4_1 dequantized exactly); llama.cpp multiplies Q4_1 x Q8 activations, hence ~1%
     assert abs(torch_q["perplexity"] / gguf_q["perplexity"] - 1) < 0.02, (torch_q, gguf_q)
     assert gguf_q["top1_agree"] > 0.9 and gguf_q["kl_div"] < 0.02
@@ -39,7 +39,7 @@ def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
     from farm.export.gguf_export import export
 
     f16 = export(embedded_dir, {"format": "gguf", "quant": "F16"}, tmp_path)
-    q = evaluate.evaluate("gguf", f16, reference, threads=2)
+    q = evaluate.evaluate("llamacpp", f16, reference, threads=2)
     assert q["kl_div"] < 1e-3 and q["top1_agree"] > 0.98
     from farm.runtimes import load
 
