@@ -30,7 +30,7 @@ from farm.errors import SpecError
 from farm.export import FORMATS
 from farm.modelref import EMBEDDED_MODELS, ModelShape, base_config, model_dir_problems, model_kind
 from farm.plugin import Calibrated
-from farm.runtimes import RUNTIMES
+from farm.runtimes import RUNTIMES, runtimes_for
 
 # Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
 QUALITY_METRICS = ("perplexity", "kl_div", "top1_agree")
@@ -196,6 +196,15 @@ def sweep_model() -> type[Sweep]:
     return _sweep_model((METHODS.version, FORMATS.version, RUNTIMES.version))
 
 
+def _runtime_hint(loc: tuple, key: str) -> str:
+    """A runtime's option written on the export itself (as `amx:` was before runtimes had names)."""
+    fmt = loc[2] if len(loc) == 4 and loc[0] == "exports" and loc[2] in FORMATS else None
+    for name in runtimes_for(fmt) if fmt else ():
+        if key in RUNTIMES.options(name).model_fields:
+            return f"it is an option of the {name} runtime: write runtime: {{name: {name}, {key}: ...}}"
+    return "remove it or check its spelling"
+
+
 def _branch_names() -> set[str]:
     return set(METHODS.names()) | set(FORMATS.names())
 
@@ -223,7 +232,7 @@ def _format_error(err: dict) -> str:
     if kind == "extra_forbidden":  # the last part is the user's key, whatever it is called
         parent, key = _loc(err["loc"][:-1]), err["loc"][-1]
         where = f"{parent}.{key}" if err["loc"][:-1] else str(key)
-        return f"{where}: unknown key '{key}' in {parent} — remove it or check its spelling"
+        return f"{where}: unknown key '{key}' in {parent} — {_runtime_hint(err['loc'], key)}"
     if kind == "union_tag_invalid":
         expected = [e.strip(" '") for e in err["ctx"]["expected_tags"].split(",")]
         tag, key = err["ctx"]["tag"], err["ctx"]["discriminator"].strip("'")

@@ -115,3 +115,16 @@ def test_runtime_options_belong_to_their_runtime_and_runtimes_to_their_formats()
     d["exports"] = [{"format": "onnx", "quant": "int8", "runtime": "llamacpp"}]
     with pytest.raises(SpecError, match=r"exports\[0\]\.runtime: 'llamacpp' is not a runtime of format 'onnx'"):
         spec.parse(d)
+
+
+def test_a_runtime_option_on_the_export_itself_says_where_it_goes():
+    import pytest
+
+    from farm.errors import SpecError
+
+    d = copy.deepcopy(DEMO)
+    d["exports"] = [{"format": "gguf", "quant": "Q4_0", "amx": [False, True]}]  # the syntax before runtimes
+    with pytest.raises(SpecError, match=r"exports\[0\]\.amx: unknown key 'amx' in exports\[0\] — it is an option "
+                       r"of the llamacpp runtime: write runtime: \{name: llamacpp, amx: \.\.\.\}"):
+        spec.parse(d)
+
