@@ -137,10 +137,10 @@ def build(sweep: Sweep) -> Grid:
     exports = [(e, v) for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
     baseline = FORMATS.options("torch")(format="torch", quant="fp32")  # the base model in PyTorch, fp32
+    [baseline_variant] = baseline.variants()
     plan = [(p, e, v) for p in pipelines for e, v in exports]
-    if not any(p == [] and v.params == baseline.variants()[0].params and BASELINE_RUNTIME in e.runtimes()
-               for p, e, v in plan):
-        plan.insert(0, ([], baseline, baseline.variants()[0]))
+    if not any(p == [] and v == baseline_variant and BASELINE_RUNTIME in e.runtimes() for p, e, v in plan):
+        plan.insert(0, ([], baseline, baseline_variant))
 
     bench = sweep.bench.model_dump()
     for steps, entry, variant in plan:
@@ -169,8 +169,7 @@ def build(sweep: Sweep) -> Grid:
                     "bench": bench,
                     "data": data,
                 }
-                is_baseline = steps == [] and variant.params == baseline.variants()[0].params \
-                    and runtime == BASELINE_RUNTIME
+                is_baseline = steps == [] and variant == baseline_variant and runtime == BASELINE_RUNTIME
                 g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline))
     return g
 

@@ -81,9 +81,7 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
                         "shown to be what was measured; not promoting — rerun the sweep")
     if storage.sha256(artifact) != want:
         raise FarmError(f"checksum mismatch for {artifact}: it changed since it was measured; not promoting")
-    # the runtime and options it was measured with (runs logged before farm.artifact_runtime: the format's own)
-    runtime = json.loads(run.data.tags.get("farm.artifact_runtime") or "null") or \
-        FORMATS.options(run.data.tags["farm.artifact_format"]).RUNTIME
+    runtime = json.loads(run.data.tags["farm.artifact_runtime"])  # the runtime and options it was measured with
     model_name = model_name or policy.get("model_name") or name
     alias = alias or policy.get("alias") or "champion"
     out = {"run_id": run_id, "model_name": model_name, "alias": alias, "uri": f"models:/{model_name}@{alias}",
@@ -99,7 +97,7 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
     threads = run.data.tags.get("farm.bench.threads", "")
     served = {"runtime": runtime, "threads": int(threads) if threads.isdigit() else 2, "n_ctx": 2048}
     storage.atomic_write_text(meta, json.dumps(served))
-    reqs = requirements(runtime if isinstance(runtime, str) else runtime["name"])
+    reqs = requirements(runtime["name"])
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model", python_model=FarmLLM(), artifacts={"model": str(artifact), "meta": str(meta)},
@@ -115,17 +113,14 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
 def _export_record(run) -> dict:
     """What the cell's export stage recorded in the sweep's storage (its artifact and checksum): the authority
     the run's MLflow tags, which anyone who can edit tags could change, are checked against."""
-    from farm.stages import local
+    from farm.stages import stored_result
 
     stage = run.data.tags.get("farm.export_stage", "")
-    result = storage.read_result(stage) if stage else None
+    result = stored_result(stage) if stage else None
     if result is None:
         raise FarmError(f"run {run.info.run_id} names no export stage in this storage ({storage.root()}); set "
                         "FARM_STORAGE to the sweep's store, or rerun the sweep")
-    path = Path(result["artifact"])
-    if not path.is_absolute():
-        path = storage.stage_dir(stage) / path
-    return {**local({**result, "artifact": str(path)}), "sha256": result.get("sha256", "")}
+    return result
 
 
 def _version_by_alias(c, model_name: str, alias: str):

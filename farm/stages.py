@@ -125,6 +125,12 @@ def _absolute(result: dict, final: Path) -> dict:
     return out
 
 
+def stored_result(name: str) -> dict | None:
+    """A finished stage's result as storage holds it, its paths on this node (fetched from a remote store)."""
+    result = storage.read_result(name)
+    return None if result is None else _absolute(result, storage.stage_dir(name))
+
+
 def local(dep: dict) -> dict:
     """A dependency's result with its paths on this node (stages in a remote store are fetched first)."""
     return {k: str(storage.here(v)) if k in PATH_KEYS else v for k, v in dep.items()}

@@ -29,6 +29,7 @@ from farm.errors import ToolError
 from farm.export.common import BlockwiseExport, copy_side_files
 from farm.modelref import ModelShape
 from farm.models import trust_remote_code
+from farm.plugin import as_list
 
 MODEL = "model.onnx"
 GENAI_LEVELS = ("fp32", "int4")  # what onnxruntime-genai's model builder writes
@@ -70,8 +71,7 @@ class Options(BlockwiseExport):
 
     def check(self, shape: ModelShape, calib_tokens: int) -> list[str]:
         problems = super().check(shape, calib_tokens)
-        packed = [a for a in self.algorithm if a in ("k_quant", "gptq")] if isinstance(self.algorithm, list) \
-            else [a for a in [self.algorithm] if a in ("k_quant", "gptq")]
+        packed = [a for a in as_list(self.algorithm) if a in ("k_quant", "gptq")]
         odd = {k: w // self.group_size for k, w in shape.widths().items()
                if w % self.group_size == 0 and (w // self.group_size) % 2}
         if packed and odd:  # ONNX Runtime packs two zero points per byte per row for these two algorithms
