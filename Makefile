@@ -17,12 +17,14 @@ setup: $(STAMP)
 
 # torch first and pinned: a bare torch requirement would pull a multi-GB CUDA build. llama-cpp-python next,
 # built for every CPU variant (scripts/build-llama-cpp.sh: ~10 min on 2 cores the first time, then taken
-# from a wheel cache outside the clone), so that the lock does not compile a native-only one.
-$(STAMP): requirements.lock pyproject.toml scripts/build-llama-cpp.sh
+# from a wheel cache outside the clone), so that the lock does not compile a native-only one. llama.cpp's own
+# llama-server (the GGUF serving engine) from the same llama.cpp source, cached the same way (~12 min once).
+$(STAMP): requirements.lock pyproject.toml scripts/build-llama-cpp.sh scripts/build-llama-server.sh scripts/llama-cpp-source.sh
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	scripts/build-llama-cpp.sh $(PIP)
+	scripts/build-llama-server.sh $(PIP)
 	$(PIP) install -q -r requirements.lock
 	$(PIP) install -q --no-deps -e .
 	$(PIP) show torch | grep -q '^Version: 2.13.0+cpu' || { echo "torch is not the 2.13.0 CPU build" >&2; exit 1; }

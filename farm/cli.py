@@ -1,4 +1,5 @@
-"""`farm validate | run | submit | status | pareto | promote | generate | serve | schema | labels | nodes`."""
+"""`farm validate | run | submit | status | pareto | promote | generate | serve | chat | loadtest | schema | labels |
+nodes | sync`."""
 
 from __future__ import annotations
 
@@ -75,17 +76,42 @@ def cmd_generate(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    """An HTTP endpoint for a registered model: MLflow's own scoring server, on 127.0.0.1 by default.
-    POST /invocations with {"inputs": ["a prompt", ...], "params": {"max_tokens": 32}}."""
+    """A registered model behind its serving engine (llama-server for GGUF, OpenVINO GenAI continuous batching
+    for OpenVINO IR) with an OpenAI-compatible API on 127.0.0.1; with --mlflow, MLflow's own scoring server
+    (POST /invocations with {"inputs": ["a prompt", ...], "params": {"max_tokens": 32}}), for any format."""
     import shutil
+
+    if not a.mlflow:
+        from farm.serve.deploy import serve
+
+        return serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads)
 
     from farm.tracking import client
 
     client()  # MLFLOW_TRACKING_URI, for resolving models:/ URIs
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    cmd = [mlflow_bin, "models", "serve", "-m", a.uri, "--env-manager", "local", "-h", a.host, "-p", str(a.port),
+    cmd = [mlflow_bin, "models", "serve", "-m", a.uri, "--env-manager", "local", "-h", a.host, "-p", str(a.port or 5001),
            "-w", "1"]
     os.execv(mlflow_bin, cmd)
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from farm.serve.deploy import chat
+
+    return chat(a.uri if not a.uri.startswith("http") else None, a.uri if a.uri.startswith("http") else None,
+                a.system, a.max_tokens)
+
+
+def cmd_loadtest(a) -> int:
+    from farm.serve import bench as servebench
+    from farm.serve.deploy import loadtest
+
+    levels = [int(x) for x in a.concurrency.split(",")]
+    r = loadtest(a.url, a.model, levels, a.requests, a.prompt_tokens, a.output_tokens, a.shared_prefix_tokens,
+                 a.registered, a.experiment)
+    print(servebench.table(r["result"]))
+    print(f"\nlogged to MLflow ({r['tracking_uri']}): experiment '{r['experiment']}', run {r['run_id']}")
     return 0
 
 
@@ -168,11 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("prompt", nargs="+")
     s.add_argument("--max-tokens", type=int, default=48)
     s.set_defaults(fn=cmd_generate)
-    s = sub.add_parser("serve", help="serve a registered model over HTTP, e.g. models:/demo@champion")
+    s = sub.add_parser("serve", help="serve a registered model with an OpenAI-compatible API, e.g. "
+                       "models:/demo@champion")
     s.add_argument("uri")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=5001)
+    s.add_argument("--port", type=int, help="default 8000 (--mlflow: 5001)")
+    s.add_argument("--parallel", type=int, default=4, help="concurrent sequences the engine batches (slots)")
+    s.add_argument("--n-ctx", type=int, help="KV-cache tokens shared by the slots (default 4096 per slot)")
+    s.add_argument("--threads", type=int, help="engine threads (default: those its benchmark used)")
+    s.add_argument("--mlflow", action="store_true", help="MLflow's pyfunc scoring server instead (/invocations)")
     s.set_defaults(fn=cmd_serve)
+    s = sub.add_parser("chat", help="chat in the terminal with a registered model (models:/NAME@ALIAS, started "
+                       "here) or a running OpenAI-compatible endpoint (http://127.0.0.1:8000)")
+    s.add_argument("uri")
+    s.add_argument("--system", help="a system message")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.set_defaults(fn=cmd_chat)
+    s = sub.add_parser("loadtest", help="the serve benchmark's load against an OpenAI-compatible endpoint, "
+                       "logged to MLflow")
+    s.add_argument("url", help="e.g. http://127.0.0.1:8000 (what `farm serve` prints)")
+    s.add_argument("--model", help="the model name to send (default: the endpoint's first /v1/models entry)")
+    s.add_argument("--concurrency", default="1,2,4", help="levels, comma-separated")
+    s.add_argument("--requests", type=int, help="requests per level (default max(4, 2 x concurrency))")
+    s.add_argument("--prompt-tokens", type=int, default=128)
+    s.add_argument("--output-tokens", type=int, default=32)
+    s.add_argument("--shared-prefix-tokens", type=int, default=96, help="0: no shared-prefix pass")
+    s.add_argument("--registered", help="log against this model version: models:/NAME@ALIAS or models:/NAME/V")
+    s.add_argument("--experiment", default="loadtest", help="MLflow experiment (default 'loadtest')")
+    s.set_defaults(fn=cmd_loadtest)
     s = sub.add_parser("schema", help="JSON schema of sweep files, for editors")
     s.add_argument("-o", "--output")
     s.set_defaults(fn=cmd_schema)

@@ -82,7 +82,7 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
     if trust_code:  # the sweep opted in to the model's own code: only its tasks get the permission
         return {**task_options(stage, bench_cpus, model_bytes, stage_memory=stage_memory, stage_cpus=stage_cpus),
                 "runtime_env": {"env_vars": {"FARM_TRUST_REMOTE_CODE": "1"}}}
-    if stage.kind == "bench":
+    if stage.kind in ("bench", "serve"):  # measurements own their node
         target = stage.params["target"]
         opts = {"num_cpus": bench_cpus[target["name"]], "resources": {BENCH_SLOT: 1}, "name": name}
         if target["labels"]:
@@ -96,15 +96,20 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
     return opts
 
 
-def submit(grid, sweep) -> dict:
+def submit(grid, sweep, kinds_later: tuple[str, ...] = ("serve",), only: list[str] | None = None,
+           refs: dict | None = None) -> dict:
+    """Submit every stage (in topological order) but those of `kinds_later`; with `only`, just those stages,
+    whose dependencies are in `refs` already (the serve phase, after the bench phase)."""
     bench_cpus = check_targets(sweep)
     model_bytes = modelref.base_bytes(sweep.base.model)
     stage_memory = int(sweep.stage_memory_gb * 2**30) if sweep.stage_memory_gb else None
-    refs: dict = {}
+    refs = dict(refs or {})
     for sid, stage in grid.stages.items():  # insertion order is topological
+        if (only is None and stage.kind in kinds_later) or (only is not None and sid not in only):
+            continue
         opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory,
                             sweep.stage_cpus)
-        limit = stage_memory if stage.kind != "bench" else None  # a benchmark owns its whole node
+        limit = stage_memory if stage.kind not in ("bench", "serve") else None  # a measurement owns its node
         refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps], memory_limit=limit)
     return refs
 
@@ -248,6 +253,8 @@ def run(path: str) -> int:
             log.progress(line)
             last_print = now
     log.progress(progress.line())
+    if sweep.serve is not None:
+        serve_phase(grid, sweep, refs, outcome, log)
     log.finish(failed)
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
@@ -258,6 +265,47 @@ def run(path: str) -> int:
         print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
               f"the failed cells and why (exit status {code})", flush=True)
     return code
+
+
+def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
+    """After every cell has its single-stream numbers: the serve benchmark of the cells sweep.serve picks,
+    one at a time per node like every benchmark, each logged to its cell's run (curves over concurrency)."""
+    from farm import pareto
+    from farm.serve import bench as servebench
+    from farm.spec import BETTER
+    from farm.tracking import cell_label
+
+    rows, runtime_of = [], {}
+    for cell in grid.cells:
+        (ev, e1), (be, e2) = outcome.get(cell.evaluate, (None, 1)), outcome.get(cell.bench, (None, 1))
+        if e1 is None and e2 is None:
+            rows.append({"id": cell.id, "target": cell.spec["target"]["name"], "baseline": cell.baseline,
+                         "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)})
+            if cell.serve:
+                runtime_of[cell.id] = cell.spec["export"]["runtime"]["name"]
+    metric = sweep.promote.metric
+    chosen = pareto.served(rows, runtime_of, dict(sweep.objectives), [c.model_dump() for c in sweep.constraints],
+                           sweep.serve.cells, sweep.serve.per_runtime, metric,
+                           sweep.objectives.get(metric, BETTER[metric]))
+    cells = [c for c in grid.cells if c.id in chosen]
+    if not cells:
+        print("farm: serve: no finished cell with a serving engine qualifies; nothing served", flush=True)
+        return
+    print(f"\nfarm: serve benchmark ({sweep.serve.cells}, concurrency {sweep.serve.concurrency}) of {len(cells)} "
+          f"cell(s): {', '.join(cell_label(c) for c in cells)}", flush=True)
+    refs.update(submit(grid, sweep, only=[c.serve for c in cells], refs=refs))
+    curves = {}
+    for cell in cells:
+        result, error = _get(refs[cell.serve])
+        label = cell_label(cell)
+        log.log_serve(cell, result, error)
+        if error is not None:
+            print(f"farm: serve {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+            continue
+        curves[label] = result["serve"]
+        print(f"farm: serve {label} ({result['serve']['engine']}, {result['serve']['threads']} threads):\n"
+              + servebench.table(result["serve"]), flush=True)
+    log.log_serve_summary(curves)
 
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"

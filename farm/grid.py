@@ -18,6 +18,7 @@ from farm import codeid
 from farm.compress import METHODS
 from farm.export import FORMATS
 from farm.runtimes import RUNTIMES
+from farm.serve import ENGINES
 from farm.spec import Sweep, grid_fields, uses_teacher
 
 # The farm module whose code does each kind of stage's work; its import closure (farm.codeid), the versions
@@ -25,7 +26,8 @@ from farm.spec import Sweep, grid_fields, uses_teacher
 # stage's code id. Change any of it and the stage, and what depends on it, gets a new id and runs again;
 # every other stage stays reused.
 BASELINE_RUNTIME = {"name": "torch"}
-WORKER = {"base": "models.py", "reference": "evaluate.py", "evaluate": "evaluate.py", "bench": "bench.py"}
+WORKER = {"base": "models.py", "reference": "evaluate.py", "evaluate": "evaluate.py", "bench": "bench.py",
+          "serve": "serve/bench.py"}
 
 
 def _file(module: str) -> str:
@@ -42,6 +44,8 @@ def code_version(kind: str, method: str = "", fmt: str = "", runtime: str = "") 
         entries = [_file(METHODS.module_name(method))]
     elif kind == "export":
         entries = [_file(FORMATS.module_name(fmt))]
+    elif kind == "serve":  # the engine module is imported by name at run time: named here
+        entries = [WORKER[kind], _file(ENGINES[runtime])]
     else:
         entries = [WORKER[kind]] + ([_file(RUNTIMES.module_name(runtime))] if runtime else [])
     return codeid.code_version(entries)
@@ -59,7 +63,7 @@ def content_id(obj: Any) -> str:
 @dataclass(frozen=True)
 class Stage:
     id: str
-    kind: str  # base | reference | compress | export | evaluate | bench
+    kind: str  # base | reference | compress | export | evaluate | bench | serve
     params: dict
     deps: tuple[str, ...]
 
@@ -76,6 +80,7 @@ class Cell:
     bench: str
     export: str
     baseline: bool = False
+    serve: str | None = None  # the serve benchmark's stage, if the sweep has one and the runtime an engine
 
     def params(self) -> dict[str, str]:
         return flatten_cell(self.spec)
@@ -170,7 +175,11 @@ def build(sweep: Sweep) -> Grid:
                     "data": data,
                 }
                 is_baseline = steps == [] and variant == baseline_variant and runtime == BASELINE_RUNTIME
-                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline))
+                serve = None
+                if sweep.serve is not None and runtime["name"] in ENGINES:  # submitted after the bench phase
+                    serve = g.add("serve", {"serve": sweep.serve.model_dump(), "target": target.model_dump(),
+                                            "runtime": runtime}, (export, reference, base), runtime=runtime["name"])
+                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline, serve))
     return g
 
 

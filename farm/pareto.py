@@ -115,3 +115,24 @@ def plot(rows: list[dict], status: dict[str, dict], x: str, y: str, path) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def served(rows: list[dict], runtime_of: dict[str, str], objectives: dict[str, str], constraints: list[dict],
+           mode: str, per_runtime: int, metric: str, direction: str) -> list[str]:
+    """The cells a serve benchmark takes (ids), `per_runtime` at most per runtime, best on `metric` first.
+    runtime_of: id -> runtime name, for the servable cells only. mode: 'front' (on the sweep's Pareto front),
+    'format_front' (on the front among the runtime's own cells; constraints still relative to the baseline),
+    'all' (every servable cell that meets the constraints)."""
+    sign = 1 if direction == "max" else -1
+    status = front(rows, objectives, constraints)
+    out = []
+    for runtime in sorted(set(runtime_of.values())):
+        mine = [r for r in rows if runtime_of.get(r["id"]) == runtime and status[r["id"]]["feasible"]]
+        if mode == "front":
+            mine = [r for r in mine if status[r["id"]]["pareto"]]
+        elif mode == "format_front":
+            mine = [r for r in mine if not any(dominates(o, r, objectives) for o in mine
+                                               if o is not r and o["target"] == r["target"])]
+        mine.sort(key=lambda r: -sign * r["metrics"].get(metric, -sign * math.inf))
+        out += [r["id"] for r in mine[:per_runtime]]
+    return out

@@ -115,6 +115,54 @@ class BenchSpec(Strict):
     repeats: int = Field(3, ge=1, le=100)
 
 
+class ServeSpec(Strict):
+    """The serve benchmark: cells behind their serving engine (farm/serve), under a bounded concurrent load."""
+    cells: Literal["front", "format_front", "all"] = Field(
+        "format_front", description="Which cells are served, after the single-stream phase: 'front' the sweep's "
+        "Pareto front, 'format_front' the front of each servable runtime's own cells (so every engine is "
+        "measured), 'all' every servable cell. Only runtimes with an engine are served (llamacpp, openvino).")
+    per_runtime: int = Field(2, ge=1, le=1000, description="At most this many cells per runtime, the best on "
+                             "promote.metric first.")
+    concurrency: list[int] = Field([1, 2, 4], min_length=1, max_length=12,
+                                   description="Concurrent streams, one level each (MLflow steps).")
+    prompt_tokens: int = Field(128, ge=8, le=8192)
+    output_tokens: int = Field(32, ge=1, le=4096, description="Tokens generated per request (EOS ignored).")
+    requests: int | None = Field(None, ge=1, le=1024,
+                                 description="Requests per level; default max(4, 2 x concurrency).")
+    shared_prefix_tokens: int = Field(96, ge=0, description="A second pass whose prompts share this many leading "
+                                      "tokens (the engines' prefix / prompt caches); 0: no second pass.")
+    threads: int | None = Field(None, ge=1, le=1024, description="Engine threads; default: every CPU of the node.")
+    timeout_s: float = Field(600, gt=0, le=7200, description="No level runs longer than this.")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _levels(cls, v: list[int]) -> list[int]:
+        if any(c < 1 or c > 256 for c in v):
+            raise ValueError("each concurrency level must be between 1 and 256")
+        if sorted(set(v)) != v:
+            raise ValueError(f"concurrency levels must be distinct and increasing, e.g. [1, 2, 4]; got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _prefix(self) -> ServeSpec:
+        if self.shared_prefix_tokens >= self.prompt_tokens:
+            raise ValueError(f"shared_prefix_tokens ({self.shared_prefix_tokens}) must be below prompt_tokens "
+                             f"({self.prompt_tokens}): every prompt needs tokens of its own")
+        return self
+
+
+def serve_requests(serve: dict, concurrency: int) -> int:
+    return serve["requests"] or max(4, 2 * concurrency)
+
+
+def serve_corpus_tokens(serve: dict) -> int:
+    """Corpus tokens a serve benchmark consumes: a warm-up prompt, then distinct prompts for every level of both
+    passes (the shared-prefix pass: a fresh prefix per level, then each prompt's own tokens)."""
+    p, s, levels = serve["prompt_tokens"], serve["shared_prefix_tokens"], serve["concurrency"]
+    n = sum(serve_requests(serve, c) for c in levels)
+    return p + n * p + ((len(levels) * s + n * (p - s)) if s else 0)
+
+
 class Constraint(Strict):
     metric: Metric
     max: float | None = None
@@ -146,6 +194,8 @@ class Sweep(Strict):
     exports: list[Any] = Field(..., min_length=1)
     targets: list[Target] = Field(default_factory=lambda: [Target(name="any")], min_length=1)
     bench: BenchSpec = Field(default_factory=BenchSpec)
+    serve: ServeSpec | None = Field(None, description="Serve benchmark (latency vs throughput under concurrent "
+                                    "load); unset: none.")
     objectives: dict[Metric, Literal["min", "max"]] = Field(
         default_factory=lambda: {"perplexity": "min", "decode_tok_s": "max", "size_mb": "min"}, min_length=1
     )
@@ -162,6 +212,18 @@ class Sweep(Strict):
         description="CPUs each compress/export/evaluate stage reserves from Ray, and the threads it then uses. "
                     "1 packs many small stages on a node; raise it for big models on big nodes (benchmarks always "
                     "take their whole node).")
+
+    @model_validator(mode="after")
+    def _serve_corpus(self) -> Sweep:
+        if self.serve is None:
+            return self
+        need = serve_corpus_tokens(self.serve.model_dump())
+        have = self.data.calib_tokens + self.data.eval_windows * self.data.eval_window_tokens
+        if need > have:
+            raise ValueError(f"serve: its prompts (never repeated, so no cache serves them by accident) take {need} "
+                             f"corpus tokens, the data section holds {have}; lower serve.requests / prompt_tokens / "
+                             "concurrency, or raise data.calib_tokens")
+        return self
 
     @model_validator(mode="after")
     def _unique_targets(self) -> Sweep:

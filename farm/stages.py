@@ -1,4 +1,4 @@
-"""Run one stage of the grid: base -> reference -> compress -> export -> evaluate / bench.
+"""Run one stage of the grid: base -> reference -> compress -> export -> evaluate / bench (-> serve).
 
 `run_stage(stage, deps)` is plain Python: tests call it inline, the driver calls it inside a Ray task.
 Each stage writes into its own directory in storage (published atomically) and returns a small dict,
@@ -111,9 +111,23 @@ def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
             "bench_json": "bench.json"}
 
 
+def run_serve(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.serve import bench as servebench
+
+    export, reference, base = deps
+    spec = stage.params["serve"]
+    threads = spec["threads"] or threads_here()
+    ref = Path(reference["reference_dir"])
+    corpus = np.concatenate([np.load(ref / "eval_tokens.npy").ravel(), np.load(ref / "calib_tokens.npy")])
+    result = servebench.run(stage.params["runtime"], Path(export["artifact"]), _model_dir(base), corpus, spec,
+                            threads, out / "engine")
+    servebench.save(result, out / "serve.json")
+    return {"serve": result, "serve_json": "serve.json"}
+
+
 RUNNERS = {"base": run_base, "reference": run_reference, "compress": run_compress, "export": run_export,
-           "evaluate": run_evaluate, "bench": run_bench}
-PATH_KEYS = ("model_dir", "reference_dir", "artifact", "bench_json")
+           "evaluate": run_evaluate, "bench": run_bench, "serve": run_serve}
+PATH_KEYS = ("model_dir", "reference_dir", "artifact", "bench_json", "serve_json")
 
 
 def _absolute(result: dict, final: Path) -> dict:

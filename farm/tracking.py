@@ -90,6 +90,25 @@ class SweepLog:
         return self._queue(cell_record(self.experiment_id, self.run_id, cell, export, evaluate, bench,
                                        error, error_text))
 
+    def log_serve(self, cell, result: dict | None, error: BaseException | None) -> int:
+        """The cell's serve benchmark, into its run: metrics whose step is the concurrency (MLflow draws curves),
+        the raw levels, a table and a latency-vs-throughput plot; a failure as farm.serve.error."""
+        record = {"op": "serve", "experiment_id": self.experiment_id, "parent_id": self.run_id,
+                  "cell_id": cell.id, "label": cell_label(cell), "error": None, "result": None}
+        if error is not None:
+            record["error"] = (str(error) or type(error).__name__)[:4000]
+            record["report"] = getattr(error, "report", "") or "".join(traceback.format_exception(error))
+        else:
+            record["result"] = result["serve"]
+            record["stage"] = result.get("stage", "")
+        return self._queue(record)
+
+    def log_serve_summary(self, curves: dict[str, dict]) -> int:
+        """Every served cell's curves in one plot and table, on the parent run."""
+        if not curves:
+            return 0
+        return self._queue({"op": "serve_summary", "run_id": self.run_id, "curves": curves})
+
     def progress(self, line: str) -> None:
         """The sweep's progress as a tag of its parent run (`farm status` shows it). Best effort: not queued,
         the next line replaces it anyway."""
@@ -215,8 +234,46 @@ def parked(home: Path | None = None) -> list[tuple[Path, str]]:
     return [(f, json.loads(f.read_text()).get("last_error", "")) for f in files]
 
 
+def _deliver_serve(c: MlflowClient, record: dict) -> None:
+    from farm.serve import bench as servebench
+
+    if record["op"] == "serve_summary":
+        with tempfile.TemporaryDirectory() as d:
+            text = "\n\n".join(f"{label}\n{servebench.table(r)}" for label, r in record["curves"].items())
+            _write(Path(d), "serve.txt", text)
+            servebench.plot(record["curves"], Path(d) / "serve.png")
+            c.log_artifacts(record["run_id"], d)
+        return
+    found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
+                          f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
+    if not found:
+        raise FarmError(f"serve results of {record['label']}: its cell run is not in MLflow yet")
+    rid = found[0].info.run_id
+    if record["error"]:
+        c.set_tag(rid, "farm.serve.error", record["error"])
+        with tempfile.TemporaryDirectory() as d:
+            _write(Path(d), "serve_error.txt", record.get("report") or record["error"])
+            c.log_artifacts(rid, d)
+        return
+    result = record["result"]
+    now = int(time.time() * 1000)
+    tags = {"farm.serve.engine": result["engine"], "farm.serve.threads": str(result["threads"]),
+            "farm.serve.parallel": str(result["parallel"]), "farm.serve.stage": record.get("stage", ""),
+            **{f"farm.serve.{k}": str(v) for k, v in result.get("settings", {}).items()}}
+    c.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v, step in servebench.mlflow_metrics(result)],
+                tags=[RunTag(k, v) for k, v in tags.items()])
+    with tempfile.TemporaryDirectory() as d:
+        _write(Path(d), "serve.json", result)
+        _write(Path(d), "serve.txt", servebench.table(result))
+        servebench.plot({record["label"]: result}, Path(d) / "serve.png")
+        c.log_artifacts(rid, d)
+
+
 def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
     """Write one record to MLflow. Every step may be repeated without harm."""
+    if record["op"] in ("serve", "serve_summary"):
+        _deliver_serve(c, record)
+        return
     if record["op"] == "cell" and not record["run_id"]:
         found = []
         if record["attempts"]:  # an earlier try may have created the run before its reply was lost

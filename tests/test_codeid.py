@@ -31,7 +31,7 @@ def edited(monkeypatch, rel: str):
 
 @pytest.mark.parametrize("helper,kinds", [
     ("compress/common.py", {"compress"}),  # every method loads through it
-    ("runtimes/ggml_cpu.py", {"evaluate", "bench"}),  # the GGUF cells' measurements only
+    ("runtimes/ggml_cpu.py", {"evaluate", "bench", "serve"}),  # the GGUF cells' measurements only
     ("export/onnx_export.py", {"export"}),  # the ONNX exports only
 ])
 def test_editing_a_helper_rebuilds_the_stages_that_import_it_and_nothing_else(monkeypatch, helper, kinds):
@@ -51,6 +51,8 @@ def _entries(stage) -> list[str]:
         return [grid._file(grid.METHODS.module_name(stage.params["step"]["method"]))]
     if stage.kind == "export":
         return [grid._file(grid.FORMATS.module_name(stage.params["format"]))]
+    if stage.kind == "serve":
+        return [grid.WORKER[stage.kind], grid._file(grid.ENGINES[stage.params["runtime"]["name"]])]
     return [grid.WORKER[stage.kind], grid._file(grid.RUNTIMES.module_name(stage.params["runtime"]["name"]))]
 
 

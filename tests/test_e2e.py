@@ -70,6 +70,8 @@ def tiny_sweep(cluster, tiny_model_dir, tmp_path_factory) -> subprocess.Complete
         "bench": {"prompt_tokens": 16, "decode_tokens": 8, "warmup": 1, "repeats": 2},
         "objectives": {"kl_div": "min", "decode_tok_s": "max"},
         "promote": {"model_name": "tiny-llm", "alias": "champion", "metric": "decode_tok_s"},
+        "serve": {"cells": "format_front", "per_runtime": 1, "concurrency": [1, 2], "requests": 2,
+                  "prompt_tokens": 32, "output_tokens": 8, "shared_prefix_tokens": 16},
     }
     f = tmp_path_factory.mktemp("tiny-sweep") / "tiny.yaml"
     f.write_text(yaml.safe_dump(sweep))
@@ -170,13 +172,82 @@ def test_promoting_the_same_artifact_again_changes_nothing(cluster, promoted):
     assert before.tags["farm.artifact_uri"].startswith("file://")
 
 
-def test_serve_the_champion_over_http(cluster, promoted):
-    """`farm serve models:/tiny-llm@champion` answers POST /invocations on 127.0.0.1."""
+def test_serve_phase_logs_curves_for_each_engine(cluster, tiny_sweep):
+    """After the bench phase, one cell per serving engine (its own front's fastest) is served under load:
+    its run holds metrics whose steps are the concurrency levels, a table and a plot; the parent a summary."""
+    from mlflow.tracking import MlflowClient
+
+    assert "farm: serve benchmark (format_front, concurrency [1, 2]) of 2 cell(s)" in tiny_sweep.stdout
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    parent, cells = sweep_cells(c, "tiny")
+    served = [r for r in cells if "farm.serve.engine" in r.data.tags]
+    assert sorted(r.data.params["export.format"] for r in served) == ["gguf", "openvino"], tiny_sweep.stdout[-3000:]
+    for r in served:
+        for key in ("serve_output_tok_s", "serve_ttft_p50_ms", "serve_itl_p50_ms", "serve_prefix_ttft_p50_ms"):
+            assert sorted(m.step for m in c.get_metric_history(r.info.run_id, key)) == [1, 2], key
+        assert {"serve.json", "serve.txt", "serve.png"} <= {a.path for a in c.list_artifacts(r.info.run_id)}
+    assert {"serve.txt", "serve.png"} <= {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+def test_serve_a_promoted_gguf_with_the_openai_api_and_chat_with_it(cluster, promoted, tmp_path):
+    """`farm serve models:/tiny-llm@served` starts llama-server with the OpenAI API on 127.0.0.1; `farm chat`
+    holds a two-turn conversation against it; `farm loadtest` loads it and logs against the version."""
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    _, cells = sweep_cells(c, "tiny")
+    gguf = next(r for r in cells if r.data.params["export.format"] == "gguf")
+    res = farm(cluster, "promote", "tiny", "--run", gguf.info.run_id, "--alias", "served")
+    assert res.returncode == 0, res.stdout + res.stderr
+    port = 15102
+    proc = subprocess.Popen([str(VENV_BIN / "farm"), "serve", "models:/tiny-llm@served", "--port", str(port),
+                             "--parallel", "2"], env=cluster, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("farm serve did not answer /health within 120 s")
+        body = json.dumps({"model": "tiny-llm", "max_tokens": 4,
+                           "messages": [{"role": "user", "content": "The if statement"}]}).encode()
+        req = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            answer = json.loads(r.read())
+        assert answer["choices"][0]["message"]["role"] == "assistant" and answer["usage"]["completion_tokens"] >= 1
+        chat = subprocess.run([str(VENV_BIN / "farm"), "chat", url, "--max-tokens", "4"], input="hello\nand then\n\n",
+                              env=cluster, capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.count("you> ") == 3 and chat.stdout.count("tiny-llm> ") == 2, chat.stdout
+        load = farm(cluster, "loadtest", url, "--concurrency", "1,2", "--requests", "2", "--output-tokens", "4",
+                    "--prompt-tokens", "24", "--shared-prefix-tokens", "0", "--registered", "models:/tiny-llm@served")
+        assert load.returncode == 0, load.stdout + load.stderr
+        version = c.get_model_version_by_alias("tiny-llm", "served")
+        run = c.get_run(version.tags["farm.loadtest_run"])
+        assert run.data.tags["farm.model_version"] == version.version
+        assert sorted(m.step for m in c.get_metric_history(run.info.run_id, "serve_output_tok_s")) == [1, 2]
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_serve_the_champion_through_mlflow_pyfunc(cluster, promoted):
+    """`farm serve --mlflow models:/tiny-llm@champion` answers POST /invocations on 127.0.0.1 (any format)."""
     import time
     import urllib.request
 
     port = 15101
-    proc = subprocess.Popen([str(VENV_BIN / "farm"), "serve", "models:/tiny-llm@champion", "--port", str(port)],
+    proc = subprocess.Popen([str(VENV_BIN / "farm"), "serve", "--mlflow", "models:/tiny-llm@champion", "--port",
+                             str(port)],
                             env=cluster, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         body = json.dumps({"inputs": ["The if statement"], "params": {"max_tokens": 4}}).encode()

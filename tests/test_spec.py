@@ -229,6 +229,7 @@ def test_a_step_that_would_get_fewer_calibration_samples_than_it_asks_for_is_ref
     """It used to be given min(calib_samples, tokens // seq_len) samples without a word."""
     d = demo()
     d["data"]["calib_tokens"] = 1024
+    d.pop("serve")  # its prompts would not fit either
     d["exports"] = [{"format": "gguf", "quant": "Q8_0"}]
     d["pipelines"] = [[{"method": "prune_layers", "drop": 2}], [{"method": "gptq", "calib_samples": 4, "seq_len": 256}]]
     [p] = problems(d)  # prune_layers: 8 x 256 > 1024; gptq: 4 x 256 = 1024 fits

@@ -1,0 +1,125 @@
+"""The serve benchmark's pure parts: the sweep's serve section, which cells it picks, and the load client's
+timing — checked against a scripted OpenAI-style stream whose delays are known."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+from farm import pareto
+from farm.errors import SpecError
+from farm.serve.common import free_port
+from farm.serve.loadgen import prompts_from_ids, run_level
+from farm.spec import parse
+
+BASE = {"name": "s", "exports": [{"format": "gguf", "quant": "F16"}]}
+
+
+def test_serve_section_defaults_and_refusals():
+    sweep = parse({**BASE, "serve": {}})
+    assert sweep.serve.concurrency == [1, 2, 4] and sweep.serve.cells == "format_front"
+    with pytest.raises(SpecError, match=r"serve\.concurrency.*distinct and increasing"):
+        parse({**BASE, "serve": {"concurrency": [4, 2]}})
+    with pytest.raises(SpecError, match="shared_prefix_tokens .* must be below prompt_tokens"):
+        parse({**BASE, "serve": {"prompt_tokens": 64, "shared_prefix_tokens": 64}})
+    # prompts never repeat: a benchmark that needs more corpus than the data section holds is refused up front
+    with pytest.raises(SpecError, match="serve: its prompts .* take \\d+ corpus tokens.*data.calib_tokens"):
+        parse({**BASE, "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 64},
+               "serve": {"concurrency": [1, 8], "prompt_tokens": 256}})
+
+
+def row(i, runtime, ppl, tps, baseline=False):
+    return {"id": i, "target": "t", "baseline": baseline, "metrics": {"perplexity": ppl, "decode_tok_s": tps},
+            "label": i, "_rt": runtime}
+
+
+def test_served_cells_per_runtime_front():
+    rows = [row("base", "torch", 10, 5, baseline=True),
+            row("g1", "llamacpp", 11, 100), row("g2", "llamacpp", 12, 150), row("g3", "llamacpp", 13, 90),
+            row("o1", "openvino", 11.5, 60), row("o2", "openvino", 30, 200)]  # o2 violates the constraint
+    runtime_of = {r["id"]: r["_rt"] for r in rows if r["_rt"] != "torch"}
+    obj = {"perplexity": "min", "decode_tok_s": "max"}
+    cons = [{"metric": "perplexity", "max_ratio_to_baseline": 1.5}]
+    # the sweep's front: g1, g2 (g3 is dominated by g1; o1 by g1); the best two by decode speed first
+    assert pareto.served(rows, runtime_of, obj, cons, "front", 2, "decode_tok_s", "max") == ["g2", "g1"]
+    # each engine's own front: openvino's o1 is served though g1 dominates it; o2 is infeasible
+    assert pareto.served(rows, runtime_of, obj, cons, "format_front", 1, "decode_tok_s", "max") == ["g2", "o1"]
+    assert pareto.served(rows, runtime_of, obj, cons, "all", 9, "decode_tok_s", "max") == ["g2", "g1", "g3", "o1"]
+
+
+def test_prompts_share_exactly_the_prefix_and_never_repeat():
+    ids = list(range(1000))
+    got = prompts_from_ids(ids, lambda xs: " ".join(map(str, xs)), 3, 10, 4)
+    parts = [p.split() for p in got]
+    assert all(p[:4] == ["0", "1", "2", "3"] and len(p) == 10 for p in parts)
+    assert len({tuple(p[4:]) for p in parts}) == 3
+    with pytest.raises(ValueError, match="lower serve.requests"):
+        prompts_from_ids(ids, str, 200, 10)
+
+
+class ScriptedStream:
+    """An OpenAI-style streaming /v1/completions whose first token comes after `first` s and each next one
+    `gap` s later, on 127.0.0.1."""
+
+    def __init__(self, first: float, gap: float):
+        from aiohttp import web
+
+        self.first, self.gap, self.port, self.active, self.peak = first, gap, free_port(), 0, 0
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.completions)
+        self.runner = web.AppRunner(app)
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+        assert self.ready.wait(10)
+
+    def _serve(self):
+        from aiohttp import web
+
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self.runner.setup())
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    async def completions(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await asyncio.sleep(self.first)
+        for i in range(body["max_tokens"]):
+            if i:
+                await asyncio.sleep(self.gap)
+            chunk = {"choices": [{"index": 0, "text": f" t{i}"}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}}
+        await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+        self.active -= 1
+        return resp
+
+    def close(self):
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_load_client_times_what_the_stream_does():
+    srv = ScriptedStream(first=0.15, gap=0.05)
+    try:
+        level = run_level(f"http://127.0.0.1:{srv.port}", "m", ["a", "b", "c", "d"], 2, 6)
+    finally:
+        srv.close()
+    assert level["requests"] == 4 and level["output_tokens"] == 24 and level["prompt_tokens_mean"] == 7
+    assert srv.peak == 2 and level["client_peak_in_flight"] == 2  # two streams at a time, never more
+    assert 140 <= level["ttft_p50_ms"] <= 260, level
+    assert 45 <= level["itl_p50_ms"] <= 110, level
+    e2e = 150 + 5 * 50  # ms, per request; two rounds of two requests
+    assert e2e * 0.95 <= level["e2e_p50_ms"] <= e2e * 1.6, level
+    assert level["output_tok_s"] == pytest.approx(24 / level["wall_s"])
+    assert 2 * e2e / 1e3 * 0.95 <= level["wall_s"] <= 2 * e2e / 1e3 * 1.6
