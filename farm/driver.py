@@ -272,7 +272,7 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     one at a time per node like every benchmark, each logged to its cell's run (curves over concurrency)."""
     from farm import pareto
     from farm.serve import bench as servebench
-    from farm.spec import BETTER
+    from farm.spec import SERVE_METRIC, better
     from farm.tracking import cell_label
 
     rows, runtime_of = [], {}
@@ -283,10 +283,16 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
                          "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)})
             if cell.serve:
                 runtime_of[cell.id] = cell.spec["export"]["runtime"]["name"]
-    metric = sweep.promote.metric
-    chosen = pareto.served(rows, runtime_of, dict(sweep.objectives), [c.model_dump() for c in sweep.constraints],
+    import re
+
+    def known(m: str) -> bool:  # serve metrics are what this phase measures: not yet known
+        return not re.match(SERVE_METRIC, m)
+
+    metric = sweep.promote.metric if known(sweep.promote.metric) else "decode_tok_s"
+    chosen = pareto.served(rows, runtime_of, {m: d for m, d in sweep.objectives.items() if known(m)} or
+                           {"decode_tok_s": "max"}, [c.model_dump() for c in sweep.constraints if known(c.metric)],
                            sweep.serve.cells, sweep.serve.per_runtime, metric,
-                           sweep.objectives.get(metric, BETTER[metric]))
+                           sweep.objectives.get(metric, better(metric)))
     cells = [c for c in grid.cells if c.id in chosen]
     if not cells:
         print("farm: serve: no finished cell with a serving engine qualifies; nothing served", flush=True)

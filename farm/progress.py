@@ -38,6 +38,8 @@ def stage_label(stage) -> str:
 class Progress:
     def __init__(self, grid, now: float | None = None):
         self.grid = grid
+        # the serve phase comes after every cell and reports for itself
+        self.stages = {sid: st for sid, st in grid.stages.items() if st.kind != "serve"}
         self.t0 = time.time() if now is None else now
         self.done: dict[str, float] = {}  # stage id -> seconds it ran (0 when reused)
         self.reused: set[str] = set()
@@ -82,7 +84,7 @@ class Progress:
             return None
         mean_all = sum(map(sum, ran.values())) / sum(map(len, ran.values()))
         cost = {k: sum(v) / len(v) for k, v in ran.items()}
-        left = [s for sid, s in self.grid.stages.items() if sid not in self.done and sid not in self.failed]
+        left = [s for sid, s in self.stages.items() if sid not in self.done and sid not in self.failed]
         if not left:
             return 0.0
         if not any(s.kind in cost for s in left):
@@ -95,7 +97,7 @@ class Progress:
     def queued(self) -> int:
         """Stages whose inputs are all done that are not running yet: waiting for a CPU, memory or a node."""
         over = set(self.done) | self.failed
-        return sum(1 for sid, st in self.grid.stages.items()
+        return sum(1 for sid, st in self.stages.items()
                    if sid not in over and sid not in self.running and all(d in self.done for d in st.deps))
 
     def describe(self, sid: str) -> str:
@@ -110,7 +112,7 @@ class Progress:
 
     def line(self, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        n_stages, n_cells = len(self.grid.stages), len(self.grid.cells)
+        n_stages, n_cells = len(self.stages), len(self.grid.cells)
         eta = self.eta(now)
         running = str(len(self.running)) if self.running_known else "?"
         queued = self.queued()

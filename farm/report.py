@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from farm import pareto, tracking
-from farm.spec import BETTER
+from farm.spec import better
 
 COLUMNS = ["perplexity", "kl_div", "top1_agree", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb",
            "size_mb"]
@@ -28,7 +28,7 @@ def pareto_report(name: str, run_id: str | None = None) -> dict:
             pareto.plot(rows, status, objectives[1], objectives[0], plot)
         tracking.record_pareto(c, parent, rows, status, text, plot)
     promote = spec["promote"]
-    direction = spec["objectives"].get(promote["metric"], BETTER[promote["metric"]])
+    direction = spec["objectives"].get(promote["metric"], better(promote["metric"]))
     best = pareto.pick(rows, status, promote["metric"], direction)
     return {"parent": parent.info.run_id, "experiment": exp.experiment_id, "rows": rows, "status": status,
             "table": text, "best": best, "spec": spec}

@@ -37,11 +37,20 @@ QUALITY_METRICS = ("perplexity", "kl_div", "top1_agree")
 SPEED_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms",
                  "peak_rss_mb", "size_mb")
 METRICS = QUALITY_METRICS + SPEED_METRICS
-Metric = Literal[METRICS]  # type: ignore[valid-type]
+# The serve benchmark's figures at one concurrency level, e.g. serve_output_tok_s_c4, serve_prefix_ttft_p50_ms_c2
+SERVE_KEYS = {"output_tok_s": "max", "requests_s": "max", "ttft_p50_ms": "min", "ttft_p90_ms": "min",
+              "itl_p50_ms": "min", "itl_p90_ms": "min", "e2e_p50_ms": "min", "e2e_p90_ms": "min"}
+SERVE_METRIC = rf"^serve_(prefix_)?({'|'.join(SERVE_KEYS)})_c([1-9][0-9]*)$"
+Metric = Union[Literal[METRICS], Annotated[str, Field(pattern=SERVE_METRIC)]]  # type: ignore[valid-type]  # noqa: UP007
 # The direction in which a metric gets better; used when the spec does not say.
 BETTER = {"perplexity": "min", "kl_div": "min", "top1_agree": "max", "prefill_tok_s": "max", "decode_tok_s": "max",
           "ttft_ms": "min", "token_latency_p50_ms": "min", "token_latency_p90_ms": "min", "peak_rss_mb": "min",
           "size_mb": "min"}
+
+
+def better(metric: str) -> str:
+    m = re.match(SERVE_METRIC, metric)
+    return SERVE_KEYS[m.group(2)] if m else BETTER[metric]
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
@@ -212,6 +221,18 @@ class Sweep(Strict):
         description="CPUs each compress/export/evaluate stage reserves from Ray, and the threads it then uses. "
                     "1 packs many small stages on a node; raise it for big models on big nodes (benchmarks always "
                     "take their whole node).")
+
+    @model_validator(mode="after")
+    def _serve_metrics(self) -> Sweep:
+        """A serve metric in the objectives, constraints or promote policy needs every candidate served at that
+        level: serve.cells 'all' (the front is only known once they are) and the level in serve.concurrency."""
+        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        for metric in dict.fromkeys(m for m in used if re.match(SERVE_METRIC, m)):
+            level = int(re.match(SERVE_METRIC, metric).group(3))
+            if self.serve is None or self.serve.cells != "all" or level not in self.serve.concurrency:
+                raise ValueError(f"'{metric}' is measured by the serve benchmark at concurrency {level}: it needs "
+                                 f"serve: {{cells: all, concurrency: [..., {level}]}} so that every candidate has it")
+        return self
 
     @model_validator(mode="after")
     def _serve_corpus(self) -> Sweep:

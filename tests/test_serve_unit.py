@@ -13,7 +13,7 @@ from farm import pareto
 from farm.errors import SpecError
 from farm.serve.common import free_port
 from farm.serve.loadgen import prompts_from_ids, run_level
-from farm.spec import parse
+from farm.spec import better, parse
 
 BASE = {"name": "s", "exports": [{"format": "gguf", "quant": "F16"}]}
 
@@ -29,6 +29,21 @@ def test_serve_section_defaults_and_refusals():
     with pytest.raises(SpecError, match="serve: its prompts .* take \\d+ corpus tokens.*data.calib_tokens"):
         parse({**BASE, "data": {"calib_tokens": 512, "eval_windows": 1, "eval_window_tokens": 64},
                "serve": {"concurrency": [1, 8], "prompt_tokens": 256}})
+
+
+def test_serve_metrics_as_objectives_need_every_candidate_served_at_that_level():
+    ok = parse({**BASE, "serve": {"cells": "all", "concurrency": [1, 4]},
+                "objectives": {"perplexity": "min", "serve_output_tok_s_c4": "max"},
+                "constraints": [{"metric": "serve_itl_p90_ms_c4", "max": 50}]})
+    assert better("serve_output_tok_s_c4") == "max" and better("serve_prefix_ttft_p50_ms_c1") == "min"
+    assert ok.constraints[0].metric == "serve_itl_p90_ms_c4"
+    with pytest.raises(SpecError, match="serve_output_tok_s_c8.*needs serve: \\{cells: all, concurrency"):
+        parse({**BASE, "serve": {"cells": "all", "concurrency": [1, 4]},
+               "objectives": {"perplexity": "min", "serve_output_tok_s_c8": "max"}})
+    with pytest.raises(SpecError, match="serve_output_tok_s_c4.*cells: all"):
+        parse({**BASE, "serve": {"concurrency": [1, 4]}, "objectives": {"serve_output_tok_s_c4": "max"}})
+    with pytest.raises(SpecError, match="objectives"):
+        parse({**BASE, "objectives": {"serve_tok_s_c4": "max"}})  # no such serve figure
 
 
 def row(i, runtime, ppl, tps, baseline=False):

@@ -19,7 +19,7 @@ import numpy as np
 
 from farm.serve import engine
 from farm.serve.loadgen import prompts_from_ids, run_level
-from farm.spec import serve_corpus_tokens, serve_requests
+from farm.spec import SERVE_KEYS, serve_corpus_tokens, serve_requests
 
 POLL_S = 0.1
 MODEL_ALIAS = "farm-cell"
@@ -109,18 +109,19 @@ def _guarded(srv, doing: str, fn):
         raise
 
 
-METRICS = ("output_tok_s", "requests_s", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "e2e_p50_ms",
-           "e2e_p90_ms")
+METRICS = tuple(SERVE_KEYS)
 
 
 def mlflow_metrics(result: dict) -> list[tuple[str, float, int]]:
-    """(name, value, step=concurrency): MLflow draws each as a curve over concurrency."""
+    """(name, value, step=concurrency): MLflow draws each as a curve over concurrency; and each figure once more
+    as its own metric per level (serve_output_tok_s_c4, step 0), which objectives and constraints can name."""
     out = []
     for name, levels in result["levels"].items():
         prefix = "serve_" if name == "distinct" else "serve_prefix_"
         for lv in levels:
             for k in METRICS + ("engine_seqs_per_decode",):
                 out.append((prefix + k.replace("engine_", ""), float(lv[k]), int(lv["concurrency"])))
+            out += [(f"{prefix}{k}_c{lv['concurrency']}", float(lv[k]), 0) for k in METRICS]
             if lv.get("engine_cached_prompt_tokens") is not None and lv.get("engine_prompt_tokens") is not None:
                 total = lv["engine_cached_prompt_tokens"] + lv["engine_prompt_tokens"]
                 out.append((prefix + "cached_prompt_frac", lv["engine_cached_prompt_tokens"] / total if total else 0.0,
