@@ -2,9 +2,9 @@
 (FastAPI + uvicorn): /v1/completions, /v1/chat/completions (the model's chat template), streaming,
 /v1/models, /health, and Prometheus /metrics.
 
-One thread owns the pipeline: it takes new requests, calls step() while any is unfinished — the scheduler
-batches every running sequence into each step (continuous batching, paged KV cache, prefix caching) — and
-hands each request's new tokens to its HTTP handler. One LLMPipeline must not take concurrent requests
+One task on the event loop owns the pipeline: it takes new requests, calls step() while any is unfinished —
+the scheduler batches every running sequence into each step (continuous batching, paged KV cache, prefix
+caching) — and hands each request's new tokens to its HTTP handler, which streams them before the next step. One LLMPipeline must not take concurrent requests
 (openvino.genai #2480); this pipeline is made for them. Prompts go in as token ids of the model's own Hugging
 Face tokenizer, so the IR needs no converted OpenVINO tokenizer.
 
@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import itertools
 import json
-import queue
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +29,9 @@ KV_BLOCK = 32  # tokens per KV-cache block (openvino-genai's CPU default)
 
 
 class Engine:
-    """The pipeline and the thread that steps it."""
+    """The pipeline, stepped by one task on the server's event loop: a step runs every scheduled sequence one
+    token further (or a chunk of a new prompt), then the loop writes what it produced to each stream before
+    the next step. (A separate stepping thread would hold the GIL through step() and let tokens out in bursts.)"""
 
     def __init__(self, model_dir: Path, threads: int, parallel: int, n_ctx: int):
         import openvino_genai as ov_genai
@@ -47,47 +47,47 @@ class Engine:
         sc.enable_prefix_caching = True
         self.pipe = ov_genai.ContinuousBatchingPipeline(
             str(model_dir), sc, "CPU", {"INFERENCE_NUM_THREADS": threads}, {})
-        self.incoming: queue.Queue = queue.Queue()
-        self.active: dict[int, tuple] = {}  # request id -> (handle, loop, asyncio queue)
+        self.incoming: list[tuple] = []
+        self.active: dict[int, tuple] = {}  # request id -> (handle, asyncio queue)
         self.ids = itertools.count()
         self.counts = {"prompt_tokens": 0, "decode_steps": 0, "busy_slot_steps": 0, "generated_tokens": 0}
-        self.wake = threading.Event()
-        threading.Thread(target=self._loop, daemon=True, name="ov-genai-step").start()
+        self.wake: asyncio.Event | None = None
 
-    def submit(self, ids: list[int], config, loop) -> asyncio.Queue:
+    def submit(self, ids: list[int], config) -> asyncio.Queue:
         q: asyncio.Queue = asyncio.Queue()
-        self.incoming.put((ids, config, loop, q))
+        self.incoming.append((ids, config, q))
         self.wake.set()
         return q
 
-    def _loop(self) -> None:
-        import openvino as ov
+    async def run(self) -> None:
         import numpy as np
+        import openvino as ov
 
+        self.wake = asyncio.Event()
         while True:
-            if not self.active and self.incoming.empty():
-                self.wake.wait()
+            if not self.active and not self.incoming:
+                await self.wake.wait()
                 self.wake.clear()
-            while not self.incoming.empty():
-                ids, config, loop, q = self.incoming.get()
+            while self.incoming:
+                ids, config, q = self.incoming.pop(0)
                 rid = next(self.ids)
                 handle = self.pipe.add_request(rid, ov.Tensor(np.array([ids], dtype=np.int64)), config)
                 self.counts["prompt_tokens"] += len(ids)
-                self.active[rid] = (handle, loop, q)
-            if not self.active:
-                continue
-            running = sum(1 for h, _, _ in self.active.values() if not _finished(self.g, h))
+                self.active[rid] = (handle, q)
+            running = sum(1 for h, _ in self.active.values() if not _finished(self.g, h))
             self.pipe.step()
             self.counts["decode_steps"] += 1
             self.counts["busy_slot_steps"] += running
-            for rid, (handle, loop, q) in list(self.active.items()):
+            for rid, (handle, q) in list(self.active.items()):
                 if handle.can_read():
                     for out in handle.read().values():
                         self.counts["generated_tokens"] += len(out.generated_ids)
-                        loop.call_soon_threadsafe(q.put_nowait, list(out.generated_ids))
+                        q.put_nowait(list(out.generated_ids))
                 if _finished(self.g, handle):
-                    loop.call_soon_threadsafe(q.put_nowait, None)
+                    q.put_nowait(None)
                     del self.active[rid]
+            for _ in range(3):  # the handlers take their tokens and write them out before the next step
+                await asyncio.sleep(0)
 
     def config(self, body: dict):
         c = self.g.GenerationConfig()
@@ -111,6 +111,10 @@ def app(engine: Engine, alias: str):
 
     api = FastAPI(title=f"farm: {TITLE}")
 
+    @api.on_event("startup")
+    async def start_stepping():
+        api.state.stepper = asyncio.create_task(engine.run())
+
     @api.get("/health")
     def health():
         return {"status": "ok"}
@@ -129,7 +133,7 @@ def app(engine: Engine, alias: str):
     async def generate(body: dict, ids: list[int], chat: bool):
         if not ids:
             raise HTTPException(400, "empty prompt")
-        q = engine.submit(ids, engine.config(body), asyncio.get_running_loop())
+        q = engine.submit(ids, engine.config(body))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         stream = bool(body.get("stream"))
         usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -250,9 +254,6 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--alias", default=None)
     a = p.parse_args()
-    # the stepping thread holds the GIL between steps; a short switch interval lets the event loop stream each
-    # token as it comes instead of in bursts of Python's default 5 ms
-    sys.setswitchinterval(0.0005)
     engine = Engine(a.model, a.threads, a.parallel, a.n_ctx)
     uvicorn.run(app(engine, a.alias or a.model.name), host=a.host, port=a.port, log_level="warning")
 
