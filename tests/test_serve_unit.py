@@ -138,3 +138,37 @@ def test_load_client_times_what_the_stream_does():
     assert e2e * 0.95 <= level["e2e_p50_ms"] <= e2e * 1.6, level
     assert level["output_tok_s"] == pytest.approx(24 / level["wall_s"])
     assert 2 * e2e / 1e3 * 0.95 <= level["wall_s"] <= 2 * e2e / 1e3 * 1.6
+
+
+HEALTHY = ("import http.server, sys\n"
+           "class H(http.server.BaseHTTPRequestHandler):\n"
+           "    def do_GET(self):\n"
+           "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+           "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+
+
+def test_an_engine_does_not_outlive_the_process_that_started_it(tmp_path):
+    """Its owner killed outright (SIGKILL: no handler, no context manager runs), the engine still goes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    owner = ("import sys, time\nfrom farm.serve.common import Server\n"
+             f"srv = Server([sys.executable, '-c', {HEALTHY!r}, '{port}'], 'test engine', {str(tmp_path / 'log')!r}, "
+             f"'127.0.0.1', {port})\nsrv.start()\nprint(srv.proc.pid, flush=True)\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", owner], stdout=subprocess.PIPE, text=True)
+    engine_pid = int(proc.stdout.readline())
+    os.kill(engine_pid, 0)  # running
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    for _ in range(50):
+        try:
+            os.kill(engine_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(engine_pid, signal.SIGKILL)
+    raise AssertionError("the engine outlived its owner")

@@ -20,6 +20,9 @@ from farm.errors import FarmError
 def resolve(uri: str, dest: Path) -> dict:
     """models:/NAME@ALIAS or models:/NAME/VERSION -> {"artifact", "runtime", "threads", "name", "version"},
     the artifact downloaded into dest and checked against the version's farm.artifact_sha256."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, dozens of files
     import mlflow
 
     from farm import storage, tracking
@@ -77,6 +80,12 @@ def engine_server(model: dict, workdir: Path, host: str, port: int | None, paral
 
 
 def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, threads: int | None) -> int:
+    import signal
+
+    def stop(signum, frame):  # `kill` or a service manager: stop the engine and clean up, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
         model = resolve(uri, Path(d) / "model")
         srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads)
