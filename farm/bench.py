@@ -136,10 +136,13 @@ def pin(threads: int) -> list[int]:
 
 
 def prompt_tokens(reference: Path, n: int) -> list[int]:
-    ids = np.concatenate([np.load(reference / "eval_tokens.npy").ravel(), np.load(reference / "calib_tokens.npy")])
-    if len(ids) < n:
-        raise ValueError(f"bench.prompt_tokens={n} exceeds the {len(ids)} tokens of text available")
-    return ids[:n].tolist()
+    """n tokens: the tokenizer's sequence prefix (a BOS, for models that have one), then corpus text."""
+    from farm.evaluate import corpus_tokens
+
+    prefix, ids = corpus_tokens(reference)
+    if len(prefix) + len(ids) < n:
+        raise ValueError(f"bench.prompt_tokens={n} exceeds the {len(prefix) + len(ids)} tokens of text available")
+    return prefix + ids[:n - len(prefix)].tolist()
 
 
 def main() -> None:

@@ -23,15 +23,40 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def sequence_prefix(tokenizer) -> list[int]:
+    """What the model's tokenizer puts before any text (a BOS token for Llama, Gemma, Mistral, ...; nothing for
+    SmolLM2 or GPT-2): every evaluation window starts with it, so the model sees what it was trained to see."""
+    text = "The"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):  # where the text's own tokens start (an EOS may follow them)
+        if full[i:i + len(plain)] == plain:
+            return [int(t) for t in full[:i]]
+    return []
+
+
 def tokenize_data(tokenizer, data: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(calibration ids [calib_tokens], evaluation ids [eval_windows, eval_window_tokens])."""
+    """(calibration ids [calib_tokens], evaluation ids [eval_windows, eval_window_tokens]); each evaluation
+    window is the tokenizer's sequence prefix (sequence_prefix) followed by text, fed as is to every runtime."""
     calib_text, eval_text = split(data["files"])
+    prefix = sequence_prefix(tokenizer)
+    width = data["eval_window_tokens"] - len(prefix)
     calib = tokenizer(calib_text, add_special_tokens=False)["input_ids"]
     evals = tokenizer(eval_text, add_special_tokens=False)["input_ids"]
-    n_eval = data["eval_windows"] * data["eval_window_tokens"]
     calib = np.array(take_tokens(calib, data["calib_tokens"], "calibration"), dtype=np.int64)
-    evals = np.array(take_tokens(evals, n_eval, "evaluation"), dtype=np.int64)
-    return calib, evals.reshape(data["eval_windows"], data["eval_window_tokens"])
+    evals = np.array(take_tokens(evals, data["eval_windows"] * width, "evaluation"), dtype=np.int64)
+    windows = evals.reshape(data["eval_windows"], width)
+    return calib, np.concatenate([np.full((len(windows), len(prefix)), prefix, dtype=np.int64).reshape(
+        len(windows), len(prefix)), windows], axis=1)
+
+
+def corpus_tokens(reference: Path) -> tuple[list[int], np.ndarray]:
+    """(the sequence prefix, the reference's text tokens: evaluation windows without their prefix, then
+    calibration) — what benchmark prompts are cut from."""
+    prefix = [int(t) for t in np.load(reference / "sequence_prefix.npy")] \
+        if (reference / "sequence_prefix.npy").is_file() else []
+    evals = np.load(reference / "eval_tokens.npy")[:, len(prefix):]
+    return prefix, np.concatenate([evals.ravel(), np.load(reference / "calib_tokens.npy")])
 
 
 def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dict:
@@ -39,7 +64,9 @@ def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dic
     from farm.models import load_tokenizer
     from farm.runtimes import load
 
-    calib, evals = tokenize_data(load_tokenizer(model_dir), data)
+    tokenizer = load_tokenizer(model_dir)
+    calib, evals = tokenize_data(tokenizer, data)
+    np.save(out / "sequence_prefix.npy", np.array(sequence_prefix(tokenizer), dtype=np.int64))
     rt = load("torch", model_dir, threads=threads, n_ctx=evals.shape[1])
     logits = [rt.logits(w.tolist())[:-1] for w in evals]
     # log-probs in float16 (KL resolution ~1e-5 nats); the argmax from the float32 logits, exactly
@@ -47,7 +74,8 @@ def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dic
     np.save(out / "base_top1.npy", np.stack([x.argmax(-1) for x in logits]).astype(np.int32))
     np.save(out / "calib_tokens.npy", calib)
     np.save(out / "eval_tokens.npy", evals)
-    return {"eval_tokens": int(evals.size), "calib_tokens": int(calib.size)}
+    return {"eval_tokens": int(evals.size), "calib_tokens": int(calib.size),
+            "sequence_prefix": sequence_prefix(tokenizer)}
 
 
 def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray, base_top1: np.ndarray) -> dict:

@@ -117,8 +117,9 @@ def run_serve(stage: Stage, deps: list[dict], out: Path) -> dict:
     export, reference, base = deps
     spec = stage.params["serve"]
     threads = spec["threads"] or threads_here()
-    ref = Path(reference["reference_dir"])
-    corpus = np.concatenate([np.load(ref / "eval_tokens.npy").ravel(), np.load(ref / "calib_tokens.npy")])
+    from farm.evaluate import corpus_tokens
+
+    _, corpus = corpus_tokens(Path(reference["reference_dir"]))  # the servers add a BOS themselves
     result = servebench.run(stage.params["runtime"], Path(export["artifact"]), _model_dir(base), corpus, spec,
                             threads, out / "engine")
     servebench.save(result, out / "serve.json")
