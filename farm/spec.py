@@ -165,11 +165,11 @@ def serve_requests(serve: dict, concurrency: int) -> int:
 
 
 def serve_corpus_tokens(serve: dict) -> int:
-    """Corpus tokens a serve benchmark consumes: a warm-up prompt, then distinct prompts for every level of both
-    passes (the shared-prefix pass: a fresh prefix per level, then each prompt's own tokens)."""
+    """Corpus tokens a serve benchmark consumes: a warm-up prompt per slot, then distinct prompts for every level
+    of both passes (the shared-prefix pass: a fresh prefix per level, then each prompt's own tokens)."""
     p, s, levels = serve["prompt_tokens"], serve["shared_prefix_tokens"], serve["concurrency"]
     n = sum(serve_requests(serve, c) for c in levels)
-    return p + n * p + ((len(levels) * s + n * (p - s)) if s else 0)
+    return max(levels) * p + n * p + ((len(levels) * s + n * (p - s)) if s else 0)
 
 
 class Constraint(Strict):

@@ -45,3 +45,21 @@ def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
 
     text = load("llamacpp", f16, threads=2, n_ctx=256).generate("The capital of France is", max_tokens=8)
     assert "Paris" in text
+
+
+def test_llamacpp_prefill_asks_for_the_last_logits_only_and_agrees_with_the_full_pass():
+    """Evaluation reads every position's logits; prefill and step read the last only (as a serving engine does:
+    copying a 49k-vocabulary row per prompt token cost 41 % of prefill speed) and must give the same numbers."""
+    import numpy as np
+
+    from farm.runtimes import load
+
+    rt = load("llamacpp", embedded_gguf("smollm2-135m-instruct"), threads=2, n_ctx=64)
+    ids = list(range(100, 132))
+    full = rt.logits(ids)
+    assert full.shape[0] == len(ids) and rt.llm._logits_all is False  # back to last-only after the full pass
+    last = rt.prefill(ids)
+    np.testing.assert_allclose(last, full[-1], rtol=1e-3, atol=1e-3)
+    nxt = rt.step(int(np.argmax(last)))
+    again = rt.logits(ids + [int(np.argmax(last))])
+    np.testing.assert_allclose(nxt, again[-1], rtol=1e-3, atol=1e-3)

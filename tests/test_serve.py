@@ -45,7 +45,7 @@ def served(chat_model_dir, storage_root):
     mp.setenv("FARM_LLAMA_SERVER_ARGS", "--cache-ram 0")
     sweep = spec.parse({
         "name": "tiny-serve", "base": {"model": str(chat_model_dir)},
-        "data": {"calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64},
+        "data": {"calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64},
         "exports": [{"format": "gguf", "quant": "F16"}, {"format": "openvino", "quant": "fp32"}],
         "serve": SERVE,
     })

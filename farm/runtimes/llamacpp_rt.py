@@ -53,8 +53,12 @@ def _model_params(use_extra_bufts: bool):
 
 
 class LlamaCppRuntime:
-    def __init__(self, path: Path, threads: int, n_ctx: int, logits_all: bool = True, amx: bool = False,
-                 repack: bool = True):
+    """Every position's logits only where they are read (logits(), for evaluation): the context is made with
+    room for them (logits_all=True sizes llama-cpp-python's score buffer), but prefill and step ask llama.cpp
+    for the last position only (Llama._logits_all, which eval() reads per call), as a serving engine does —
+    computing and copying a 49k-vocabulary row for every prompt token cost 41 % of prefill speed."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int, amx: bool = False, repack: bool = True):
         from llama_cpp import Llama
 
         from farm.runtimes import ggml_cpu
@@ -68,14 +72,19 @@ class LlamaCppRuntime:
         with _model_params(extra_bufts):
             self.llm = Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                n_threads_batch=threads, logits_all=logits_all, verbose=False, seed=0,
+                n_threads_batch=threads, logits_all=True, verbose=False, seed=0,
             )
+        self.llm._logits_all = False
         self.vocab = self.llm.n_vocab()
         self.settings = {"runtime": "llama.cpp", "threads": threads, **ggml_cpu.settings(amx, extra_bufts)}
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         self.llm.reset()
-        self.llm.eval(list(tokens))
+        self.llm._logits_all = True
+        try:
+            self.llm.eval(list(tokens))
+        finally:
+            self.llm._logits_all = False
         return np.array(self.llm.scores[: len(tokens)], dtype=np.float32)
 
     def _last(self) -> np.ndarray:

@@ -76,9 +76,10 @@ def run(runtime: dict, artifact: Path, tokenizer_dir: Path, corpus: np.ndarray, 
     with srv:
         startup_s = time.time() - t0
         offset = 0
-        warm = prompts_from_ids(corpus, decode, 1, p, 0, offset)  # the first request pays one-time costs
-        offset += p
-        _guarded(srv, "warming up", lambda: run_level(srv.url, MODEL_ALIAS, warm, 1, out_tokens, timeout))
+        # one request per slot at once: the first use of every slot and batch size pays its one-time costs here
+        warm = prompts_from_ids(corpus, decode, parallel, p, 0, offset)
+        offset += parallel * p
+        _guarded(srv, "warming up", lambda: run_level(srv.url, MODEL_ALIAS, warm, parallel, out_tokens, timeout))
         for name, shared in passes:
             for c in spec["concurrency"]:
                 n = serve_requests(spec, c)
