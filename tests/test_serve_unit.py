@@ -172,3 +172,41 @@ def test_an_engine_does_not_outlive_the_process_that_started_it(tmp_path):
         time.sleep(0.1)
     os.kill(engine_pid, signal.SIGKILL)
     raise AssertionError("the engine outlived its owner")
+
+
+def test_farm_serve_refuses_a_model_whose_file_is_not_what_was_measured(tmp_path, monkeypatch):
+    """`farm serve` resolves models:/NAME@ALIAS to the promoted file and its measured runtime, and refuses it
+    when the file's checksum is not the one recorded at measurement (in-process sqlite MLflow)."""
+    import mlflow
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from farm import storage
+    from farm.errors import FarmError
+    from farm.serve.deploy import resolve
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    model = tmp_path / "model"
+    (model / "artifacts").mkdir(parents=True)
+    (model / "artifacts" / "m.gguf").write_bytes(b"GGUF weights as measured")
+    (model / "artifacts" / "run.json").write_text(json.dumps({"runtime": {"name": "llamacpp", "amx": False},
+                                                              "threads": 2}))
+    (model / "MLmodel").write_text(yaml.safe_dump({"flavors": {"python_function": {"artifacts": {
+        "model": {"path": "artifacts/m.gguf"}, "meta": {"path": "artifacts/run.json"}}}}}))
+    c = MlflowClient()
+    run = c.create_run(c.create_experiment("e", artifact_location=str(tmp_path / "store")))
+    c.log_artifacts(run.info.run_id, str(model), "model")
+    c.create_registered_model("m")
+    good = storage.sha256(model / "artifacts" / "m.gguf")
+    for alias, sha in (("measured", good), ("edited", "0" * 64)):
+        v = c.create_model_version("m", f"runs:/{run.info.run_id}/model", run.info.run_id,
+                                   tags={"farm.artifact_sha256": sha})
+        c.set_registered_model_alias("m", alias, v.version)
+    got = resolve("models:/m@measured", tmp_path / "dl1")
+    assert got["runtime"] == {"name": "llamacpp", "amx": False} and got["threads"] == 2
+    assert got["artifact"].read_bytes() == b"GGUF weights as measured"
+    with pytest.raises(FarmError, match="does not match the checksum recorded when it was measured"):
+        resolve("models:/m@edited", tmp_path / "dl2")
+    with pytest.raises(FarmError, match="no such registered model version"):
+        resolve("models:/m@nothing", tmp_path / "dl3")
