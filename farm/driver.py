@@ -288,6 +288,8 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     def known(m: str) -> bool:  # serve metrics are what this phase measures: not yet known
         return not re.match(SERVE_METRIC, m)
 
+    named = [m for m in dict.fromkeys([*sweep.objectives, *(c.metric for c in sweep.constraints),
+                                       sweep.promote.metric]) if not known(m)]
     metric = sweep.promote.metric if known(sweep.promote.metric) else "decode_tok_s"
     chosen = pareto.served(rows, runtime_of, {m: d for m, d in sweep.objectives.items() if known(m)} or
                            {"decode_tok_s": "max"}, [c.model_dump() for c in sweep.constraints if known(c.metric)],
@@ -304,7 +306,7 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     for cell in cells:
         result, error = _get(refs[cell.serve])
         label = cell_label(cell)
-        log.log_serve(cell, result, error)
+        log.log_serve(cell, result, error, named)
         if error is not None:
             print(f"farm: serve {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
             continue

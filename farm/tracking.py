@@ -90,11 +90,12 @@ class SweepLog:
         return self._queue(cell_record(self.experiment_id, self.run_id, cell, export, evaluate, bench,
                                        error, error_text))
 
-    def log_serve(self, cell, result: dict | None, error: BaseException | None) -> int:
+    def log_serve(self, cell, result: dict | None, error: BaseException | None, scalars: list[str] = ()) -> int:
         """The cell's serve benchmark, into its run: metrics whose step is the concurrency (MLflow draws curves),
         the raw levels, a table and a latency-vs-throughput plot; a failure as farm.serve.error."""
         record = {"op": "serve", "experiment_id": self.experiment_id, "parent_id": self.run_id,
-                  "cell_id": cell.id, "label": cell_label(cell), "error": None, "result": None}
+                  "cell_id": cell.id, "label": cell_label(cell), "error": None, "result": None,
+                  "scalars": list(scalars)}  # serve_*_cN metrics the sweep's objectives/constraints name
         if error is not None:
             record["error"] = (str(error) or type(error).__name__)[:4000]
             record["report"] = getattr(error, "report", "") or "".join(traceback.format_exception(error))
@@ -260,7 +261,8 @@ def _deliver_serve(c: MlflowClient, record: dict) -> None:
     tags = {"farm.serve.engine": result["engine"], "farm.serve.threads": str(result["threads"]),
             "farm.serve.parallel": str(result["parallel"]), "farm.serve.stage": record.get("stage", ""),
             **{f"farm.serve.{k}": str(v) for k, v in result.get("settings", {}).items()}}
-    c.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v, step in servebench.mlflow_metrics(result)],
+    named = set(record.get("scalars") or ())
+    c.log_batch(rid, metrics=[Metric(k, v, now, step) for k, v, step in servebench.mlflow_metrics(result, named)],
                 tags=[RunTag(k, v) for k, v in tags.items()])
     with tempfile.TemporaryDirectory() as d:
         _write(Path(d), "serve.json", result)

@@ -88,6 +88,9 @@ def test_llama_server_batches_concurrent_requests_and_reuses_a_shared_prefix(ser
     assert r["serve"]["settings"]["cpu_variant"] not in ("unknown", "sapphirerapids")  # AMX off by default
     steps = {(k, s) for k, _, s in mlflow_metrics(r["serve"])}
     assert {("serve_output_tok_s", 1), ("serve_output_tok_s", 4), ("serve_prefix_cached_prompt_frac", 4)} <= steps
+    assert not [k for k, _ in steps if "_c1" in k or "_c4" in k]  # per-level scalars only when a sweep names them
+    named = [(k, v, s) for k, v, s in mlflow_metrics(r["serve"], {"serve_itl_p90_ms_c4"}) if k.endswith("_c4")]
+    assert named == [("serve_itl_p90_ms_c4", four["itl_p90_ms"], 0)]
     assert not list((stages.storage.stage_dir(r["stage"]) / "engine").glob("*.so"))  # no library links stored
 
 

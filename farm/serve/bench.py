@@ -113,16 +113,18 @@ def _guarded(srv, doing: str, fn):
 METRICS = tuple(SERVE_KEYS)
 
 
-def mlflow_metrics(result: dict) -> list[tuple[str, float, int]]:
-    """(name, value, step=concurrency): MLflow draws each as a curve over concurrency; and each figure once more
-    as its own metric per level (serve_output_tok_s_c4, step 0), which objectives and constraints can name."""
+def mlflow_metrics(result: dict, scalars: set[str] = frozenset()) -> list[tuple[str, float, int]]:
+    """(name, value, step=concurrency): MLflow draws each as a curve over concurrency; and, for the names in
+    `scalars` (those the sweep's objectives and constraints name), the figure at one level as a metric of its own
+    (serve_output_tok_s_c4, step 0) — only those, or a run would show dozens of one-point charts."""
     out = []
     for name, levels in result["levels"].items():
         prefix = "serve_" if name == "distinct" else "serve_prefix_"
         for lv in levels:
             for k in METRICS + ("engine_seqs_per_decode",):
                 out.append((prefix + k.replace("engine_", ""), float(lv[k]), int(lv["concurrency"])))
-            out += [(f"{prefix}{k}_c{lv['concurrency']}", float(lv[k]), 0) for k in METRICS]
+            out += [(f"{prefix}{k}_c{lv['concurrency']}", float(lv[k]), 0) for k in METRICS
+                    if f"{prefix}{k}_c{lv['concurrency']}" in scalars]
             if lv.get("engine_cached_prompt_tokens") is not None and lv.get("engine_prompt_tokens") is not None:
                 total = lv["engine_cached_prompt_tokens"] + lv["engine_prompt_tokens"]
                 out.append((prefix + "cached_prompt_frac", lv["engine_cached_prompt_tokens"] / total if total else 0.0,
