@@ -272,7 +272,7 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     one at a time per node like every benchmark, each logged to its cell's run (curves over concurrency)."""
     from farm import pareto
     from farm.serve import bench as servebench
-    from farm.spec import SERVE_METRIC, better
+    from farm.spec import better, is_serve_metric
     from farm.tracking import cell_label
 
     rows, runtime_of = [], {}
@@ -283,10 +283,8 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
                          "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)})
             if cell.serve:
                 runtime_of[cell.id] = cell.spec["export"]["runtime"]["name"]
-    import re
-
     def known(m: str) -> bool:  # serve metrics are what this phase measures: not yet known
-        return not re.match(SERVE_METRIC, m)
+        return not is_serve_metric(m)
 
     named = [m for m in dict.fromkeys([*sweep.objectives, *(c.metric for c in sweep.constraints),
                                        sweep.promote.metric]) if not known(m)]

@@ -46,8 +46,7 @@ def tokenize_data(tokenizer, data: dict) -> tuple[np.ndarray, np.ndarray]:
     calib = np.array(take_tokens(calib, data["calib_tokens"], "calibration"), dtype=np.int64)
     evals = np.array(take_tokens(evals, data["eval_windows"] * width, "evaluation"), dtype=np.int64)
     windows = evals.reshape(data["eval_windows"], width)
-    return calib, np.concatenate([np.full((len(windows), len(prefix)), prefix, dtype=np.int64).reshape(
-        len(windows), len(prefix)), windows], axis=1)
+    return calib, np.concatenate([np.tile(np.array(prefix, dtype=np.int64), (len(windows), 1)), windows], axis=1)
 
 
 def corpus_tokens(reference: Path) -> tuple[list[int], np.ndarray]:

@@ -48,6 +48,11 @@ BETTER = {"perplexity": "min", "kl_div": "min", "top1_agree": "max", "prefill_to
           "size_mb": "min"}
 
 
+def is_serve_metric(metric: str) -> bool:
+    """A figure of the serve benchmark at one level (serve_output_tok_s_c4, ...), known only after the serve phase."""
+    return re.match(SERVE_METRIC, metric) is not None
+
+
 def better(metric: str) -> str:
     m = re.match(SERVE_METRIC, metric)
     return SERVE_KEYS[m.group(2)] if m else BETTER[metric]
@@ -227,7 +232,7 @@ class Sweep(Strict):
         """A serve metric in the objectives, constraints or promote policy needs every candidate served at that
         level: serve.cells 'all' (the front is only known once they are) and the level in serve.concurrency."""
         used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
-        for metric in dict.fromkeys(m for m in used if re.match(SERVE_METRIC, m)):
+        for metric in dict.fromkeys(m for m in used if is_serve_metric(m)):
             level = int(re.match(SERVE_METRIC, metric).group(3))
             if self.serve is None or self.serve.cells != "all" or level not in self.serve.concurrency:
                 raise ValueError(f"'{metric}' is measured by the serve benchmark at concurrency {level}: it needs "

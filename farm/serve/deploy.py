@@ -166,6 +166,8 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
              output_tokens: int, shared_prefix_tokens: int, registered: str | None, experiment: str) -> dict:
     """The serve benchmark's load against any OpenAI-compatible endpoint, logged to MLflow (against a
     registered model version when given as models:/NAME@ALIAS or models:/NAME/VERSION)."""
+    import os
+
     import mlflow
 
     from farm import tracking
@@ -175,7 +177,7 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
 
     url = url.rstrip("/")
     if not url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")) and \
-            not __import__("os").environ.get("FARM_LOADTEST_REMOTE"):
+            not os.environ.get("FARM_LOADTEST_REMOTE"):
         raise FarmError(f"loadtest: {url} is not on this machine; set FARM_LOADTEST_REMOTE=1 to load a remote "
                         "endpoint you are allowed to load")
     model = model or json.loads(get_text(f"{url}/v1/models"))["data"][0]["id"]
@@ -198,15 +200,14 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
                           if shared else 0})
             result["levels"][name].append(level)
     c = tracking.client()
-    exp_name = experiment
     tags = {"farm.kind": "loadtest", "farm.endpoint": url, "farm.model": model}
     version = None
     if registered:
         name, _, rest = registered[len("models:/"):].partition("@")
         version = c.get_model_version_by_alias(name, rest) if rest else c.get_model_version(*name.split("/", 1))
         tags.update({"farm.registered_model": version.name, "farm.model_version": str(version.version)})
-    exp = c.get_experiment_by_name(exp_name)
-    exp_id = exp.experiment_id if exp else c.create_experiment(exp_name)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
     run = c.create_run(exp_id, run_name=f"loadtest-{time.strftime('%Y%m%d-%H%M%S')}", tags=tags)
     now = int(time.time() * 1000)
     from mlflow.entities import Metric
@@ -220,5 +221,5 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
     c.set_terminated(run.info.run_id, "FINISHED")
     if version is not None:
         c.set_model_version_tag(version.name, version.version, "farm.loadtest_run", run.info.run_id)
-    return {"result": result, "run_id": run.info.run_id, "experiment": exp_name,
+    return {"result": result, "run_id": run.info.run_id, "experiment": experiment,
             "tracking_uri": mlflow.get_tracking_uri()}
