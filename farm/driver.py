@@ -96,10 +96,10 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
     return opts
 
 
-def submit(grid, sweep, kinds_later: tuple[str, ...] = ("serve",), only: list[str] | None = None,
+def submit(grid, sweep, kinds_later: tuple[str, ...] = ("tasks", "serve"), only: list[str] | None = None,
            refs: dict | None = None) -> dict:
     """Submit every stage (in topological order) but those of `kinds_later`; with `only`, just those stages,
-    whose dependencies are in `refs` already (the serve phase, after the bench phase)."""
+    whose dependencies are in `refs` already (the tasks and serve phases, after the bench phase)."""
     bench_cpus = check_targets(sweep)
     model_bytes = modelref.base_bytes(sweep.base.model)
     stage_memory = int(sweep.stage_memory_gb * 2**30) if sweep.stage_memory_gb else None
@@ -253,6 +253,8 @@ def run(path: str) -> int:
             log.progress(line)
             last_print = now
     log.progress(progress.line())
+    if sweep.tasks is not None:
+        tasks_phase(grid, sweep, refs, outcome, log)
     if sweep.serve is not None:
         serve_phase(grid, sweep, refs, outcome, log)
     log.finish(failed)
@@ -267,22 +269,134 @@ def run(path: str) -> int:
     return code
 
 
+def finished_rows(grid, outcome: dict, consistency: dict | None = None) -> list[dict]:
+    """Pareto rows of the cells whose evaluate and bench stages finished, with their task accuracy where it was
+    scored (and the gate's agreement of their runtime, `consistency`: cell id -> share)."""
+    from farm.tracking import cell_label
+
+    rows = []
+    for cell in grid.cells:
+        (ev, e1), (be, e2) = outcome.get(cell.evaluate, (None, 1)), outcome.get(cell.bench, (None, 1))
+        if e1 is not None or e2 is not None:
+            continue
+        row = {"id": cell.id, "target": cell.spec["target"]["name"], "baseline": cell.baseline,
+               "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)}
+        if cell.tasks in outcome:
+            result, error = outcome[cell.tasks]
+            row["failed_later"] = error is not None
+            row["metrics"].update(result["metrics"] if error is None else {})
+        if consistency and cell.id in consistency:
+            row["metrics"]["task_consistency"] = consistency[cell.id]
+        rows.append(row)
+    return rows
+
+
+def gate_cells(grid) -> list:
+    """The cells the consistency gate compares with the PyTorch baseline: each runtime's base model at its
+    format's full-precision level (gguf F16, onnx/openvino fp32, ...), and the baseline itself."""
+    from farm.export import FORMATS
+
+    return [c for c in grid.cells if c.tasks and (c.baseline or not c.spec["compress"] and
+            c.spec["export"]["quant"] == FORMATS.options(c.spec["export"]["format"]).BASE_LEVEL)]
+
+
+def consistency_of(grid, outcome: dict) -> tuple[dict[str, float], list[str]]:
+    """cell id -> the share of items on which its runtime setting's full-precision base cell picked the PyTorch
+    baseline's answer (the lowest, if it has several), for every scored cell; and a line per runtime setting."""
+    import json
+
+    from farm.tasks import agreement
+    from farm.tracking import cell_label
+
+    def setting(c) -> str:
+        return json.dumps(c.spec["export"]["runtime"], sort_keys=True)
+
+    def scored(c):
+        result, error = outcome.get(c.tasks, (None, 1))
+        return result if error is None else None
+
+    baseline = next((scored(c) for c in grid.cells if c.baseline and c.tasks), None)
+    if baseline is None:
+        return {}, ["farm: tasks: the PyTorch baseline has no task scores; no runtime is checked against it"]
+    share, lines = {}, []
+    for c in gate_cells(grid):
+        mine = scored(c)
+        if mine is None:
+            continue
+        value, n = agreement(mine["items"], baseline["items"])
+        share[setting(c)] = min(value, share.get(setting(c), 1.0))
+        if not c.baseline:
+            lines.append(f"farm: tasks: {cell_label(c)} picks the PyTorch baseline's answer on {100 * value:.1f} % "
+                         f"of {n} items")
+    return {c.id: share[setting(c)] for c in grid.cells if c.tasks in outcome and setting(c) in share}, lines
+
+
+def tasks_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
+    """After every cell has its single-stream numbers: task accuracy of every cell (tasks.cells 'all'), or of
+    the gate's cells and the Pareto front, again until every cell on the front has been scored (a task
+    constraint can drop a front cell and let one that was dominated by it in)."""
+    from farm import pareto
+    from farm.spec import front_constraints, is_serve_metric, is_task_metric
+    from farm.tracking import cell_label
+
+    spec = sweep.model_dump()
+    objectives = {m: d for m, d in sweep.objectives.items() if not is_serve_metric(m)} or {"decode_tok_s": "max"}
+    constraints = [c for c in front_constraints(spec) if not is_serve_metric(c["metric"])]
+    finished = {r["id"] for r in finished_rows(grid, outcome)}
+    todo = [c for c in grid.cells if c.id in finished and (sweep.tasks.cells == "all" or c in gate_cells(grid))]
+    seen: set[str] = set()
+    while todo:
+        todo = [c for c in todo if c.tasks not in seen]
+        stages = list(dict.fromkeys(c.tasks for c in todo))
+        if not stages:
+            break
+        print(f"\nfarm: tasks ({', '.join(f'{t} {n}' for t, n in sweep.tasks.items.items())} items) on "
+              f"{len(stages)} runtime setting(s) of {len(todo)} cell(s): "
+              f"{', '.join(cell_label(c) for c in todo)}", flush=True)
+        refs.update(submit(grid, sweep, only=stages, refs=refs))
+        for sid in stages:
+            outcome[sid] = _get(refs[sid])
+            seen.add(sid)
+        if sweep.tasks.cells == "all":
+            break
+        rows = finished_rows(grid, outcome, consistency_of(grid, outcome)[0])
+        status = pareto.front(rows, objectives, constraints, later=is_task_metric)
+        todo = [c for c in grid.cells if c.id in status and status[c.id]["pareto"] and c.tasks not in seen]
+    consistency, lines = consistency_of(grid, outcome)
+    for line in lines:
+        print(line, flush=True)
+    threshold = sweep.tasks.consistency
+    for cell in grid.cells:
+        if cell.tasks not in outcome or cell.id not in finished:
+            continue
+        result, error = outcome[cell.tasks]
+        log.log_tasks(cell, result, error, consistency.get(cell.id))
+        label = cell_label(cell)
+        if error is not None:
+            print(f"farm: tasks {label}: FAILED: {str(error).splitlines()[0][:300]}", flush=True)
+            continue
+        m = result["metrics"]
+        gate = consistency.get(cell.id)
+        print(f"farm: tasks {label}: " + "  ".join(f"{t} {m[f'acc.{t}']:.3f}±{m[f'acc_stderr.{t}']:.3f}"
+                                                   for t in sweep.tasks.items)
+              + f"  mean {m['task_acc_mean']:.3f}  ({m['task_s_per_item']:.2f} s/item)"
+              + (f"  FAILS THE CONSISTENCY GATE ({100 * gate:.1f} % < {100 * threshold:.0f} % agreement with "
+                 "PyTorch): kept off the front" if gate is not None and gate < threshold else ""), flush=True)
+
+
 def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     """After every cell has its single-stream numbers: the serve benchmark of the cells sweep.serve picks,
     one at a time per node like every benchmark, each logged to its cell's run (curves over concurrency)."""
     from farm import pareto
     from farm.serve import bench as servebench
-    from farm.spec import better, is_serve_metric
+    from farm.spec import better, front_constraints, is_serve_metric, is_task_metric
     from farm.tracking import cell_label
 
-    rows, runtime_of = [], {}
-    for cell in grid.cells:
-        (ev, e1), (be, e2) = outcome.get(cell.evaluate, (None, 1)), outcome.get(cell.bench, (None, 1))
-        if e1 is None and e2 is None:
-            rows.append({"id": cell.id, "target": cell.spec["target"]["name"], "baseline": cell.baseline,
-                         "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)})
-            if cell.serve:
-                runtime_of[cell.id] = cell.spec["export"]["runtime"]["name"]
+    consistency = consistency_of(grid, outcome)[0] if sweep.tasks is not None else {}
+    rows = finished_rows(grid, outcome, consistency)
+    runtime_of = {c.id: c.spec["export"]["runtime"]["name"] for c in grid.cells
+                  if c.serve and c.id in {r["id"] for r in rows}}
+
     def known(m: str) -> bool:  # serve metrics are what this phase measures: not yet known
         return not is_serve_metric(m)
 
@@ -290,9 +404,9 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
                                        sweep.promote.metric]) if not known(m)]
     metric = sweep.promote.metric if known(sweep.promote.metric) else "decode_tok_s"
     chosen = pareto.served(rows, runtime_of, {m: d for m, d in sweep.objectives.items() if known(m)} or
-                           {"decode_tok_s": "max"}, [c.model_dump() for c in sweep.constraints if known(c.metric)],
+                           {"decode_tok_s": "max"}, [c for c in front_constraints(sweep.model_dump()) if known(c["metric"])],
                            sweep.serve.cells, sweep.serve.per_runtime, metric,
-                           sweep.objectives.get(metric, better(metric)))
+                           sweep.objectives.get(metric, better(metric)), later=is_task_metric)
     cells = [c for c in grid.cells if c.id in chosen]
     if not cells:
         print("farm: serve: no finished cell with a serving engine qualifies; nothing served", flush=True)

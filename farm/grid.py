@@ -27,7 +27,7 @@ from farm.spec import Sweep, grid_fields, uses_teacher
 # every other stage stays reused.
 BASELINE_RUNTIME = {"name": "torch"}
 WORKER = {"base": "models.py", "reference": "evaluate.py", "evaluate": "evaluate.py", "bench": "bench.py",
-          "serve": "serve/bench.py"}
+          "serve": "serve/bench.py", "tasks": "tasks.py"}
 
 
 def _file(module: str) -> str:
@@ -63,7 +63,7 @@ def content_id(obj: Any) -> str:
 @dataclass(frozen=True)
 class Stage:
     id: str
-    kind: str  # base | reference | compress | export | evaluate | bench | serve
+    kind: str  # base | reference | compress | export | evaluate | bench | tasks | serve
     params: dict
     deps: tuple[str, ...]
 
@@ -81,6 +81,7 @@ class Cell:
     export: str
     baseline: bool = False
     serve: str | None = None  # the serve benchmark's stage, if the sweep has one and the runtime an engine
+    tasks: str | None = None  # the task-accuracy stage, if the sweep scores tasks
 
     def params(self) -> dict[str, str]:
         return flatten_cell(self.spec)
@@ -162,6 +163,10 @@ def build(sweep: Sweep) -> Grid:
         for runtime in entry.runtimes():  # the same exported file, measured by each runtime setting
             evaluate = g.add("evaluate", {"data": data, "runtime": runtime}, (export, reference),
                              runtime=runtime["name"])
+            tasks = None  # scored after the single-stream phase, with the base model's tokenizer
+            if sweep.tasks is not None:
+                tasks = g.add("tasks", {"tasks": sweep.tasks.model_dump(include={"items", "seed"}), "runtime": runtime},
+                              (export, base), runtime=runtime["name"])
             for target in sweep.targets:
                 b = g.add("bench", {"bench": bench, "target": target.model_dump(), "runtime": runtime},
                           (export, reference), runtime=runtime["name"])
@@ -179,7 +184,7 @@ def build(sweep: Sweep) -> Grid:
                 if sweep.serve is not None and runtime["name"] in ENGINES:  # submitted after the bench phase
                     serve = g.add("serve", {"serve": sweep.serve.model_dump(), "target": target.model_dump(),
                                             "runtime": runtime}, (export, reference, base), runtime=runtime["name"])
-                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline, serve))
+                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline, serve, tasks))
     return g
 
 

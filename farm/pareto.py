@@ -1,6 +1,7 @@
 """The Pareto front: non-dominated cells under the sweep's objectives, after its constraints. Pure.
 
-A row is {"id", "target", "baseline": bool, "metrics": {...}}. Constraints relative to the baseline
+A row is {"id", "target", "baseline": bool, "metrics": {...}}, and may say which later-phase measurements
+failed for it ("failed_later": True). Constraints relative to the baseline
 use the baseline row of the same target. A row dominates another when it is at least as good on every
 objective and strictly better on one; equal points do not dominate each other. The front is computed
 per target, since speed measured on different nodes is not comparable.
@@ -11,11 +12,15 @@ from __future__ import annotations
 import math
 
 
-def feasible(row: dict, constraints: list[dict], baseline: dict | None) -> tuple[bool, str]:
+def feasible(row: dict, constraints: list[dict], baseline: dict | None, later=None) -> tuple[bool, str]:
+    """later(metric) -> True for metrics a later phase measures only where they decide (task accuracy on the
+    front): missing, they do not exclude a row; a row is measured once it reaches the front."""
     m = row["metrics"]
     for c in constraints:
         v = m.get(c["metric"])
         if v is None or (isinstance(v, float) and math.isnan(v)):
+            if later is not None and later(c["metric"]) and not row.get("failed_later"):
+                continue
             return False, f"{c['metric']} missing"
         if c.get("max") is not None and v > c["max"]:
             return False, f"{c['metric']}={v:.4g} above max {c['max']}"
@@ -45,8 +50,8 @@ def dominates(a: dict, b: dict, objectives: dict[str, str]) -> bool:
     return better
 
 
-def front(rows: list[dict], objectives: dict[str, str], constraints: list[dict]) -> dict[str, dict]:
-    """id -> {"feasible", "reason", "pareto"} for every row."""
+def front(rows: list[dict], objectives: dict[str, str], constraints: list[dict], later=None) -> dict[str, dict]:
+    """id -> {"feasible", "reason", "pareto"} for every row (`later`: see feasible)."""
     out: dict[str, dict] = {}
     by_target: dict[str, list[dict]] = {}
     for r in rows:
@@ -56,7 +61,7 @@ def front(rows: list[dict], objectives: dict[str, str], constraints: list[dict])
         ok = []
         for r in group:
             missing = [m for m in objectives if m not in r["metrics"]]
-            good, reason = feasible(r, constraints, baseline)
+            good, reason = feasible(r, constraints, baseline, later)
             if missing:
                 good, reason = False, f"missing objective(s) {missing}"
             out[r["id"]] = {"feasible": good, "reason": reason, "pareto": False}
@@ -118,13 +123,13 @@ def plot(rows: list[dict], status: dict[str, dict], x: str, y: str, path) -> Non
 
 
 def served(rows: list[dict], runtime_of: dict[str, str], objectives: dict[str, str], constraints: list[dict],
-           mode: str, per_runtime: int, metric: str, direction: str) -> list[str]:
+           mode: str, per_runtime: int, metric: str, direction: str, later=None) -> list[str]:
     """The cells a serve benchmark takes (ids), `per_runtime` at most per runtime, best on `metric` first.
     runtime_of: id -> runtime name, for the servable cells only. mode: 'front' (on the sweep's Pareto front),
     'format_front' (on the front among the runtime's own cells; constraints still relative to the baseline),
-    'all' (every servable cell that meets the constraints)."""
+    'all' (every servable cell that meets the constraints). later: see feasible."""
     sign = 1 if direction == "max" else -1
-    status = front(rows, objectives, constraints)
+    status = front(rows, objectives, constraints, later)
     out = []
     for runtime in sorted(set(runtime_of.values())):
         mine = [r for r in rows if runtime_of.get(r["id"]) == runtime and status[r["id"]]["feasible"]]

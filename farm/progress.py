@@ -38,8 +38,8 @@ def stage_label(stage) -> str:
 class Progress:
     def __init__(self, grid, now: float | None = None):
         self.grid = grid
-        # the serve phase comes after every cell and reports for itself
-        self.stages = {sid: st for sid, st in grid.stages.items() if st.kind != "serve"}
+        # the tasks and serve phases come after every cell and report for themselves
+        self.stages = {sid: st for sid, st in grid.stages.items() if st.kind not in ("tasks", "serve")}
         self.t0 = time.time() if now is None else now
         self.done: dict[str, float] = {}  # stage id -> seconds it ran (0 when reused)
         self.reused: set[str] = set()

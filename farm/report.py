@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from farm import pareto, tracking
-from farm.spec import better
+from farm.spec import better, front_constraints, is_task_metric
 
 COLUMNS = ["perplexity", "kl_div", "top1_agree", "prefill_tok_s", "decode_tok_s", "ttft_ms", "peak_rss_mb",
            "size_mb"]
@@ -18,8 +18,9 @@ def pareto_report(name: str, run_id: str | None = None) -> dict:
     c, exp, parent = tracking.latest_sweep_run(name, run_id)
     spec = tracking.sweep_spec(c, parent)
     rows = tracking.cell_rows(c, exp, parent)
-    status = pareto.front(rows, spec["objectives"], spec["constraints"])
-    text = pareto.table(rows, status, COLUMNS)
+    status = pareto.front(rows, spec["objectives"], front_constraints(spec), later=is_task_metric)
+    tasks = list((spec.get("tasks") or {}).get("items") or {})
+    text = pareto.table(rows, status, COLUMNS + ([f"acc.{t}" for t in tasks] + ["task_acc_mean"] if tasks else []))
     objectives = list(spec["objectives"])
     with tempfile.TemporaryDirectory() as d:
         plot = None

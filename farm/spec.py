@@ -31,6 +31,7 @@ from farm.export import FORMATS
 from farm.modelref import EMBEDDED_MODELS, ModelShape, base_config, model_dir_problems, model_kind
 from farm.plugin import Calibrated
 from farm.runtimes import RUNTIMES, runtimes_for
+from farm.tasks import NORMALISED, TASKS
 
 # Every runtime reports these names, so MLflow's chart view compares cells across formats directly.
 QUALITY_METRICS = ("perplexity", "kl_div", "top1_agree")
@@ -41,7 +42,10 @@ METRICS = QUALITY_METRICS + SPEED_METRICS
 SERVE_KEYS = {"output_tok_s": "max", "requests_s": "max", "ttft_p50_ms": "min", "ttft_p90_ms": "min",
               "itl_p50_ms": "min", "itl_p90_ms": "min", "e2e_p50_ms": "min", "e2e_p90_ms": "min"}
 SERVE_METRIC = rf"^serve_(prefix_)?({'|'.join(SERVE_KEYS)})_c([1-9][0-9]*)$"
-Metric = Union[Literal[METRICS], Annotated[str, Field(pattern=SERVE_METRIC)]]  # type: ignore[valid-type]  # noqa: UP007
+# Task accuracy (farm/tasks.py: lm-eval's definitions), e.g. acc.piqa, acc_norm.hellaswag, and the mean over tasks
+TASK_METRIC = rf"^(acc|acc_norm)\.({'|'.join(TASKS)})$|^task_acc_mean$"
+Metric = Union[Literal[METRICS], Annotated[str, Field(pattern=SERVE_METRIC)],  # type: ignore[valid-type]  # noqa: UP007
+               Annotated[str, Field(pattern=TASK_METRIC)]]
 # The direction in which a metric gets better; used when the spec does not say.
 BETTER = {"perplexity": "min", "kl_div": "min", "top1_agree": "max", "prefill_tok_s": "max", "decode_tok_s": "max",
           "ttft_ms": "min", "token_latency_p50_ms": "min", "token_latency_p90_ms": "min", "peak_rss_mb": "min",
@@ -53,7 +57,14 @@ def is_serve_metric(metric: str) -> bool:
     return re.match(SERVE_METRIC, metric) is not None
 
 
+def is_task_metric(metric: str) -> bool:
+    """A task-accuracy figure (acc.piqa, task_acc_mean, ...), known only after the tasks phase."""
+    return re.match(TASK_METRIC, metric) is not None or metric == "task_consistency"
+
+
 def better(metric: str) -> str:
+    if is_task_metric(metric):
+        return "max"
     m = re.match(SERVE_METRIC, metric)
     return SERVE_KEYS[m.group(2)] if m else BETTER[metric]
 
@@ -177,6 +188,30 @@ def serve_corpus_tokens(serve: dict) -> int:
     return max(levels) * p + n * p + ((len(levels) * s + n * (p - s)) if s else 0)
 
 
+class TasksSpec(Strict):
+    """Task accuracy (farm/tasks.py): lm-eval's multiple-choice tasks scored through each cell's own runtime."""
+    items: dict[Literal[tuple(TASKS)], Annotated[int, Field(ge=1)] | Literal["all"]] = Field(  # type: ignore[valid-type]
+        ..., min_length=1, description="Items per task, a seeded sample of its validation split (the same items "
+        "for every cell), or 'all'; e.g. {piqa: 500, arc_easy: all}.")
+    cells: Literal["front", "all"] = Field(
+        "front", description="'front': after the single-stream phase, the cells on the Pareto front (again until "
+        "every cell on the front has been scored, when a task constraint moves it) and each runtime's full-precision "
+        "base cell (the consistency gate); 'all': every cell.")
+    seed: int = Field(0, ge=0, description="Seed of the item sample.")
+    consistency: float = Field(
+        0.9, ge=0, le=1, description="The gate: each runtime's full-precision base cell must pick the PyTorch "
+        "baseline's answer on at least this share of the items, else every cell of that runtime is kept off the "
+        "front (a runtime scoring at chance fails loudly).")
+
+
+def front_constraints(spec: dict) -> list[dict]:
+    """The sweep's constraints as plain dicts, plus the task-accuracy consistency gate when it scores tasks."""
+    out = [dict(c) for c in spec.get("constraints") or []]
+    if spec.get("tasks"):
+        out.append({"metric": "task_consistency", "min": spec["tasks"]["consistency"]})
+    return out
+
+
 class Constraint(Strict):
     metric: Metric
     max: float | None = None
@@ -210,6 +245,8 @@ class Sweep(Strict):
     bench: BenchSpec = Field(default_factory=BenchSpec)
     serve: ServeSpec | None = Field(None, description="Serve benchmark (latency vs throughput under concurrent "
                                     "load); unset: none.")
+    tasks: TasksSpec | None = Field(None, description="Task accuracy (lm-eval's ARC, HellaSwag, PIQA, WinoGrande, "
+                                    "...) through each cell's runtime; unset: none.")
     objectives: dict[Metric, Literal["min", "max"]] = Field(
         default_factory=lambda: {"perplexity": "min", "decode_tok_s": "max", "size_mb": "min"}, min_length=1
     )
@@ -237,6 +274,22 @@ class Sweep(Strict):
             if self.serve is None or self.serve.cells != "all" or level not in self.serve.concurrency:
                 raise ValueError(f"'{metric}' is measured by the serve benchmark at concurrency {level}: it needs "
                                  f"serve: {{cells: all, concurrency: [..., {level}]}} so that every candidate has it")
+        return self
+
+    @model_validator(mode="after")
+    def _task_metrics(self) -> Sweep:
+        """A task metric needs the task scored (and acc_norm one that has it); in the objectives, on every cell."""
+        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        for metric in dict.fromkeys(m for m in used if is_task_metric(m)):
+            key, _, task = metric.partition(".")
+            if self.tasks is None or (task and task not in self.tasks.items):
+                raise ValueError(f"'{metric}' is task accuracy: add tasks: {{items: {{{task or 'piqa'}: 200}}}} to the "
+                                 "sweep so that it is measured")
+            if key == "acc_norm" and task not in NORMALISED:
+                raise ValueError(f"'{metric}': lm-eval scores {task} by acc only (no length-normalised acc_norm)")
+            if (metric in self.objectives or metric == self.promote.metric) and self.tasks.cells != "all":
+                raise ValueError(f"'{metric}' as an objective or promote metric needs tasks.cells: all (every "
+                                 "candidate scored); with cells: front, use it in a constraint")
         return self
 
     @model_validator(mode="after")

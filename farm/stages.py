@@ -93,6 +93,16 @@ def run_evaluate(stage: Stage, deps: list[dict], out: Path) -> dict:
     return {"metrics": metrics}
 
 
+def run_tasks(stage: Stage, deps: list[dict], out: Path) -> dict:
+    from farm.tasks import score_isolated
+
+    export, base = deps
+    runtime, tasks = stage.params["runtime"], stage.params["tasks"]
+    result = score_isolated(runtime, Path(export["artifact"]), _model_dir(base), tasks["items"], tasks["seed"],
+                            threads_here(), out / "tasks.json", describe(export, runtime))
+    return {"metrics": result["metrics"], "items": result["items"], "cost": result["cost"]}
+
+
 def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
     from farm import bench
 
@@ -127,7 +137,7 @@ def run_serve(stage: Stage, deps: list[dict], out: Path) -> dict:
 
 
 RUNNERS = {"base": run_base, "reference": run_reference, "compress": run_compress, "export": run_export,
-           "evaluate": run_evaluate, "bench": run_bench, "serve": run_serve}
+           "evaluate": run_evaluate, "bench": run_bench, "tasks": run_tasks, "serve": run_serve}
 PATH_KEYS = ("model_dir", "reference_dir", "artifact", "bench_json", "serve_json")
 
 

