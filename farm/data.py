@@ -44,10 +44,13 @@ def split(files: list[str]) -> tuple[str, str]:
     return "\n\n".join(calib), "\n\n".join(evals)
 
 
+HINT = {"calibration": "calib_tokens", "long-context": "long_windows / long_window_tokens"}
+
+
 def take_tokens(ids: list[int], n: int, what: str) -> list[int]:
     if len(ids) < n:
         raise FarmError(
             f"data: the {what} text has {len(ids)} tokens but {n} are needed — add text (data.files) "
-            f"or lower data.{'calib_tokens' if what == 'calibration' else 'eval_windows / eval_window_tokens'}"
+            f"or lower data.{HINT.get(what, 'eval_windows / eval_window_tokens')}"
         )
     return ids[:n]

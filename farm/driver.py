@@ -333,17 +333,26 @@ def consistency_of(grid, outcome: dict) -> tuple[dict[str, float], list[str]]:
 
 def tasks_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     """After every cell has its single-stream numbers: task accuracy of every cell (tasks.cells 'all'), or of
-    the gate's cells and the Pareto front, again until every cell on the front has been scored (a task
-    constraint can drop a front cell and let one that was dominated by it in)."""
+    the gate's cells, the Pareto front (and with 'format_front' each runtime's own best cells), then again
+    until every cell on the front has been scored (a task constraint can drop a front cell and let in one
+    that was dominated by it)."""
     from farm import pareto
-    from farm.spec import front_constraints, is_serve_metric, is_task_metric
+    from farm.spec import better, front_constraints, is_serve_metric, is_task_metric
     from farm.tracking import cell_label
 
     spec = sweep.model_dump()
     objectives = {m: d for m, d in sweep.objectives.items() if not is_serve_metric(m)} or {"decode_tok_s": "max"}
     constraints = [c for c in front_constraints(spec) if not is_serve_metric(c["metric"])]
-    finished = {r["id"] for r in finished_rows(grid, outcome)}
-    todo = [c for c in grid.cells if c.id in finished and (sweep.tasks.cells == "all" or c in gate_cells(grid))]
+    rows = finished_rows(grid, outcome)
+    finished = {r["id"] for r in rows}
+    first = {c.id for c in gate_cells(grid)}
+    if sweep.tasks.cells == "format_front":  # each runtime's own best cells, whether or not on the sweep's front
+        metric = sweep.promote.metric if not is_serve_metric(sweep.promote.metric) else "decode_tok_s"
+        first |= set(pareto.served(rows, {c.id: c.spec["export"]["runtime"]["name"] for c in grid.cells},
+                                   objectives, constraints, "format_front", sweep.tasks.per_runtime, metric,
+                                   sweep.objectives.get(metric, better(metric)), later=is_task_metric))
+    first |= {i for i, st in pareto.front(rows, objectives, constraints, later=is_task_metric).items() if st["pareto"]}
+    todo = [c for c in grid.cells if c.id in finished and (sweep.tasks.cells == "all" or c.id in first)]
     seen: set[str] = set()
     while todo:
         todo = [c for c in todo if c.tasks not in seen]

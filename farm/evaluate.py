@@ -5,7 +5,13 @@ stores the base model's next-token log-probabilities over the evaluation windows
 the very same token ids to its own runtime and reports
   perplexity  exp(mean NLL of the next token),
   kl_div      mean KL(base || cell) of the next-token distributions (nats),
-  top1_agree  share of positions whose argmax equals the base model's.
+  top1_agree  share of positions whose argmax equals the base model's,
+and, with the long-context probe (data.long_window_tokens, e.g. 2048), the perplexity of the same long windows
+near their start (perplexity_near: the first eval_window_tokens positions) and far into them (perplexity_far: the
+second half), so a cell that loses more at long range shows it.
+
+Memory is bounded by one window's logits from the runtime and CHUNK positions of float64 log-probs (the base
+log-probs are read from disk as needed), not by positions x vocabulary: a 262k-token vocabulary fits.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from farm.data import split, take_tokens
+
+CHUNK = 64  # positions whose float64 log-probs are held at once
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -49,6 +57,21 @@ def tokenize_data(tokenizer, data: dict) -> tuple[np.ndarray, np.ndarray]:
     return calib, np.concatenate([np.tile(np.array(prefix, dtype=np.int64), (len(windows), 1)), windows], axis=1)
 
 
+def long_windows(tokenizer, data: dict) -> np.ndarray | None:
+    """The long-context probe's windows [long_windows, long_window_tokens] (sequence prefix, then evaluation text
+    after the short windows' tokens), or None when the sweep has no probe."""
+    if not data.get("long_window_tokens"):
+        return None
+    _, eval_text = split(data["files"])
+    prefix = sequence_prefix(tokenizer)
+    evals = tokenizer(eval_text, add_special_tokens=False)["input_ids"]
+    start = data["eval_windows"] * (data["eval_window_tokens"] - len(prefix))
+    width = data["long_window_tokens"] - len(prefix)
+    ids = np.array(take_tokens(evals[start:], data["long_windows"] * width, "long-context"), dtype=np.int64)
+    windows = ids.reshape(data["long_windows"], width)
+    return np.concatenate([np.tile(np.array(prefix, dtype=np.int64), (len(windows), 1)), windows], axis=1)
+
+
 def corpus_tokens(reference: Path) -> tuple[list[int], np.ndarray]:
     """(the sequence prefix, the reference's text tokens: evaluation windows without their prefix, then
     calibration) — what benchmark prompts are cut from."""
@@ -59,35 +82,70 @@ def corpus_tokens(reference: Path) -> tuple[list[int], np.ndarray]:
 
 
 def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dict:
-    """Write calib/eval token ids and the base model's log-probs; return the base's own metrics."""
+    """Write calib/eval token ids and the base model's log-probs (and the long-context probe's windows)."""
     from farm.models import load_tokenizer
     from farm.runtimes import load
 
     tokenizer = load_tokenizer(model_dir)
     calib, evals = tokenize_data(tokenizer, data)
+    longs = long_windows(tokenizer, data)
     np.save(out / "sequence_prefix.npy", np.array(sequence_prefix(tokenizer), dtype=np.int64))
     rt = load("torch", model_dir, threads=threads, n_ctx=evals.shape[1])
-    logits = [rt.logits(w.tolist())[:-1] for w in evals]
-    # log-probs in float16 (KL resolution ~1e-5 nats); the argmax from the float32 logits, exactly
-    np.save(out / "base_logprobs.npy", np.stack([log_softmax(x).astype(np.float16) for x in logits]))
-    np.save(out / "base_top1.npy", np.stack([x.argmax(-1) for x in logits]).astype(np.int32))
+    logprobs = top1 = None
+    for i, w in enumerate(evals):  # window by window into a file: memory O(window x vocab), not O(all)
+        logits = rt.logits(w.tolist())[:-1]
+        if logprobs is None:
+            # log-probs in float16 (KL resolution ~1e-5 nats); the argmax from the float32 logits, exactly
+            logprobs = np.lib.format.open_memmap(out / "base_logprobs.npy", mode="w+", dtype=np.float16,
+                                                 shape=(len(evals), *logits.shape))
+            top1 = np.empty((len(evals), len(logits)), dtype=np.int32)
+        for j in range(0, len(logits), CHUNK):
+            logprobs[i, j:j + CHUNK] = log_softmax(logits[j:j + CHUNK]).astype(np.float16)
+        top1[i] = logits.argmax(-1)
+    logprobs.flush()
+    del logprobs
+    np.save(out / "base_top1.npy", top1)
     np.save(out / "calib_tokens.npy", calib)
     np.save(out / "eval_tokens.npy", evals)
+    if longs is not None:
+        np.save(out / "long_tokens.npy", longs)
     return {"eval_tokens": int(evals.size), "calib_tokens": int(calib.size),
-            "sequence_prefix": sequence_prefix(tokenizer)}
+            "long_tokens": 0 if longs is None else int(longs.size), "sequence_prefix": sequence_prefix(tokenizer)}
 
 
 def quality(rt, evals: np.ndarray, base_logprobs: np.ndarray, base_top1: np.ndarray) -> dict:
     nll, kl, agree, n = 0.0, 0.0, 0, 0
     for window, base, top1 in zip(evals, base_logprobs, base_top1):
-        lp = log_softmax(rt.logits(window.tolist())[:-1])
-        base = base.astype(np.float64)
+        logits = rt.logits(window.tolist())[:-1]
         targets = window[1:]
-        nll -= lp[np.arange(len(targets)), targets].sum()
-        kl += (np.exp(base) * (base - lp)).sum()
-        agree += int((lp.argmax(-1) == top1).sum())
+        for j in range(0, len(targets), CHUNK):
+            lp = log_softmax(logits[j:j + CHUNK])
+            b = np.asarray(base[j:j + CHUNK], dtype=np.float64)
+            t = targets[j:j + CHUNK]
+            nll -= lp[np.arange(len(t)), t].sum()
+            kl += (np.exp(b) * (b - lp)).sum()
+            agree += int((lp.argmax(-1) == top1[j:j + CHUNK]).sum())
         n += len(targets)
     return {"perplexity": float(np.exp(nll / n)), "kl_div": float(kl / n), "top1_agree": agree / n}
+
+
+def position_nll(rt, window: np.ndarray) -> np.ndarray:
+    """The next-token NLL at every position of one window."""
+    logits = rt.logits(window.tolist())[:-1]
+    targets = window[1:]
+    out = np.empty(len(targets))
+    for j in range(0, len(targets), CHUNK):
+        lp = log_softmax(logits[j:j + CHUNK])
+        out[j:j + CHUNK] = -lp[np.arange(len(lp)), targets[j:j + CHUNK]]
+    return out
+
+
+def long_context(rt, longs: np.ndarray, near: int) -> dict:
+    """Perplexity of the long windows over their first `near` positions and over their second half."""
+    nll = np.stack([position_nll(rt, w) for w in longs])
+    half = longs.shape[1] // 2
+    return {"perplexity_near": float(np.exp(nll[:, :near - 1].mean())),
+            "perplexity_far": float(np.exp(nll[:, half - 1:].mean()))}
 
 
 def evaluate(runtime: str | dict, artifact: Path, reference: Path, threads: int) -> dict:
@@ -95,10 +153,14 @@ def evaluate(runtime: str | dict, artifact: Path, reference: Path, threads: int)
     from farm.runtimes import load
 
     evals = np.load(reference / "eval_tokens.npy")
-    base = np.load(reference / "base_logprobs.npy")
+    base = np.load(reference / "base_logprobs.npy", mmap_mode="r")  # read as needed, never whole
     top1 = np.load(reference / "base_top1.npy")
-    rt = load(runtime, artifact, threads=threads, n_ctx=evals.shape[1])
-    return quality(rt, evals, base, top1)
+    longs = np.load(reference / "long_tokens.npy") if (reference / "long_tokens.npy").is_file() else None
+    rt = load(runtime, artifact, threads=threads, n_ctx=max(evals.shape[1], 0 if longs is None else longs.shape[1]))
+    metrics = quality(rt, evals, base, top1)
+    if longs is not None:
+        metrics.update(long_context(rt, longs, evals.shape[1]))
+    return metrics
 
 
 def evaluate_isolated(runtime: dict, artifact: Path, reference: Path, threads: int, out_json: Path,

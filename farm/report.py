@@ -20,7 +20,9 @@ def pareto_report(name: str, run_id: str | None = None) -> dict:
     rows = tracking.cell_rows(c, exp, parent)
     status = pareto.front(rows, spec["objectives"], front_constraints(spec), later=is_task_metric)
     tasks = list((spec.get("tasks") or {}).get("items") or {})
-    text = pareto.table(rows, status, COLUMNS + ([f"acc.{t}" for t in tasks] + ["task_acc_mean"] if tasks else []))
+    longs = ["perplexity_near", "perplexity_far"] if (spec.get("data") or {}).get("long_window_tokens") else []
+    text = pareto.table(rows, status, COLUMNS[:3] + longs + COLUMNS[3:]
+                        + ([f"acc.{t}" for t in tasks] + ["task_acc_mean"] if tasks else []))
     objectives = list(spec["objectives"])
     with tempfile.TemporaryDirectory() as d:
         plot = None

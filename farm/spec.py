@@ -37,7 +37,8 @@ from farm.tasks import NORMALISED, TASKS
 QUALITY_METRICS = ("perplexity", "kl_div", "top1_agree")
 SPEED_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms",
                  "peak_rss_mb", "size_mb")
-METRICS = QUALITY_METRICS + SPEED_METRICS
+LONG_METRICS = ("perplexity_near", "perplexity_far")  # the long-context probe (data.long_window_tokens)
+METRICS = QUALITY_METRICS + LONG_METRICS + SPEED_METRICS
 # The serve benchmark's figures at one concurrency level, e.g. serve_output_tok_s_c4, serve_prefix_ttft_p50_ms_c2
 SERVE_KEYS = {"output_tok_s": "max", "requests_s": "max", "ttft_p50_ms": "min", "ttft_p90_ms": "min",
               "itl_p50_ms": "min", "itl_p90_ms": "min", "e2e_p50_ms": "min", "e2e_p90_ms": "min"}
@@ -47,7 +48,7 @@ TASK_METRIC = rf"^(acc|acc_norm)\.({'|'.join(TASKS)})$|^task_acc_mean$"
 Metric = Union[Literal[METRICS], Annotated[str, Field(pattern=SERVE_METRIC)],  # type: ignore[valid-type]  # noqa: UP007
                Annotated[str, Field(pattern=TASK_METRIC)]]
 # The direction in which a metric gets better; used when the spec does not say.
-BETTER = {"perplexity": "min", "kl_div": "min", "top1_agree": "max", "prefill_tok_s": "max", "decode_tok_s": "max",
+BETTER = {"perplexity": "min", "perplexity_near": "min", "perplexity_far": "min", "kl_div": "min", "top1_agree": "max", "prefill_tok_s": "max", "decode_tok_s": "max",
           "ttft_ms": "min", "token_latency_p50_ms": "min", "token_latency_p90_ms": "min", "peak_rss_mb": "min",
           "size_mb": "min"}
 
@@ -95,6 +96,18 @@ class DataSpec(Strict):
     calib_tokens: int = Field(4096, ge=256, le=1_000_000, description="Tokens of calibration text.")
     eval_windows: int = Field(4, ge=1, le=512, description="Evaluation windows (disjoint from calibration).")
     eval_window_tokens: int = Field(256, ge=16, le=8192, description="Tokens per evaluation window.")
+    long_window_tokens: int = Field(
+        0, ge=0, le=32768, description="The long-context probe: windows of this many tokens (e.g. 2048, within the "
+        "model's context) whose perplexity every cell reports near their start (perplexity_near, the first "
+        "eval_window_tokens positions) and far into them (perplexity_far, the second half); 0: no probe.")
+    long_windows: int = Field(2, ge=1, le=64, description="Windows of the long-context probe.")
+
+    @model_validator(mode="after")
+    def _long(self) -> DataSpec:
+        if self.long_window_tokens and self.long_window_tokens < 2 * self.eval_window_tokens:
+            raise ValueError(f"long_window_tokens ({self.long_window_tokens}) must be at least twice "
+                             f"eval_window_tokens ({self.eval_window_tokens}): its far half starts after the near part")
+        return self
 
 
 # ---- compression steps: the registry's Options models, picked by `method`
@@ -193,10 +206,14 @@ class TasksSpec(Strict):
     items: dict[Literal[tuple(TASKS)], Annotated[int, Field(ge=1)] | Literal["all"]] = Field(  # type: ignore[valid-type]
         ..., min_length=1, description="Items per task, a seeded sample of its validation split (the same items "
         "for every cell), or 'all'; e.g. {piqa: 500, arc_easy: all}.")
-    cells: Literal["front", "all"] = Field(
-        "front", description="'front': after the single-stream phase, the cells on the Pareto front (again until "
-        "every cell on the front has been scored, when a task constraint moves it) and each runtime's full-precision "
-        "base cell (the consistency gate); 'all': every cell.")
+    cells: Literal["front", "format_front", "all"] = Field(
+        "front", description="After the single-stream phase: 'front' the cells on the sweep's Pareto front (again "
+        "until every cell on the front is scored, when a task constraint drops one), plus each runtime's "
+        "full-precision base cell (the consistency gate); 'format_front' also the front of each runtime's own cells "
+        "(per_runtime of them, the best on promote.metric first), so that every runtime's best quantized cell is "
+        "scored; 'all' every cell.")
+    per_runtime: int = Field(2, ge=1, le=1000, description="With cells: format_front, at most this many of each "
+                             "runtime's own front.")
     seed: int = Field(0, ge=0, description="Seed of the item sample.")
     consistency: float = Field(
         0.9, ge=0, le=1, description="The gate: each runtime's full-precision base cell must pick the PyTorch "
@@ -274,6 +291,14 @@ class Sweep(Strict):
             if self.serve is None or self.serve.cells != "all" or level not in self.serve.concurrency:
                 raise ValueError(f"'{metric}' is measured by the serve benchmark at concurrency {level}: it needs "
                                  f"serve: {{cells: all, concurrency: [..., {level}]}} so that every candidate has it")
+        return self
+
+    @model_validator(mode="after")
+    def _long_metrics(self) -> Sweep:
+        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        if any(m in LONG_METRICS for m in used) and not self.data.long_window_tokens:
+            raise ValueError("perplexity_near / perplexity_far come from the long-context probe: set "
+                             "data.long_window_tokens (e.g. 2048)")
         return self
 
     @model_validator(mode="after")

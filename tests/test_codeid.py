@@ -31,7 +31,7 @@ def edited(monkeypatch, rel: str):
 
 @pytest.mark.parametrize("helper,kinds", [
     ("compress/common.py", {"compress"}),  # every method loads through it
-    ("runtimes/ggml_cpu.py", {"evaluate", "bench", "serve"}),  # the GGUF cells' measurements only
+    ("runtimes/ggml_cpu.py", {"evaluate", "bench", "tasks", "serve"}),  # the GGUF cells' measurements only
     ("export/onnx_export.py", {"export"}),  # the ONNX exports only
 ])
 def test_editing_a_helper_rebuilds_the_stages_that_import_it_and_nothing_else(monkeypatch, helper, kinds):

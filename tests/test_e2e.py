@@ -72,6 +72,7 @@ def tiny_sweep(cluster, tiny_model_dir, tmp_path_factory) -> subprocess.Complete
         "promote": {"model_name": "tiny-llm", "alias": "champion", "metric": "decode_tok_s"},
         "serve": {"cells": "format_front", "per_runtime": 1, "concurrency": [1, 2], "requests": 2,
                   "prompt_tokens": 32, "output_tokens": 8, "shared_prefix_tokens": 16},
+        "tasks": {"items": {"piqa": 6, "winogrande": 6}, "cells": "front"},
     }
     f = tmp_path_factory.mktemp("tiny-sweep") / "tiny.yaml"
     f.write_text(yaml.safe_dump(sweep))
@@ -170,6 +171,32 @@ def test_promoting_the_same_artifact_again_changes_nothing(cluster, promoted):
     assert res.returncode == 0 and "already is" in res.stdout, res.stdout + res.stderr
     assert c.get_model_version_by_alias("tiny-llm", "champion").version == before.version
     assert before.tags["farm.artifact_uri"].startswith("file://")
+
+
+def test_tasks_phase_scores_the_gate_and_the_front_through_their_runtimes(cluster, tiny_sweep):
+    """After the bench phase, lm-eval's tasks through each cell's runtime: every runtime's full-precision base cell
+    (the gate, checked against the PyTorch baseline's answers) and every cell on the front; the rest are not
+    scored. Each scored run holds acc / stderr / items per task, the mean, and the per-item answers."""
+    from mlflow.tracking import MlflowClient
+
+    assert "farm: tasks (piqa 6, winogrande 6 items)" in tiny_sweep.stdout, tiny_sweep.stdout[-3000:]
+    assert "picks the PyTorch baseline's answer on" in tiny_sweep.stdout
+    c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+    _, cells = sweep_cells(c, "tiny")
+    scored = [r for r in cells if "task_acc_mean" in r.data.metrics]
+    label = {r.info.run_id: r.data.tags["farm.label"] for r in cells}
+    gate = {label[r.info.run_id] for r in scored if "task_consistency" in r.data.metrics}
+    assert {"base/torch-fp32@tagged", "base/gguf-F16@tagged"} <= gate, sorted(label.values())
+    front = [r for r in cells if r.data.tags.get("farm.pareto") == "true"]
+    assert front and {r.info.run_id for r in front} <= {r.info.run_id for r in scored}
+    assert len(scored) < len(cells)  # cells off the front are not scored
+    for r in scored:
+        m = r.data.metrics
+        assert m["items.piqa"] == 6 and m["items.winogrande"] == 6 and 0 <= m["acc.piqa"] <= 1
+        assert {"acc_stderr.piqa", "acc_norm.piqa", "acc.winogrande", "task_s_per_item"} <= set(m)
+        assert "tasks.json" in {a.path for a in c.list_artifacts(r.info.run_id)}
+    baseline = next(r for r in scored if r.data.tags["farm.baseline"] == "true")
+    assert baseline.data.metrics["task_consistency"] == 1.0
 
 
 def test_serve_phase_logs_curves_for_each_engine(cluster, tiny_sweep):

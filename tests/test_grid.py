@@ -7,6 +7,7 @@ import yaml
 from farm import grid, spec
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
+DEMO["pipelines"][1][0]["drop"] = [2, 4]  # a step grid: two pruned pipelines
 
 
 def build(mutate=None):
@@ -67,7 +68,7 @@ def test_two_targets_share_everything_but_bench():
     g = build(two)
     assert len(g.cells) == 2 * 34
     kinds = [s.kind for s in g.stages.values()]
-    assert kinds.count("bench") == 2 * 34 and kinds.count("evaluate") == 34
+    assert kinds.count("bench") == 2 * 34 and kinds.count("evaluate") == kinds.count("tasks") == 34
 
 
 def test_flat_params():

@@ -32,7 +32,7 @@ def test_counts_running_and_eta():
     p.stage_failed(exports[1])
     p.set_running({kinds["bench"][0]: "a", exports[0]: "b"})  # a finished stage is not running any more
     line = p.line(now=30.0)
-    n = len([s for s in g.stages.values() if s.kind != "serve"])  # the serve phase reports for itself
+    n = len([s for s in g.stages.values() if s.kind not in ("tasks", "serve")])  # those phases report for themselves
     assert n < len(g.stages)
     # grid order: the torch baseline first, so exports[0] is its (finished) export and exports[1] the F16 export
     # (failed). Queued = inputs done, not running: only the baseline's evaluate (its bench is running; Q8_0
@@ -42,7 +42,8 @@ def test_counts_running_and_eta():
     assert f"cells 0/{len(g.cells)} done" in line and "running: bench " in line and "on a" in line
     # work done 15 s in 30 s of wall time; left: the other exports at their mean (10 s) and the rest at the
     # mean of everything that ran (7.5 s) -> (10 * (exports - 2) + 7.5 * others) / 0.5
-    left = [s for sid, s in g.stages.items() if sid not in p.done and sid not in p.failed and s.kind != "serve"]
+    left = [s for sid, s in g.stages.items() if sid not in p.done and sid not in p.failed
+            and s.kind not in ("tasks", "serve")]
     want = sum(10.0 if s.kind == "export" else 7.5 for s in left) / (15.0 / 30.0)
     assert abs(p.eta(now=30.0) - want) < 1e-9 and f"ETA ~{duration(want)}" in line
     p.set_running(None)  # Ray's state API did not answer: unknown, not zero
