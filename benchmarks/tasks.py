@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farm.tasks import agreement, score_isolated  # noqa: E402
+from farm.tasks import agreement, score_isolated
 
 DEFAULT = "piqa:all,arc_easy:all,arc_challenge:all,winogrande:all,openbookqa:all,hellaswag:1000"
 
@@ -55,8 +55,8 @@ def main() -> int:
         print(f"{runtime} {Path(artifact).name}: mean acc {r['metrics']['task_acc_mean']:.4f} in "
               f"{time.time() - t0:.0f} s", flush=True)
     tasks = sorted(items)
-    lines = [f"Task accuracy, {', '.join(f'{t} {items[t]}' for t in tasks)} items (seed {a.seed}), {a.threads} "
-             f"threads, {cpu_model()}; `python benchmarks/tasks.py --tasks {a.tasks} ...`", "",
+    lines = [(f"Task accuracy, {', '.join(f'{t} {items[t]}' for t in tasks)} items (seed {a.seed}), {a.threads} "
+              f"threads, {cpu_model()}; `python benchmarks/tasks.py --tasks {a.tasks} ...`"), "",
              "| artifact | runtime | " + " | ".join(tasks) + " | mean acc | agrees with first | s/item |",
              "|---|---|" + "---|" * (len(tasks) + 3)]
     for r in results:

