@@ -403,14 +403,13 @@ def serve_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
 
     consistency = consistency_of(grid, outcome)[0] if sweep.tasks is not None else {}
     rows = finished_rows(grid, outcome, consistency)
-    runtime_of = {c.id: c.spec["export"]["runtime"]["name"] for c in grid.cells
-                  if c.serve and c.id in {r["id"] for r in rows}}
+    finished = {r["id"] for r in rows}
+    runtime_of = {c.id: c.spec["export"]["runtime"]["name"] for c in grid.cells if c.serve and c.id in finished}
 
     def known(m: str) -> bool:  # serve metrics are what this phase measures: not yet known
         return not is_serve_metric(m)
 
-    named = [m for m in dict.fromkeys([*sweep.objectives, *(c.metric for c in sweep.constraints),
-                                       sweep.promote.metric]) if not known(m)]
+    named = [m for m in dict.fromkeys(sweep.metrics_used()) if not known(m)]
     metric = sweep.promote.metric if known(sweep.promote.metric) else "decode_tok_s"
     chosen = pareto.served(rows, runtime_of, {m: d for m, d in sweep.objectives.items() if known(m)} or
                            {"decode_tok_s": "max"}, [c for c in front_constraints(sweep.model_dump()) if known(c["metric"])],

@@ -48,8 +48,8 @@ TASK_METRIC = rf"^(acc|acc_norm)\.({'|'.join(TASKS)})$|^task_acc_mean$"
 Metric = Union[Literal[METRICS], Annotated[str, Field(pattern=SERVE_METRIC)],  # type: ignore[valid-type]  # noqa: UP007
                Annotated[str, Field(pattern=TASK_METRIC)]]
 # The direction in which a metric gets better; used when the spec does not say.
-BETTER = {"perplexity": "min", "perplexity_near": "min", "perplexity_far": "min", "kl_div": "min", "top1_agree": "max", "prefill_tok_s": "max", "decode_tok_s": "max",
-          "ttft_ms": "min", "token_latency_p50_ms": "min", "token_latency_p90_ms": "min", "peak_rss_mb": "min",
+BETTER = {"perplexity": "min", "perplexity_near": "min", "perplexity_far": "min", "kl_div": "min", "top1_agree": "max",
+          "prefill_tok_s": "max", "decode_tok_s": "max", "ttft_ms": "min", "token_latency_p50_ms": "min", "token_latency_p90_ms": "min", "peak_rss_mb": "min",
           "size_mb": "min"}
 
 
@@ -281,11 +281,15 @@ class Sweep(Strict):
                     "1 packs many small stages on a node; raise it for big models on big nodes (benchmarks always "
                     "take their whole node).")
 
+    def metrics_used(self) -> list[str]:
+        """Every metric the objectives, constraints and promote policy name."""
+        return [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+
     @model_validator(mode="after")
     def _serve_metrics(self) -> Sweep:
         """A serve metric in the objectives, constraints or promote policy needs every candidate served at that
         level: serve.cells 'all' (the front is only known once they are) and the level in serve.concurrency."""
-        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        used = self.metrics_used()
         for metric in dict.fromkeys(m for m in used if is_serve_metric(m)):
             level = int(re.match(SERVE_METRIC, metric).group(3))
             if self.serve is None or self.serve.cells != "all" or level not in self.serve.concurrency:
@@ -295,7 +299,7 @@ class Sweep(Strict):
 
     @model_validator(mode="after")
     def _long_metrics(self) -> Sweep:
-        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        used = self.metrics_used()
         if any(m in LONG_METRICS for m in used) and not self.data.long_window_tokens:
             raise ValueError("perplexity_near / perplexity_far come from the long-context probe: set "
                              "data.long_window_tokens (e.g. 2048)")
@@ -304,7 +308,7 @@ class Sweep(Strict):
     @model_validator(mode="after")
     def _task_metrics(self) -> Sweep:
         """A task metric needs the task scored (and acc_norm one that has it); in the objectives, on every cell."""
-        used = [*self.objectives, *(c.metric for c in self.constraints), self.promote.metric]
+        used = self.metrics_used()
         for metric in dict.fromkeys(m for m in used if is_task_metric(m)):
             key, _, task = metric.partition(".")
             if self.tasks is None or (task and task not in self.tasks.items):

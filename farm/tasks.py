@@ -212,8 +212,7 @@ def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict,
     cost = {"seconds": seconds, "requests": lm.calls, "tokens": lm.tokens, "items": sum(map(len, docs.values())),
             "threads": threads}
     metrics["task_s_per_item"] = seconds / max(cost["items"], 1)
-    return {"metrics": metrics, "items": per_item, "cost": cost,
-            "versions": {"lm_eval": res.get("versions", {})}}
+    return {"metrics": metrics, "items": per_item, "cost": cost}
 
 
 def agreement(a: dict, b: dict) -> tuple[float, int]:

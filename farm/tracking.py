@@ -251,6 +251,14 @@ def parked(home: Path | None = None) -> list[tuple[Path, str]]:
     return [(f, json.loads(f.read_text()).get("last_error", "")) for f in files]
 
 
+def _cell_run_id(c: MlflowClient, record: dict, what: str) -> str:
+    found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
+                          f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
+    if not found:
+        raise FarmError(f"{what} of {record['label']}: its cell run is not in MLflow yet")
+    return found[0].info.run_id
+
+
 def _deliver_serve(c: MlflowClient, record: dict) -> None:
     from farm.serve import bench as servebench
 
@@ -281,14 +289,6 @@ def _deliver_serve(c: MlflowClient, record: dict) -> None:
         _write(Path(d), "serve.txt", servebench.table(result))
         servebench.plot({record["label"]: result}, Path(d) / "serve.png")
         c.log_artifacts(rid, d)
-
-
-def _cell_run_id(c: MlflowClient, record: dict, what: str) -> str:
-    found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
-                          f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
-    if not found:
-        raise FarmError(f"{what} of {record['label']}: its cell run is not in MLflow yet")
-    return found[0].info.run_id
 
 
 def _deliver_tasks(c: MlflowClient, record: dict) -> None:
