@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 CONTAMINATED_CPUS = 0.3
+PINNING = ("compact", "spread", "none")
 
 
 def _busy_seconds() -> float:
@@ -112,25 +113,67 @@ def measure(runtime: str | dict, artifact: Path, prompt: list[int], decode: int,
 
 
 def run(runtime: dict, artifact: Path, reference: Path, bench: dict, threads: int, out_json: Path,
-        what: str = "") -> dict:
+        what: str = "", fmt: str = "") -> dict:
     """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json). A crash
-    of the runtime raises farm.isolate.RuntimeCrash naming the signal and the native frame."""
+    of the runtime raises farm.isolate.RuntimeCrash naming the signal and the native frame. `fmt` (the
+    artifact's format) lets the child compute the cell's memory roofline (farm/roofline.py)."""
     from farm.isolate import run_child
     from farm.runtimes import RUNTIMES
 
     args = ["-m", "farm.bench", "--runtime", json.dumps(runtime), "--artifact", str(artifact),
             "--reference", str(reference), "--threads", str(threads), "--prompt-tokens",
             str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
-            "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json)]
+            "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json),
+            "--pinning", bench.get("pinning", "compact"), "--format", fmt]
     run_child(args, RUNTIMES.options(runtime["name"]).TITLE, f"benchmarking {what or runtime['name']}")
     return json.loads(out_json.read_text())
 
 
-def pin(threads: int) -> list[int]:
-    """Pin this process (and so every runtime thread it starts) to `threads` of the cores it may use:
-    the node's cores, as its raylet was started with them (clusters/local pins nodes with taskset)."""
+def _topology(cpu: int) -> tuple[int, int]:
+    base = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return int((base / "physical_package_id").read_text()), int((base / "core_id").read_text())
+    except (OSError, ValueError):
+        return 0, cpu
+
+
+def choose_cores(threads: int, policy: str, allowed: list[int]) -> list[int] | None:
+    """The cores a benchmark of `threads` threads runs on, from those the node may use. compact: the first
+    `threads` in numbering order (neighbours, sharing caches); spread: one per physical core, round-robin
+    over sockets, before any second hardware thread of a core; none: no pinning (None)."""
+    allowed = sorted(allowed)
+    if policy == "none":
+        return None
+    if threads >= len(allowed):
+        return allowed
+    if policy == "compact":
+        return allowed[:threads]
+    by_package: dict[int, list[tuple[int, int]]] = {}
+    seen_cores = set()
+    firsts, seconds = [], []
+    for cpu in allowed:
+        package, core = _topology(cpu)
+        (seconds if (package, core) in seen_cores else firsts).append((package, cpu))
+        seen_cores.add((package, core))
+    for package, cpu in firsts:
+        by_package.setdefault(package, []).append(cpu)
+    order = []
+    while any(by_package.values()):
+        for package in sorted(by_package):
+            if by_package[package]:
+                order.append(by_package[package].pop(0))
+    order += [cpu for _, cpu in seconds]
+    return sorted(order[:threads])
+
+
+def pin(threads: int, policy: str = "compact") -> list[int]:
+    """Pin this process (and so every runtime thread it starts) to cores chosen by `policy` among those it
+    may use: the node's cores, as its raylet was started with them (clusters/local pins nodes with taskset).
+    Returns the cores it may run on."""
     allowed = sorted(os.sched_getaffinity(0))
-    cores = allowed[:threads] if threads <= len(allowed) else allowed
+    cores = choose_cores(threads, policy, allowed)
+    if cores is None:
+        return allowed
     os.sched_setaffinity(0, cores)
     return cores
 
@@ -156,12 +199,21 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--pinning", choices=PINNING, default="compact")
+    p.add_argument("--format", default="", help="the artifact's format, for its roofline (empty: none)")
     a = p.parse_args()
-    cores = pin(a.threads)
+    cores = pin(a.threads, a.pinning)
     prompt = prompt_tokens(a.reference, a.prompt_tokens)
     runtime = json.loads(a.runtime) if a.runtime.startswith("{") else a.runtime
+    started = time.time()
     result = measure(runtime, a.artifact, prompt, a.decode_tokens, a.warmup, a.repeats, a.threads)
-    result["cores"] = cores
+    result.update({"cores": cores, "pinning": a.pinning, "measured_at": started})
+    if a.format:
+        from farm import nodes, roofline
+
+        context = a.prompt_tokens + a.decode_tokens / 2  # the mean context of a decode step
+        result["roofline"] = roofline.for_cell(a.format, a.artifact, result["decode_tok_s"], context, a.threads,
+                                               cores, result["runtime_settings"], nodes.facts())
     a.out.write_text(json.dumps(result))
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from farm.errors import FarmError, SpecError
 
@@ -53,6 +54,20 @@ def cmd_pareto(a) -> int:
     best = r["best"]
     print(f"\npromote policy ({r['spec']['promote']['metric']}) picks: "
           f"{best['label'] + ' (run ' + best['id'] + ')' if best else 'nothing (empty front)'}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from farm.report import build
+
+    out = Path(a.out or f"reports/{a.name}")
+    r = build(a.name, out, a.sweep_run)
+    failed = [k for k in r["checks"] if not k["ok"]]
+    print(f"farm: report of {a.name} (parent run {r['parent']}): {r['html']} and {r['md']}, "
+          f"{len(r['figures'])} figures, {len(r['checks'])} ordering checks ({len(failed)} failed); "
+          "also logged to the parent run's artifacts")
+    for k in failed:
+        print(f"  ordering check FAILED: {k['check']} — {k['cells']}: {k['detail']}")
     return 0
 
 
@@ -189,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--model-name", help="registered model name (default: promote.model_name or the sweep)")
             s.add_argument("--alias", help="alias to set (default: promote.alias, 'champion')")
         s.set_defaults(fn=fn)
+    s = sub.add_parser("report", help="write a sweep's report (HTML + Markdown, with its plots) and log it to "
+                       "the sweep's parent run")
+    s.add_argument("name", help="the sweep name (= MLflow experiment)")
+    s.add_argument("--sweep-run", help="the sweep's parent run id (default: the latest submission)")
+    s.add_argument("-o", "--out", help="directory to write into (default: reports/NAME)")
+    s.set_defaults(fn=cmd_report)
     s = sub.add_parser("generate", help="generate text with a registered model, e.g. models:/demo@champion")
     s.add_argument("uri")
     s.add_argument("prompt", nargs="+")

@@ -280,7 +280,8 @@ def finished_rows(grid, outcome: dict, consistency: dict | None = None) -> list[
         if e1 is not None or e2 is not None:
             continue
         row = {"id": cell.id, "target": cell.spec["target"]["name"], "baseline": cell.baseline,
-               "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell)}
+               "metrics": {**ev["metrics"], **be["metrics"]}, "label": cell_label(cell),
+               "contaminated": bool(be.get("contaminated"))}
         if cell.tasks in outcome:
             result, error = outcome[cell.tasks]
             row["failed_later"] = error is not None

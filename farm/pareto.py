@@ -1,7 +1,8 @@
 """The Pareto front: non-dominated cells under the sweep's objectives, after its constraints. Pure.
 
 A row is {"id", "target", "baseline": bool, "metrics": {...}}, and may say which later-phase measurements
-failed for it ("failed_later": True). Constraints relative to the baseline
+failed for it ("failed_later": True) and that its benchmark was disturbed by other load ("contaminated": True:
+never feasible, since its speed is not the cell's). Constraints relative to the baseline
 use the baseline row of the same target. A row dominates another when it is at least as good on every
 objective and strictly better on one; equal points do not dominate each other. The front is computed
 per target, since speed measured on different nodes is not comparable.
@@ -15,6 +16,8 @@ import math
 def feasible(row: dict, constraints: list[dict], baseline: dict | None, later=None) -> tuple[bool, str]:
     """later(metric) -> True for metrics a later phase measures only where they decide (task accuracy on the
     front): missing, they do not exclude a row; a row is measured once it reaches the front."""
+    if row.get("contaminated"):  # its speed is not the cell's: never on a front, never promoted
+        return False, "benchmark contaminated by other load on the node (farm.bench.contaminated)"
     m = row["metrics"]
     for c in constraints:
         v = m.get(c["metric"])
@@ -94,32 +97,6 @@ def table(rows: list[dict], status: dict[str, dict], columns: list[str]) -> str:
         lines.append(vals)
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)
-
-
-def plot(rows: list[dict], status: dict[str, dict], x: str, y: str, path) -> None:
-    """Scatter of two metrics; the front in colour, infeasible cells as crosses."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        if x not in r["metrics"] or y not in r["metrics"]:
-            continue
-        s = status[r["id"]]
-        style = {"c": "tab:red", "marker": "o", "s": 60} if s["pareto"] else (
-            {"c": "grey", "marker": "o", "s": 30} if s["feasible"] else {"c": "grey", "marker": "x", "s": 30})
-        ax.scatter(r["metrics"][x], r["metrics"][y], **style)
-        ax.annotate(r["label"], (r["metrics"][x], r["metrics"][y]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    ax.set_title("Pareto front (red), other feasible (grey dots), infeasible (x)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def served(rows: list[dict], runtime_of: dict[str, str], objectives: dict[str, str], constraints: list[dict],

@@ -146,11 +146,38 @@ class Target(Strict):
 
 
 class BenchSpec(Strict):
-    threads: int | None = Field(None, ge=1, le=1024, description="Threads; default: every CPU of the node.")
+    threads: int | list[int] | None = Field(
+        None, description="Threads; default: every CPU of the node. A list (e.g. [1, 2]) measures each, in its "
+        "own process, for the thread scaling (decode_tok_s.t<N>, decode_thread_speedup); the largest count is "
+        "the cell's headline figure.")
+    pinning: Literal["compact", "spread", "none"] = Field(
+        "compact", description="Which cores a benchmark's threads are pinned to: 'compact' neighbouring cores "
+        "(shared caches), 'spread' one per physical core round-robin over sockets, 'none' no pinning.")
+    reuse: Literal["always", "same_host", "never"] = Field(
+        "same_host", description="When a resubmitted sweep reuses an earlier benchmark of the same cell and "
+        "target: 'same_host' only if it was measured on this very machine (host name, CPU model, cores, "
+        "memory), 'always' wherever it was measured, 'never' (measure again in every job). A front then never "
+        "mixes machines silently; each cell records when and where it was measured.")
     prompt_tokens: int = Field(128, ge=8, le=8192)
     decode_tokens: int = Field(64, ge=4, le=4096)
     warmup: int = Field(1, ge=0, le=20)
     repeats: int = Field(3, ge=1, le=100)
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        levels = v if isinstance(v, list) else [] if v is None else [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("a thread list needs at least one count, e.g. [1, 2]")
+        if any(t < 1 or t > 1024 for t in levels):
+            raise ValueError(f"each thread count must be between 1 and 1024; got {v}")
+        if isinstance(v, list) and sorted(set(v)) != v:
+            raise ValueError(f"thread counts must be distinct and increasing, e.g. [1, 2, 4]; got {v}")
+        return v
+
+    def levels(self, cpus: int) -> list[int]:
+        """The thread counts to measure on a node of `cpus` CPUs (the default: all of them)."""
+        return list(self.threads) if isinstance(self.threads, list) else [self.threads or cpus]
 
 
 class ServeSpec(Strict):

@@ -7,6 +7,7 @@ never model weights; a stage whose result.json already exists is not run again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -103,22 +104,40 @@ def run_tasks(stage: Stage, deps: list[dict], out: Path) -> dict:
     return {"metrics": result["metrics"], "items": result["items"], "cost": result["cost"]}
 
 
+BENCH_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms",
+                 "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv", "foreign_cpus", "repeats_set_aside")
+ROOFLINE_METRICS = ("mem_bandwidth_gbs", "bytes_per_token_mb", "weight_mb_per_token", "roofline_decode_tok_s",
+                    "roofline_efficiency")
+
+
 def run_bench(stage: Stage, deps: list[dict], out: Path) -> dict:
+    """One benchmark per thread count (bench.threads), each in its own process; the largest is the cell's."""
     from farm import bench
+    from farm.spec import BenchSpec
 
     export, reference = deps
     spec = stage.params["bench"]
-    threads = spec["threads"] or threads_here()
+    levels = BenchSpec.model_validate(spec).levels(threads_here())
     runtime = stage.params["runtime"]
-    raw = bench.run(runtime, Path(export["artifact"]), Path(reference["reference_dir"]), spec,
-                    threads, out / "bench.json", describe(export, runtime))
-    metrics = {k: raw[k] for k in ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms",
-                                   "token_latency_p90_ms", "peak_rss_mb", "prefill_tok_s_cv", "decode_tok_s_cv",
-                                   "foreign_cpus", "repeats_set_aside")}
+    raws = {}
+    for t in levels:
+        raws[t] = bench.run(runtime, Path(export["artifact"]), Path(reference["reference_dir"]), spec, t,
+                            out / f"bench-t{t}.json", describe(export, runtime), fmt=export["format"])
+    threads = levels[-1]
+    raw = raws[threads]
+    metrics = {k: raw[k] for k in BENCH_METRICS}
+    metrics.update({k: raw["roofline"][k] for k in ROOFLINE_METRICS if k in raw.get("roofline", {})})
     metrics["size_mb"] = export["size_mb"]
-    return {"metrics": metrics, "contaminated": raw["contaminated"], "threads": threads,
-            "runtime_settings": raw.get("runtime_settings", {}),
-            "bench_json": "bench.json"}
+    if len(levels) > 1:
+        for t, r in raws.items():
+            metrics[f"decode_tok_s.t{t}"], metrics[f"prefill_tok_s.t{t}"] = r["decode_tok_s"], r["prefill_tok_s"]
+        metrics["decode_thread_speedup"] = raw["decode_tok_s"] / raws[levels[0]]["decode_tok_s"]
+    (out / "bench.json").write_text(json.dumps({**raw, "levels": {str(t): r for t, r in raws.items()}}))
+    for t in levels:
+        (out / f"bench-t{t}.json").unlink()
+    return {"metrics": metrics, "contaminated": any(r["contaminated"] for r in raws.values()), "threads": threads,
+            "thread_levels": levels, "pinning": raw.get("pinning", "compact"), "measured_at": raw.get("measured_at"),
+            "runtime_settings": raw.get("runtime_settings", {}), "bench_json": "bench.json"}
 
 
 def run_serve(stage: Stage, deps: list[dict], out: Path) -> dict:
@@ -161,12 +180,43 @@ def local(dep: dict) -> dict:
     return {k: str(storage.here(v)) if k in PATH_KEYS else v for k, v in dep.items()}
 
 
+def storage_name(stage: Stage) -> str:
+    """Where a stage's result is kept. A benchmark measures a machine at a time, so under the sweep's
+    bench.reuse its name also carries the machine (same_host: host name, CPU model, cores, memory of the
+    node running it now) or the Ray job (never): another machine, or another job, measures anew rather than
+    reusing a figure from elsewhere. 'always' keeps the content id alone."""
+    policy = stage.params["bench"].get("reuse", "same_host") if stage.kind == "bench" else "always"
+    if policy == "always":
+        return stage.name
+    if policy == "same_host":
+        f = nodes.facts()
+        key = [f["hostname"], f["model_name"], f["logical_cpus"], f["memory_gb"], sorted(os.sched_getaffinity(0))]
+    else:
+        key = [_job_id()]
+    return f"{stage.name}@{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]}"
+
+
+def _job_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_job_id()
+    except ImportError:
+        pass
+    return f"process-{os.getpid()}-{PROCESS_START}"
+
+
+PROCESS_START = time.time()
+
+
 def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
-    final = storage.stage_dir(stage.name)
-    cached = storage.read_result(stage.name)
+    name = storage_name(stage)
+    final = storage.stage_dir(name)
+    cached = storage.read_result(name)
     if cached is not None:
-        storage.upload(stage.name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
+        storage.upload(name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
         return {**_absolute(cached, final), "cached": True}
     deps = [local(d) for d in deps]
     t0 = time.time()
@@ -175,5 +225,5 @@ def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
         result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
                        "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    storage.upload(stage.name)
+    storage.upload(name)
     return {**_absolute(result, final), "cached": False}

@@ -75,6 +75,7 @@ class SweepLog:
                 print(f"farm: MLflow unreachable ({str(e).splitlines()[0][:120]}); retrying", flush=True)
                 time.sleep(10)
         self.run_id = run.info.run_id
+        self.n_cells = len(grid.cells)
         self.outbox = storage.home() / "outbox" / self.run_id
         self.seq = 0
         self._queue({"op": "run", "run_id": self.run_id, "status": None,
@@ -140,8 +141,13 @@ class SweepLog:
         self._queue({"op": "run", "run_id": self.run_id, "tags": {"farm.stopped": reason}, "status": "KILLED"})
 
     def finish(self, failed: int) -> None:
+        """The parent run FINISHED when any cell finished (a partial sweep still has a front to show: farm.outcome
+        says how many failed), FAILED only when every cell failed."""
+        total = self.n_cells
+        outcome = "complete" if not failed else ("failed" if failed >= total else f"partial: {failed} of {total} "
+                                                 "cells failed (`farm status` lists why)")
         self._queue({"op": "run", "run_id": self.run_id, "metrics": {"cells_failed": failed},
-                     "status": "FAILED" if failed else "FINISHED"})
+                     "tags": {"farm.outcome": outcome}, "status": "FAILED" if failed >= total else "FINISHED"})
         deadline = time.time() + wait_limit()
         while (left := self.flush()) and time.time() < deadline:
             print(f"farm: MLflow unreachable; {left} record(s) wait in {self.outbox}", flush=True)
@@ -188,7 +194,13 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
         tags.update({"farm.cpu_model": host.get("model_name", ""), "farm.isa": host.get("isa", ""),
                      "farm.hostname": host.get("hostname", ""), "farm.node_id": bench.get("node_id", ""),
                      "farm.bench.contaminated": str(bench.get("contaminated")).lower(),
-                     "farm.bench.threads": str(bench.get("threads"))})
+                     "farm.bench.threads": str(bench.get("threads")),
+                     "farm.bench.pinning": str(bench.get("pinning", "compact")),
+                     "farm.bench.stage": str(bench.get("stage", ""))})
+        if len(bench.get("thread_levels") or []) > 1:
+            tags["farm.bench.thread_levels"] = ",".join(map(str, bench["thread_levels"]))
+        if bench.get("measured_at"):  # when, beside where (farm.hostname) and under what load (foreign_cpus)
+            tags["farm.bench.measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(bench["measured_at"]))
         tags.update({f"farm.version.{k}": v for k, v in bench.get("versions", {}).items()})
         tags.update({f"farm.runtime.{k}": v for k, v in bench.get("runtime_settings", {}).items()})
     files = {"cell_spec.json": {"id": cell.id, "baseline": cell.baseline, **cell.spec},
@@ -427,10 +439,16 @@ def cell_rows(c: MlflowClient, exp, parent) -> list[dict]:
     for r in runs:
         if r.info.status != "FINISHED":
             continue
-        rows.append({"id": r.info.run_id, "target": r.data.params.get("target.name", ""),
-                     "baseline": r.data.tags.get("farm.baseline") == "true", "metrics": dict(r.data.metrics),
-                     "failed_later": "farm.tasks.error" in r.data.tags,
-                     "label": r.data.tags.get("farm.label", r.info.run_name)})
+        p, t = r.data.params, r.data.tags
+        rows.append({"id": r.info.run_id, "target": p.get("target.name", ""),
+                     "baseline": t.get("farm.baseline") == "true", "metrics": dict(r.data.metrics),
+                     "failed_later": "farm.tasks.error" in t,
+                     "contaminated": t.get("farm.bench.contaminated") == "true",
+                     "format": p.get("export.format", ""), "quant": p.get("export.quant", ""),
+                     "runtime": p.get("export.runtime.name", ""), "pipeline": p.get("compress.method", "none"),
+                     "algorithm": p.get("export.algorithm"), "group_size": p.get("export.group_size"),
+                     "measured_at": t.get("farm.bench.measured_at", ""), "hostname": t.get("farm.hostname", ""),
+                     "label": t.get("farm.label", r.info.run_name)})
     return rows
 
 
@@ -440,13 +458,25 @@ def sweep_spec(c: MlflowClient, parent) -> dict:
         return json.loads(Path(path).read_text())
 
 
-def record_pareto(c: MlflowClient, parent, rows: list[dict], status: dict, table_text: str, plot: Path | None):
+def record_pareto(c: MlflowClient, parent, rows: list[dict], status: dict, table_text: str, plot: Path | None,
+                  speedups: dict | None = None, description: str = ""):
+    """The front's verdict on every cell (tags), their speed-ups against both baselines (metrics), the table and
+    plot on the parent run, and the sweep's description on the experiment and the parent run (MLflow shows
+    mlflow.note.content as the description)."""
+    now = int(time.time() * 1000)
     for r in rows:
         s = status[r["id"]]
-        c.set_tag(r["id"], "farm.pareto", str(s["pareto"]).lower())
-        c.set_tag(r["id"], "farm.feasible", str(s["feasible"]).lower())
+        tags = [RunTag("farm.pareto", str(s["pareto"]).lower()), RunTag("farm.feasible", str(s["feasible"]).lower())]
         if s["reason"]:
-            c.set_tag(r["id"], "farm.infeasible_reason", s["reason"])
+            tags.append(RunTag("farm.infeasible_reason", s["reason"][:4000]))
+        sp = (speedups or {}).get(r["id"], {})
+        if sp.get("best_fp32"):
+            tags.append(RunTag("farm.best_fp32_cell", sp["best_fp32"]))
+        metrics = [Metric(k, float(v), now, 0) for k, v in sp.items() if k.startswith("speedup") and v is not None]
+        c.log_batch(r["id"], metrics=metrics, tags=tags)
+    if description:
+        c.set_experiment_tag(parent.info.experiment_id, "mlflow.note.content", description)
+        c.set_tag(parent.info.run_id, "mlflow.note.content", description)
     with tempfile.TemporaryDirectory() as d:
         _write(Path(d), "pareto.txt", table_text)
         _write(Path(d), "pareto.json", [{**r, **status[r["id"]]} for r in rows])

@@ -43,3 +43,50 @@ def test_persistent_load_is_flagged(machine):
     machine["load"] = [0.0] + [100.0] * 20
     r = bench.measure("llamacpp", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
     assert r["contaminated"] and len(r["raw"]["used"]) == 2 and r["foreign_cpus"] > bench.CONTAMINATED_CPUS
+
+
+def test_pinning_policies(monkeypatch):
+    # two sockets of two cores with two hardware threads each: cpus 0-3 socket 0, 4-7 socket 1; cpu n and n+2
+    # (n+4 and n+6) are siblings of one core
+    topo = {c: (c // 4, c % 2) for c in range(8)}
+    monkeypatch.setattr(bench, "_topology", lambda c: topo[c])
+    cpus = list(range(8))
+    assert bench.choose_cores(2, "compact", cpus) == [0, 1]
+    assert bench.choose_cores(2, "spread", cpus) == [0, 4]  # one per socket
+    assert bench.choose_cores(4, "spread", cpus) == [0, 1, 4, 5]  # physical cores before their siblings
+    assert bench.choose_cores(2, "none", cpus) is None
+    assert bench.choose_cores(16, "spread", cpus) == cpus
+
+
+def test_thread_lists_are_validated():
+    from farm.errors import SpecError
+    from farm.spec import BenchSpec, parse
+
+    assert BenchSpec(threads=[1, 2]).levels(8) == [1, 2] and BenchSpec().levels(8) == [8]
+    assert BenchSpec(threads=4).levels(8) == [4]
+    for bad, why in (([2, 1], "increasing"), ([], "at least one"), ([0, 2], "between 1 and 1024")):
+        with pytest.raises(SpecError, match=why) as e:
+            parse({"name": "x", "bench": {"threads": bad}})
+        assert "bench.threads" in str(e.value)
+
+
+def test_benchmarks_are_reused_only_where_the_reuse_policy_allows(monkeypatch):
+    from farm import nodes, stages
+    from farm.grid import Stage
+
+    host = {"hostname": "a", "model_name": "AMD EPYC", "logical_cpus": 2, "memory_gb": 24}
+    monkeypatch.setattr(nodes, "facts", lambda: dict(host))
+
+    def name(policy, kind="bench"):
+        return stages.storage_name(Stage("abc", kind, {"bench": {"reuse": policy}}, ()))
+
+    assert name("always") == "bench-abc" and name("same_host", kind="evaluate") == "bench-abc".replace("bench", "evaluate")
+    here = name("same_host")
+    assert here.startswith("bench-abc@") and name("same_host") == here  # the same machine finds its own
+    host["model_name"] = "Intel Xeon"  # the same host name on another CPU (a VM moved) is another machine
+    assert name("same_host") != here
+    host["model_name"], host["hostname"] = "AMD EPYC", "b"
+    assert name("same_host") != here
+    never = name("never")
+    monkeypatch.setattr(stages, "_job_id", lambda: "another-job")
+    assert name("never") != never  # every job measures anew

@@ -416,7 +416,8 @@ def test_a_failing_stage_and_one_over_its_memory_are_data(cluster, tiny_model_di
     ok = {k: r for k, r in runs.items() if k not in ("fail_at_run_time/gguf-Q8_0@a", "lora-r2/gguf-Q8_0@a")}
     assert len(ok) == 2 and all(r.info.status == "FINISHED" for r in ok.values())
     parent = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")[0]
-    assert parent.data.metrics["cells_failed"] == 2 and parent.info.status == "FAILED"
+    assert parent.data.metrics["cells_failed"] == 2 and parent.info.status == "FINISHED"  # partial, not failed
+    assert parent.data.tags["farm.outcome"].startswith("partial: 2 of 4 cells failed")
 
 
 def _wait_for_cells(c, name, n, timeout=600):

@@ -43,3 +43,12 @@ def test_missing_objective_is_infeasible_and_pick():
     assert pareto.pick(rows, s, "decode_tok_s", "max")["id"] == "a"
     text = pareto.table(rows, s, ["perplexity", "decode_tok_s"])
     assert "*" in text.splitlines()[1] or "*" in text.splitlines()[2]
+
+
+def test_a_contaminated_benchmark_never_reaches_the_front():
+    rows = [row("base", 10, 10, baseline=True), row("dirty", 9, 90), row("clean", 11, 50)]
+    rows[1]["contaminated"] = True  # best on both objectives, but its speed was measured under other load
+    s = pareto.front(rows, OBJ, [])
+    assert not s["dirty"]["feasible"] and not s["dirty"]["pareto"] and "contaminated" in s["dirty"]["reason"]
+    assert s["clean"]["pareto"]  # no longer dominated by a figure that is not the cell's
+    assert pareto.pick(rows, s, "decode_tok_s", "max")["id"] == "clean"

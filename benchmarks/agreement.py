@@ -1,0 +1,226 @@
+"""Does the farm's benchmark measure what the runtime does? The farm's bench (farm/bench.py, its own process,
+as a sweep runs it) side by side with a bare loop over each runtime's own API — llama-cpp-python's Llama.eval,
+an onnxruntime session fed numpy arrays, an OpenVINO infer request — on the same files, prompt tokens,
+decode length, threads and cores, each in a fresh process, alternating so that drift hits both. Then, with
+--sweep, the same cells' figures from inside the sweep (MLflow), to show what the sweep's own load costs.
+
+    .venv/bin/python benchmarks/agreement.py --sweep demo [--threads 2] [--rounds 3]
+    .venv/bin/python benchmarks/agreement.py --reference DIR gguf=FILE onnx=DIR openvino=DIR
+
+--sweep picks the base model's full-precision and 4-bit cells of every runtime from the sweep's latest run
+(MLFLOW_TRACKING_URI, FARM_HOME as `make demo` sets them). Prints a Markdown table and writes it to --out
+(default benchmarks/results/agreement.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RUNTIME = {"gguf": {"name": "llamacpp"}, "onnx": {"name": "onnxruntime"}, "openvino": {"name": "openvino"}}
+
+
+# --- the bare loops: each runtime's own API, nothing of farm's -------------------------------------------
+
+def bare_llamacpp(path: str, threads: int, n_ctx: int):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def prefill(ids):
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+
+    def step(tok):
+        llm.eval([tok])
+        return int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return prefill, step
+
+
+def bare_onnx(path: str, threads: int, n_ctx: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(Path(path) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    past_names = [n for n in inputs if n.startswith("past_key_values")]
+    state = {}
+
+    def run(ids, past, length):
+        feed = {"input_ids": np.array([ids], dtype=np.int64),
+                "attention_mask": np.ones((1, length + len(ids)), dtype=np.int64), **past}
+        if "position_ids" in inputs:
+            feed["position_ids"] = np.arange(length, length + len(ids), dtype=np.int64)[None]
+        out = sess.run(None, feed)
+        state["past"], state["len"] = dict(zip(past_names, out[1:])), length + len(ids)
+        return int(np.argmax(out[0][0, -1]))
+
+    def prefill(ids):
+        empty = {n: np.zeros((1, inputs[n].shape[1], 0, inputs[n].shape[3]),
+                             dtype=np.float16 if "float16" in inputs[n].type else np.float32) for n in past_names}
+        return run(ids, empty, 0)
+
+    def step(tok):
+        return run([tok], state["past"], state["len"])
+    return prefill, step
+
+
+def bare_openvino(path: str, threads: int, n_ctx: int):
+    import openvino as ov
+
+    core = ov.Core()
+    extra = Path(path) / "farm_runtime.json"  # the export's own precision setting (fp32 cells ask for f32)
+    cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+           **(json.loads(extra.read_text()) if extra.is_file() else {})}
+    req = core.compile_model(str(Path(path) / "openvino_model.xml"), "CPU", cfg).create_infer_request()
+    state = {"len": 0}
+
+    def run(ids):
+        n, length = len(ids), state["len"]
+        req.infer({"input_ids": np.array([ids], dtype=np.int64),
+                   "attention_mask": np.ones((1, length + n), dtype=np.int64),
+                   "position_ids": np.arange(length, length + n, dtype=np.int64)[None],
+                   "beam_idx": np.zeros(1, dtype=np.int32)})
+        state["len"] = length + n
+        return int(np.argmax(req.get_tensor("logits").data[0, -1]))
+
+    def prefill(ids):
+        req.reset_state()
+        state["len"] = 0
+        return run(ids)
+    return prefill, run
+
+
+BARE = {"gguf": bare_llamacpp, "onnx": bare_onnx, "openvino": bare_openvino}
+
+
+def bare_child(a) -> None:
+    """In a fresh process: pin to the first --threads cores, time prefill and decode like farm.bench does."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.threads])
+    ids = json.loads(Path(a.prompt).read_text())
+    prefill, step = BARE[a.fmt](a.path, a.threads, len(ids) + a.decode + 8)
+    reps = []
+    for i in range(a.warmup + a.repeats):
+        t0 = time.perf_counter()
+        tok = prefill(ids)
+        t1 = time.perf_counter()
+        for _ in range(a.decode):
+            tok = step(tok)
+        t2 = time.perf_counter()
+        if i >= a.warmup:
+            reps.append((len(ids) / (t1 - t0), a.decode / (t2 - t1)))
+    Path(a.out).write_text(json.dumps({"prefill_tok_s": statistics.median(r[0] for r in reps),
+                                       "decode_tok_s": statistics.median(r[1] for r in reps)}))
+
+
+# --- the comparison ---------------------------------------------------------------------------------------
+
+def farm_bench(fmt: str, path: str, reference: Path, threads: int, bench: dict, work: Path) -> dict:
+    from farm import bench as farmbench
+
+    raw = farmbench.run(RUNTIME[fmt], Path(path), reference, bench, threads, work / "farm.json", fmt=fmt)
+    return raw
+
+
+def bare(fmt: str, path: str, prompt: Path, threads: int, bench: dict, work: Path) -> dict:
+    out = work / "bare.json"
+    subprocess.run([sys.executable, __file__, "--bare", fmt, path, "--prompt", str(prompt), "--threads",
+                    str(threads), "--decode", str(bench["decode_tokens"]), "--warmup", str(bench["warmup"]),
+                    "--repeats", str(bench["repeats"]), "--out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict]:
+    """(label, format, artifact path, in-sweep metrics) of the base model's full-precision and 4-bit cells."""
+    from farm import tracking
+    from farm.storage import local_path
+
+    c, exp, parent = tracking.latest_sweep_run(name)
+    spec = tracking.sweep_spec(c, parent)
+    wanted = {("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"), ("openvino", "fp32"),
+              ("openvino", "int4_asym")}
+    cells, reference = [], None
+    for r in tracking.cell_runs(parent):
+        p, t = r.data.params, r.data.tags
+        key = (p.get("export.format"), p.get("export.quant"))
+        if r.info.status != "FINISHED" or p.get("compress.method") != "none" or key not in wanted \
+                or p.get("export.builder", "None") not in ("None", "optimum") or "farm.artifact_uri" not in t:
+            continue
+        if json.loads(t.get("farm.artifact_runtime", "{}")).get("name") != RUNTIME[key[0]]["name"]:
+            continue
+        cells.append((t["farm.label"], key[0], str(local_path(t["farm.artifact_uri"])), dict(r.data.metrics)))
+    for d in (Path(os.environ.get("FARM_HOME", ".farm")) / "storage" / "stages").glob("reference-*"):
+        reference = d
+    if reference is None:
+        raise SystemExit("no reference stage in FARM_HOME's storage: run the sweep (make demo) first")
+    return sorted(cells), reference, spec["bench"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cells", nargs="*", help="FORMAT=PATH (gguf, onnx, openvino), with --reference")
+    p.add_argument("--sweep", help="take the cells and bench settings from this sweep's latest run")
+    p.add_argument("--reference", type=Path, help="a sweep's reference stage directory (the prompt's text)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--rounds", type=int, default=3, help="farm / bare alternations per cell (median taken)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "agreement.md")
+    p.add_argument("--bare", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
+    for k in ("prompt", "decode", "warmup", "repeats"):
+        p.add_argument(f"--{k}", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.bare:
+        a.fmt, a.path = a.bare
+        a.decode, a.warmup, a.repeats = int(a.decode), int(a.warmup), int(a.repeats)
+        return bare_child(a)
+    from farm import nodes
+    from farm.bench import prompt_tokens
+
+    if a.sweep:
+        cells, reference, bench = sweep_cells(a.sweep)
+    else:
+        reference, bench = a.reference, {"prompt_tokens": 128, "decode_tokens": 64, "warmup": 1, "repeats": 3}
+        cells = [(f"{f}:{Path(x).name}", f, x, {}) for f, _, x in (c.partition("=") for c in a.cells)]
+    facts = nodes.facts()
+    lines = [f"# Agreement: farm's bench vs bare runtime loops ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
+             f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads; prompt "
+             f"{bench['prompt_tokens']} tokens, decode {bench['decode_tokens']}, {bench['warmup']} warm-up + "
+             f"{bench['repeats']} repeats per process, {a.rounds} alternating rounds (medians). Command: "
+             f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`", "",
+             "| cell | farm decode | bare decode | farm/bare | farm prefill | bare prefill | farm/bare | "
+             "in-sweep decode | in-sweep/quiet | roofline eff. |", "|" + "---|" * 10]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        prompt = work / "prompt.json"
+        prompt.write_text(json.dumps(prompt_tokens(reference, bench["prompt_tokens"])))
+        for label, fmt, path, sweep_metrics in cells:
+            farm, raw = [], []
+            for _ in range(a.rounds):
+                farm.append(farm_bench(fmt, path, reference, a.threads, bench, work))
+                raw.append(bare(fmt, path, prompt, a.threads, bench, work))
+            fd, bd = (statistics.median(x["decode_tok_s"] for x in xs) for xs in (farm, raw))
+            fp, bp = (statistics.median(x["prefill_tok_s"] for x in xs) for xs in (farm, raw))
+            roof = statistics.median(x.get("roofline", {}).get("roofline_efficiency", float("nan")) for x in farm)
+            sd = sweep_metrics.get("decode_tok_s")
+            row = (f"| {label} | {fd:.1f} | {bd:.1f} | {fd / bd:.3f} | {fp:.0f} | {bp:.0f} | {fp / bp:.3f} | "
+                   + (f"{sd:.1f} | {sd / fd:.3f}" if sd else "- | -") + f" | {roof:.0%} |")
+            lines.append(row)
+            print(row, flush=True)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text("\n".join(lines) + "\n")  # partial results survive an interrupted run
+
+
+if __name__ == "__main__":
+    main()
