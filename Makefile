@@ -46,7 +46,8 @@ demo: up
 	rc=$$?; echo "farm: the demo job took $$(( $$(date +%s) - start )) s"; \
 	if [ $$rc -ne 0 ] && [ $$rc -ne 3 ]; then echo "farm: the demo job failed (exit $$rc); see above" >&2; exit $$rc; fi; \
 	.venv/bin/farm promote demo || exit $$?; \
-	echo "MLflow UI: $(MLFLOW_TRACKING_URI)   Ray dashboard: $(RAY_DASHBOARD)   (make down stops both)"; \
+	.venv/bin/farm report demo -o reports/demo || exit $$?; \
+	echo "Report: reports/demo/report.html   MLflow UI: $(MLFLOW_TRACKING_URI)   Ray dashboard: $(RAY_DASHBOARD)   (make down stops both)"; \
 	if [ $$rc -eq 3 ]; then echo "farm: WARNING: the demo finished with failed cells (listed above and by" \
 	  "\`farm status demo\`); the champion was promoted from the cells that finished" >&2; fi
 

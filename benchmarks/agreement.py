@@ -147,7 +147,7 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
     from farm import tracking
     from farm.storage import local_path
 
-    c, exp, parent = tracking.latest_sweep_run(name)
+    c, _, parent = tracking.latest_sweep_run(name)
     spec = tracking.sweep_spec(c, parent)
     wanted = {("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"), ("openvino", "fp32"),
               ("openvino", "int4_asym")}

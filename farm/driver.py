@@ -260,6 +260,7 @@ def run(path: str) -> int:
     log.finish(failed)
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
+    write_report(sweep.name, log.run_id, report)
     finished = len(grid.cells) - failed
     code = exit_code(finished, failed)
     print(f"\nfarm: {finished} cells finished, {failed} failed, in {time.time() - t0:.0f} s", flush=True)
@@ -267,6 +268,25 @@ def run(path: str) -> int:
         print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
               f"the failed cells and why (exit status {code})", flush=True)
     return code
+
+
+def write_report(name: str, run_id: str, rep: dict) -> None:
+    """The sweep's report (farm/report.py) onto its parent run. A report that cannot be drawn costs the job
+    nothing: the cells and the front are in MLflow already, and `farm report NAME` tries again."""
+    import tempfile
+
+    from farm.report import build
+
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            out = build(name, Path(d), run_id, rep)
+        bad = [k for k in out["checks"] if not k["ok"]]
+        print(f"farm: the sweep's report is report.html in parent run {run_id} ({len(out['checks'])} ordering "
+              f"checks, {len(bad)} failed{': ' + '; '.join(k['check'] + ' (' + k['cells'] + ')' for k in bad) if bad else ''})",
+              flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"farm: WARNING: the sweep's report could not be written ({type(e).__name__}: {e}); "
+              f"`farm report {name}` tries again", flush=True)
 
 
 def finished_rows(grid, outcome: dict, consistency: dict | None = None) -> list[dict]:

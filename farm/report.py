@@ -196,11 +196,12 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
             + cells + "</tbody></table>")
 
 
-def build(name: str, out_dir: Path, run_id: str | None = None) -> dict:
+def build(name: str, out_dir: Path, run_id: str | None = None, rep: dict | None = None) -> dict:
     """Write report.html (self-contained: the figures inline) and report.md (+ its PNGs) into out_dir and log
-    them to the sweep's parent run. Returns {"html", "md", "parent"}."""
-    rep = pareto_report(name, run_id)
-    c, exp, parent = tracking.latest_sweep_run(name, rep["parent"])
+    them to the sweep's parent run (`rep`: pareto_report's result, when the caller has it). Returns
+    {"html", "md", "parent", "checks", "figures"}."""
+    rep = rep or pareto_report(name, run_id)
+    c, _, parent = tracking.latest_sweep_run(name, rep["parent"])
     spec, rows, status = rep["spec"], rep["rows"], rep["status"]
     failed = [r for r in tracking.cell_runs(parent) if r.info.status == "FAILED"]
     speed = baselines(rows)
@@ -223,7 +224,7 @@ def build(name: str, out_dir: Path, run_id: str | None = None) -> dict:
     try:  # the serve phase's latency-vs-throughput figure, where the sweep had one
         c.download_artifacts(parent.info.run_id, "serve.png", str(out_dir))
         figures.append(("serving: latency vs throughput under concurrent load", "serve.png"))
-    except Exception:  # noqa: BLE001 (no serve phase)
+    except Exception:  # noqa: BLE001, S110 (no serve phase)
         pass
     head, body = _cell_table(rows, status, speed)
     fail_rows = [[r.data.tags.get("farm.label", r.info.run_name),

@@ -93,6 +93,12 @@ def test_openvino_fp32_runs_in_f32_and_benches_in_a_fresh_process(formats):
     for name in ("onnx-fp32", "onnx-int4-rtn", "onnx_genai-int4", "openvino-int4_asym-rtn"):
         m = results[cells[name].bench]["metrics"]
         assert m["decode_tok_s"] > 0 and m["prefill_tok_s"] > 0 and m["peak_rss_mb"] > 0
+    weights = {n: results[cells[n].bench]["metrics"]["weight_mb_per_token"] for n in
+               ("onnx-fp32", "onnx-int4-rtn", "openvino-fp32", "openvino-int4_asym-rtn")}
+    # the tiny model is mostly its tied 49152 x 64 table, which the lm_head reads whole every token
+    assert weights["onnx-int4-rtn"] < 0.6 * weights["onnx-fp32"], weights
+    assert weights["openvino-int4_asym-rtn"] < 0.6 * weights["openvino-fp32"], weights
+    assert abs(weights["onnx-fp32"] / weights["openvino-fp32"] - 1) < 0.05, weights  # same weights, two formats
 
 
 def test_generate_through_each_runtime_matches_torch(formats, tiny_model_dir):

@@ -101,6 +101,12 @@ def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_m
     assert len(rep["rows"]) == len(g.cells) and rep["best"] is not None
     labels = {r["label"] for r in rep["rows"]}
     assert labels == set(kl)
+    # the sweep report: one page with its figures inline and every cell, logged to the parent run
+    out = report.build("dummies", tmp_path / "report")
+    page = out["html"].read_text()
+    assert page.count("data:image/png;base64,") >= 2 and all(label in page for label in labels)
+    assert {"report.html", "report.md", "pareto.png"} <= {a.path for a in tracking.client().list_artifacts(out["parent"])}
+    assert "dummies" in tracking.client().get_experiment_by_name("dummies").tags["mlflow.note.content"]
     run = tracking.client().get_run(rep["best"]["id"])
     assert json.loads(run.data.tags["farm.artifact_runtime"])["name"] in ("dummy_rt", "torch")
 

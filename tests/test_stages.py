@@ -31,7 +31,9 @@ def chain(tiny_model_dir, storage_root):
 def test_every_stage_ran_and_published(chain):
     g, results = chain
     for sid, stage in g.stages.items():
-        assert (storage.stage_dir(stage.name) / "result.json").is_file()
+        # a benchmark is kept under its machine's name too (bench.reuse: same_host)
+        assert (storage.stage_dir(stages.storage_name(stage)) / "result.json").is_file()
+        assert (stages.storage_name(stage) != stage.name) == (stage.kind == "bench")
         assert results[sid]["kind"] == stage.kind
     assert not list((storage.root() / "stages").glob(".*tmp-*"))
 
@@ -65,6 +67,12 @@ def test_bench_metrics(chain):
         raw = json.loads(Path(results[c.bench]["bench_json"]).read_text())
         assert len(raw["raw"]["used"]) == 2 and all(len(r["step_s"]) == 8 for r in raw["raw"]["used"])
         assert raw["threads"] == 1
+        # the memory roofline: bytes a decode step reads, from the artifact, against the node's bandwidth
+        assert m["bytes_per_token_mb"] >= m["weight_mb_per_token"] > 0 and m["mem_bandwidth_gbs"] > 0
+        assert m["roofline_efficiency"] == pytest.approx(m["decode_tok_s"] / m["roofline_decode_tok_s"])
+    weights = {c.spec["export"]["quant"]: results[c.bench]["metrics"]["weight_mb_per_token"]
+               for c in g.cells if not c.spec["compress"]}
+    assert weights["Q8_0"] < 0.6 * weights["F16"] < 0.6 * weights["fp32"]  # 8.5 vs 16 vs 32 bits a weight
 
 
 def test_second_run_is_cached(chain):
