@@ -1,6 +1,7 @@
 """Does the farm's benchmark measure what the runtime does? The farm's bench (farm/bench.py, its own process,
 as a sweep runs it) side by side with a bare loop over each runtime's own API — llama-cpp-python's Llama.eval,
-an onnxruntime session fed numpy arrays, an OpenVINO infer request — on the same files, prompt tokens,
+an onnxruntime session fed numpy arrays, an OpenVINO infer request, a transformers model called with its
+past key values — on the same files, prompt tokens,
 decode length, threads and cores, each in a fresh process, alternating so that drift hits both. Then, with
 --sweep, the same cells' figures from inside the sweep (MLflow), to show what the sweep's own load costs.
 
@@ -26,13 +27,23 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIME = {"gguf": {"name": "llamacpp"}, "onnx": {"name": "onnxruntime"}, "openvino": {"name": "openvino"}}
+RUNTIME = {"gguf": {"name": "llamacpp"}, "onnx": {"name": "onnxruntime"}, "openvino": {"name": "openvino"},
+           "torch": {"name": "torch"}}
 
 
 # --- the bare loops: each runtime's own API, nothing of farm's -------------------------------------------
 
 def bare_llamacpp(path: str, threads: int, n_ctx: int):
+    import ctypes
+
+    import llama_cpp
     from llama_cpp import Llama
+
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    if list(lib.glob("libggml-cpu-*.so")):  # a multi-variant build: ggml's own loader picks the best for this CPU,
+        ggml = llama_cpp.llama_cpp._lib  # as llama.cpp's tools do (on an AMX Xeon: the AMX one); through
+        ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]  # libllama's handle (its libggml)
+        ggml.ggml_backend_load_all_from_path(str(lib).encode())
 
     llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
@@ -100,10 +111,27 @@ def bare_openvino(path: str, threads: int, n_ctx: int):
         req.reset_state()
         state["len"] = 0
         return run(ids)
-    return prefill, run
+    return prefill, (lambda tok: run([tok]))
 
 
-BARE = {"gguf": bare_llamacpp, "onnx": bare_onnx, "openvino": bare_openvino}
+def bare_torch(path: str, threads: int, n_ctx: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    state = {}
+
+    @torch.inference_mode()
+    def run(ids, past):
+        out = model(torch.tensor([ids]), past_key_values=past, use_cache=True)
+        state["past"] = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    return (lambda ids: run(ids, None)), (lambda tok: run([tok], state["past"]))
+
+
+BARE = {"gguf": bare_llamacpp, "onnx": bare_onnx, "openvino": bare_openvino, "torch": bare_torch}
 
 
 def bare_child(a) -> None:
@@ -149,8 +177,8 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
 
     c, _, parent = tracking.latest_sweep_run(name)
     spec = tracking.sweep_spec(c, parent)
-    wanted = {("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"), ("openvino", "fp32"),
-              ("openvino", "int4_asym")}
+    wanted = {("torch", "fp32"), ("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"),
+              ("openvino", "fp32"), ("openvino", "int4_asym")}
     cells, reference = [], None
     for r in tracking.cell_runs(parent):
         p, t = r.data.params, r.data.tags
@@ -175,6 +203,7 @@ def main() -> None:
     p.add_argument("--reference", type=Path, help="a sweep's reference stage directory (the prompt's text)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=3, help="farm / bare alternations per cell (median taken)")
+    p.add_argument("--bench-repeats", type=int, help="repeats per process (default: the sweep's bench.repeats)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "agreement.md")
     p.add_argument("--bare", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     for k in ("prompt", "decode", "warmup", "repeats"):
@@ -192,13 +221,16 @@ def main() -> None:
     else:
         reference, bench = a.reference, {"prompt_tokens": 128, "decode_tokens": 64, "warmup": 1, "repeats": 3}
         cells = [(f"{f}:{Path(x).name}", f, x, {}) for f, _, x in (c.partition("=") for c in a.cells)]
+    if a.bench_repeats:
+        bench = {**bench, "repeats": a.bench_repeats}
     facts = nodes.facts()
     lines = [f"# Agreement: farm's bench vs bare runtime loops ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
              f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads; prompt "
              f"{bench['prompt_tokens']} tokens, decode {bench['decode_tokens']}, {bench['warmup']} warm-up + "
              f"{bench['repeats']} repeats per process, {a.rounds} alternating rounds (medians). Command: "
              f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`", "",
-             "| cell | farm decode | bare decode | farm/bare | farm prefill | bare prefill | farm/bare | "
+             "| cell | farm decode | bare decode | farm/bare (rounds' range) | farm prefill | bare prefill | "
+             "farm/bare (range) | "
              "in-sweep decode | in-sweep/quiet | roofline eff. |", "|" + "---|" * 10]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as d:
@@ -212,9 +244,12 @@ def main() -> None:
                 raw.append(bare(fmt, path, prompt, a.threads, bench, work))
             fd, bd = (statistics.median(x["decode_tok_s"] for x in xs) for xs in (farm, raw))
             fp, bp = (statistics.median(x["prefill_tok_s"] for x in xs) for xs in (farm, raw))
+            spread = {k: [round(x[f"{k}_tok_s"] / y[f"{k}_tok_s"], 2) for x, y in zip(farm, raw)]
+                      for k in ("decode", "prefill")}  # farm/bare of each round: the noise the medians hide
             roof = statistics.median(x.get("roofline", {}).get("roofline_efficiency", float("nan")) for x in farm)
             sd = sweep_metrics.get("decode_tok_s")
-            row = (f"| {label} | {fd:.1f} | {bd:.1f} | {fd / bd:.3f} | {fp:.0f} | {bp:.0f} | {fp / bp:.3f} | "
+            row = (f"| {label} | {fd:.1f} | {bd:.1f} | {fd / bd:.3f} ({min(spread['decode'])}–{max(spread['decode'])}) "
+                   f"| {fp:.0f} | {bp:.0f} | {fp / bp:.3f} ({min(spread['prefill'])}–{max(spread['prefill'])}) | "
                    + (f"{sd:.1f} | {sd / fd:.3f}" if sd else "- | -") + f" | {roof:.0%} |")
             lines.append(row)
             print(row, flush=True)

@@ -105,9 +105,27 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
             signature=infer_signature(["a prompt"], ["a completion"], params={"max_tokens": 48}),
         )
     version = mlflow.register_model(info.model_uri, model_name, tags={**identity, "farm.label": out["label"]})
+    c.update_model_version(model_name, version.version, description=provenance(name, run, report))
     c.set_registered_model_alias(model_name, alias, version.version)
     c.set_tag(run_id, "farm.promoted", f"{model_name}@{alias} v{version.version}")
     return {**out, "version": version.version, "unchanged": False}
+
+
+def provenance(name: str, run, report: dict) -> str:
+    """Where a registered version's numbers came from: the sweep, the cell, what was measured, where and when."""
+    m, t = run.data.metrics, run.data.tags
+
+    def num(k: str, f: str) -> str:
+        return format(m[k], f) if k in m else "-"
+    return (f"Cell `{t.get('farm.label', '')}` of sweep `{name}` (parent run {report['parent']}, cell run "
+            f"{run.info.run_id}), promoted by `{report['spec']['promote']['metric']}` from the Pareto front. "
+            f"Perplexity {num('perplexity', '.3f')}, KL {num('kl_div', '.4f')}, task accuracy "
+            f"{num('task_acc_mean', '.3f')}; decode {num('decode_tok_s', '.1f')} tok/s, prefill "
+            f"{num('prefill_tok_s', '.0f')} tok/s, TTFT {num('ttft_ms', '.0f')} ms with "
+            f"{t.get('farm.bench.threads', '?')} threads ({num('speedup_vs_torch', '.2f')}x PyTorch fp32, "
+            f"{num('speedup_vs_best_fp32', '.2f')}x the fastest fp32 cell, {num('roofline_efficiency', '.0%')} of "
+            f"the memory roofline), measured on {t.get('farm.hostname', '?')} ({t.get('farm.cpu_model', '?')}) at "
+            f"{t.get('farm.bench.measured_at', '?')} UTC; artifact sha256 {t.get('farm.artifact_sha256', '')[:16]}…")
 
 
 def _export_record(run) -> dict:

@@ -154,6 +154,17 @@ def test_pareto_front_and_promotion_of_its_best_cell(cluster, promoted):
     version = c.get_model_version_by_alias("tiny-llm", "champion")
     best = max(on_front, key=lambda r: r.data.metrics["decode_tok_s"])
     assert c.get_run(version.run_id).info.run_id == best.info.run_id
+    # where its numbers came from: the sweep, the cell, the machine and the time of its benchmark
+    assert best.data.tags["farm.label"] in version.description and "measured on" in version.description
+    assert best.data.tags["farm.hostname"] in version.description
+    # the job wrote the sweep's report onto its parent run; the experiment says what the sweep found
+    assert "report.html" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert "Champion" in c.get_experiment(parent.info.experiment_id).tags["mlflow.note.content"]
+    [base] = [r for r in cells if r.data.tags["farm.baseline"] == "true"]
+    for r in cells:  # every cell's memory roofline, and its speed against the baseline (unless that was disturbed)
+        assert r.data.metrics["roofline_efficiency"] > 0 and r.data.metrics["bytes_per_token_mb"] > 0
+        if base.data.tags["farm.bench.contaminated"] != "true":
+            assert r.data.metrics["speedup_vs_torch"] > 0
 
     mlflow.set_tracking_uri(cluster["MLFLOW_TRACKING_URI"])
     model = mlflow.pyfunc.load_model("models:/tiny-llm@champion")
