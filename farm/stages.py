@@ -222,7 +222,7 @@ def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     t0 = time.time()
     with storage.publishing(final) as tmp:
         result = RUNNERS[stage.kind](stage, deps, tmp)
-        result.update({"stage": stage.name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
+        result.update({"stage": name, "kind": stage.kind,  # its name in storage (a benchmark's carries its machine) "params": stage.params, "seconds": time.time() - t0,
                        "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
     storage.upload(name)
