@@ -58,6 +58,11 @@ def peak_rss_mb() -> float:
                        "(ru_maxrss would report the Ray worker it was forked from)")
 
 
+def foreign_since(busy0: float, own0: float, wall0: float) -> float:
+    """Average CPUs other processes kept busy on this process's cores since (busy0, own0, wall0)."""
+    return max(0.0, (_busy_seconds() - busy0) - (_own_cpu() - own0)) / (time.monotonic() - wall0)
+
+
 def one_repeat(rt, prompt: list[int], decode: int) -> dict:
     """Prefill (fresh context) then `decode` greedy steps; the machine's other load alongside."""
     busy0, own0, wall0 = _busy_seconds(), _own_cpu(), time.monotonic()
@@ -69,7 +74,7 @@ def one_repeat(rt, prompt: list[int], decode: int) -> dict:
         s = time.perf_counter()
         tok = int(np.argmax(rt.step(tok)))
         steps.append(time.perf_counter() - s)
-    foreign = max(0.0, (_busy_seconds() - busy0) - (_own_cpu() - own0)) / (time.monotonic() - wall0)
+    foreign = foreign_since(busy0, own0, wall0)
     return {"prefill_s": prefill, "decode_s": sum(steps), "step_s": steps, "foreign_cpus": foreign}
 
 

@@ -63,18 +63,17 @@ def l3_bytes() -> int:
 
 def bandwidth(threads: int, cores: list[int], host: dict) -> dict:
     """Memory bandwidth (GB/s) on these cores with these threads: cached per node, else measured now."""
-    from farm.bench import CONTAMINATED_CPUS, _busy_seconds, _own_cpu
+    from farm import bench
 
     key = hashlib.sha256(json.dumps([host.get("hostname"), host.get("model_name"), cores, threads]).encode())
     path = storage.home() / "roofline" / f"{key.hexdigest()[:16]}.json"
     if path.is_file():
         return {**json.loads(path.read_text()), "cached": True}
-    busy0, own0, wall0 = _busy_seconds(), _own_cpu(), time.monotonic()
+    busy0, own0, wall0 = bench._busy_seconds(), bench._own_cpu(), time.monotonic()
     result = {**_stream(threads), "threads": threads, "cores": cores, "measured_at": time.time(),
               "hostname": host.get("hostname"), "l3_bytes": l3_bytes()}
-    foreign = max(0.0, (_busy_seconds() - busy0) - (_own_cpu() - own0)) / (time.monotonic() - wall0)
-    result["foreign_cpus"] = foreign
-    if foreign <= CONTAMINATED_CPUS:
+    result["foreign_cpus"] = foreign = bench.foreign_since(busy0, own0, wall0)
+    if foreign <= bench.CONTAMINATED_CPUS:
         storage.atomic_write_text(path, json.dumps(result))
     return {**result, "cached": False}
 
