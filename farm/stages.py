@@ -169,15 +169,17 @@ def _absolute(result: dict, final: Path) -> dict:
     return out
 
 
-def stored_result(name: str) -> dict | None:
-    """A finished stage's result as storage holds it, its paths on this node (fetched from a remote store)."""
-    result = storage.read_result(name)
+def stored_result(name: str, pin: str | None = None) -> dict | None:
+    """A finished stage's result as storage holds it, its paths on this node (fetched from a remote store,
+    with `pin` only if its manifest has that sha256)."""
+    result = storage.read_result(name, pin)
     return None if result is None else _absolute(result, storage.stage_dir(name))
 
 
 def local(dep: dict) -> dict:
-    """A dependency's result with its paths on this node (stages in a remote store are fetched first)."""
-    return {k: str(storage.here(v)) if k in PATH_KEYS else v for k, v in dep.items()}
+    """A dependency's result with its paths on this node (stages in a remote store are fetched first, each
+    only if its manifest is the one the driver was told of: the dependency's pins)."""
+    return {k: str(storage.here(v, dep.get("pins"))) if k in PATH_KEYS else v for k, v in dep.items()}
 
 
 def storage_name(stage: Stage) -> str:
@@ -214,16 +216,23 @@ def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
     name = storage_name(stage)
     final = storage.stage_dir(name)
+    # the manifests of every stage this one reads from, as the driver holds them (a remote store only)
+    pins = {k: v for d in deps for k, v in (d.get("pins") or {}).items()}
     cached = storage.read_result(name)
     if cached is not None:
-        storage.upload(name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
-        return {**_absolute(cached, final), "cached": True}
+        digest = storage.upload(name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
+        return {**_absolute(cached, final), "cached": True, **_pins(pins, name, digest)}
     deps = [local(d) for d in deps]
     t0 = time.time()
     with storage.publishing(final) as tmp:
         result = RUNNERS[stage.kind](stage, deps, tmp)
-        result.update({"stage": name, "kind": stage.kind,  # its name in storage (a benchmark's carries its machine) "params": stage.params, "seconds": time.time() - t0,
+        # "stage": its name in storage (a benchmark's carries its machine)
+        result.update({"stage": name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
                        "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    storage.upload(name)
-    return {**_absolute(result, final), "cached": False}
+    digest = storage.upload(name)
+    return {**_absolute(result, final), "cached": False, **_pins(pins, name, digest)}
+
+
+def _pins(pins: dict, name: str, digest: str | None) -> dict:
+    return {"pins": {**pins, name: digest}} if digest else {}

@@ -12,6 +12,11 @@ a node-local cache ($FARM_HOME/cache/<store>), and publishing also uploads:
 One PUT of COMPLETE.json makes a stage visible, so a reader sees a whole payload or none (object stores
 have no directory rename; a writer that lost a race leaves an unreferenced payload behind). A node
 that needs a stage it does not hold downloads the payload and checks every file's sha256 first.
+
+The checksums sit in the same bucket, so they stop damage, not a deliberate writer. The driver is the
+authority: each stage result carries `pins`, the sha256 of every COMPLETE.json its stage and those it
+reads from had when the driver first learned of them, and a node fetches a pinned stage only if the
+store's manifest is still that one (`fetch(name, pin)`); promote is pinned by the cell's MLflow record.
 """
 
 from __future__ import annotations
@@ -56,11 +61,11 @@ def stage_dir(name: str) -> Path:
     return root() / "stages" / name
 
 
-def read_result(name: str) -> dict | None:
+def read_result(name: str, pin: str | None = None) -> dict | None:
     """A finished stage's result, fetched from the remote store first when this node lacks it."""
     f = stage_dir(name) / "result.json"
     if not f.is_file() and url() and _marker(name) is not None:
-        fetch(name)
+        fetch(name, pin)
     return json.loads(f.read_text()) if f.is_file() else None
 
 
@@ -87,15 +92,22 @@ def uri_of(path: str | Path) -> str:
     return location(*parts) if parts else Path(path).resolve().as_uri()
 
 
-def here(path: str | Path) -> Path:
-    """The same stage file on this node: with a remote store, fetched into this node's cache."""
+def here(path: str | Path, pins: dict[str, str] | None = None) -> Path:
+    """The same stage file on this node: with a remote store, fetched into this node's cache (pinned to
+    the manifest digest `pins` holds for its stage, when it holds one)."""
     parts = _split(path) if url() else None
     if parts is None or Path(path).exists() and str(path).startswith(str(root())):
         return Path(path)
-    return fetch(parts[0]) / parts[1]
+    return fetch(parts[0], (pins or {}).get(parts[0])) / parts[1]
 
 
-def local_path(uri: str) -> Path:
+def stage_of(path: str | Path) -> str | None:
+    """The name of the stage a path some node's stage produced lies in."""
+    parts = _split(path)
+    return parts[0] if parts else None
+
+
+def local_path(uri: str, pin: str | None = None) -> Path:
     """The local path of a file:// or store URL (from `uri_of`), fetching its stage first."""
     if uri.startswith("file://"):
         from urllib.parse import urlparse
@@ -107,7 +119,7 @@ def local_path(uri: str) -> Path:
         raise FarmError(f"{uri} is not in this machine's store ({store or root()}); set FARM_STORAGE "
                         f"(and FARM_STORAGE_OPTIONS) to the store the sweep used")
     name, _payload, rel = uri.removeprefix(f"{store}/stages/").split("/", 2)
-    return fetch(name) / rel
+    return fetch(name, pin) / rel
 
 
 # ---- the remote store (fsspec)
@@ -119,18 +131,33 @@ def _fs():
     return fs, path.rstrip("/")
 
 
-def _marker(name: str) -> dict | None:
+def _marker_bytes(name: str) -> bytes | None:
     fs, base = _fs()
     try:
-        return json.loads(fs.cat_file(f"{base}/stages/{name}/COMPLETE.json"))
+        return fs.cat_file(f"{base}/stages/{name}/COMPLETE.json")
     except FileNotFoundError:
         return None
 
 
-def upload(name: str) -> None:
-    """Publish a finished local stage to the remote store: payload files first, COMPLETE.json last."""
-    if not url() or _marker(name) is not None:
-        return
+def _marker(name: str) -> dict | None:
+    raw = _marker_bytes(name)
+    return None if raw is None else json.loads(raw)
+
+
+def manifest_digest(name: str) -> str | None:
+    """The sha256 of a stage's COMPLETE.json in the remote store (None: no remote store, or no such stage)."""
+    raw = _marker_bytes(name) if url() else None
+    return None if raw is None else hashlib.sha256(raw).hexdigest()
+
+
+def upload(name: str) -> str | None:
+    """Publish a finished local stage to the remote store: payload files first, COMPLETE.json last.
+    Returns the digest of the manifest the store holds for it (what the driver pins readers to)."""
+    if not url():
+        return None
+    existing = _marker_bytes(name)
+    if existing is not None:
+        return hashlib.sha256(existing).hexdigest()
     fs, base = _fs()
     local = stage_dir(name)
     payload = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
@@ -139,17 +166,25 @@ def upload(name: str) -> None:
         rel = f.relative_to(local).as_posix()
         fs.put_file(str(f), f"{base}/stages/{name}/{payload}/{rel}")
         files[rel] = sha256(f)
-    fs.pipe_file(f"{base}/stages/{name}/COMPLETE.json", json.dumps({"payload": payload, "files": files}).encode())
+    raw = json.dumps({"payload": payload, "files": files}).encode()
+    fs.pipe_file(f"{base}/stages/{name}/COMPLETE.json", raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
-def fetch(name: str) -> Path:
-    """Download a stage from the remote store into this node's cache, every file checksummed."""
+def fetch(name: str, pin: str | None = None) -> Path:
+    """Download a stage from the remote store into this node's cache, every file checksummed; with `pin`,
+    only if the store's manifest is the one the driver recorded (its sha256)."""
     final = stage_dir(name)
     if final.is_dir():
         return final
-    marker = _marker(name)
-    if marker is None:
+    raw = _marker_bytes(name)
+    if raw is None:
         raise FarmError(f"stage {name} is not in the store {url()} — rerun the sweep to produce it")
+    if pin and hashlib.sha256(raw).hexdigest() != pin:
+        raise FarmError(f"{url()}/stages/{name}/COMPLETE.json is not the manifest the sweep recorded when the stage "
+                        f"was produced (sha256 {pin[:12]}…): the store was rewritten since — refusing to fetch it; "
+                        "delete that stage there and rerun the sweep")
+    marker = json.loads(raw)
     fs, base = _fs()
     problems = manifest_problems(marker)
     if problems:

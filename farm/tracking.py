@@ -183,6 +183,11 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
                      "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", ""),
                      "farm.artifact_runtime": json.dumps(cell.spec["export"]["runtime"], sort_keys=True),
                      "farm.export_stage": export.get("stage", "")})
+        pins = export.get("pins") or {}  # a remote store: the manifests promote fetches against
+        for tag, stage in (("farm.export_manifest", export.get("stage")),
+                           ("farm.artifact_manifest", storage.stage_of(export["artifact"]))):
+            if pins.get(stage):
+                tags[tag] = pins[stage]
     for kind, result in (("export", export), ("evaluate", evaluate), ("bench", bench)):
         if result:  # reused from an earlier submission (same content id) rather than run again
             tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
@@ -368,7 +373,7 @@ def _bench_json(bench: dict | None) -> Path | None:
         return None
     path = Path(bench["bench_json"])
     if not path.is_file() and storage.url():
-        path = storage.fetch(bench["stage"]) / "bench.json"
+        path = storage.fetch(bench["stage"], (bench.get("pins") or {}).get(bench["stage"])) / "bench.json"
     return path if path.is_file() else None
 
 

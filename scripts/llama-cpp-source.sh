@@ -9,7 +9,7 @@
 #   llama_cpp_source WORK   downloads the sdist into WORK, checks it against the pinned sha256, unpacks and
 #             patches it; prints the unpacked directory
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$ROOT/requirements.lock")
+VERSION=$(sed -n 's/^llama[-_]cpp[-_]python==\([^ ]*\).*/\1/Ip' "$ROOT/requirements.lock")
 # LLAVA_BUILD off: farm runs no multimodal models; CMAKE_INSTALL_BINDIR: the variant libraries (installed
 # to bin/ by ggml) go beside libllama.so in the package, where ggml_cpu.py looks for them.
 FLAGS="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DLLAVA_BUILD=OFF"

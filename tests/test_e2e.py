@@ -389,6 +389,8 @@ def test_a_sweep_through_an_s3_store(cluster, tiny_model_dir, tmp_path, s3_serve
     cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
     assert {r.data.tags["farm.artifact_uri"].split("/stages/")[0] for r in cells} == {"s3://farm-e2e/farm"}
     assert all("bench.json" in {a.path for a in c.list_artifacts(r.info.run_id)} for r in cells)
+    # the manifests the driver was told of travel with the cell: promote fetches only those
+    assert all(len(r.data.tags.get(t, "")) == 64 for r in cells for t in ("farm.export_manifest", "farm.artifact_manifest"))
     res = farm({**cluster, **store, "FARM_HOME": str(tmp_path / "elsewhere")}, "promote", "via-s3")
     assert res.returncode == 0, res.stdout + res.stderr
     version = c.get_model_version_by_alias("via-s3-llm", "champion")

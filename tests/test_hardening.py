@@ -69,3 +69,58 @@ def test_the_llama_cpp_sdist_whose_code_runs_must_be_the_pinned_one(tmp_path):
     other.write_bytes(b"")
     with pytest.raises(ToolError, match="has no pinned sha256"):
         check_sdist(other)
+
+
+def _requirements(lock: Path) -> dict[str, list[str]]:
+    """name==version -> its --hash values, from a pip requirements file with continuation lines."""
+    out = {}
+    for line in lock.read_text().replace("\\\n", " ").splitlines():
+        if line.strip() and not line.startswith("#"):
+            req, *hashes = line.split("--hash=")
+            out[req.strip()] = [h.strip() for h in hashes]
+    return out
+
+
+def test_every_file_setup_installs_from_an_index_is_hash_checked():
+    """The lock and the first-installed pins name a sha256 for every release, and the Makefile installs them
+    with --require-hashes: a file on the index that is not the one locked is refused by pip."""
+    for lock, least in (("requirements.lock", 100), ("requirements.first.lock", 2), ("requirements.nodeps.lock", 1)):
+        reqs = _requirements(ROOT / lock)
+        assert len(reqs) >= least
+        for req, hashes in reqs.items():
+            assert "==" in req and hashes and all(h.startswith("sha256:") and len(h) == 71 for h in hashes), (lock, req)
+    assert "torch==2.13.0+cpu" in _requirements(ROOT / "requirements.first.lock")  # never PyPI's CUDA build
+    recipe = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), ".venv/.farm-setup"], capture_output=True,
+                            text=True, check=True).stdout
+    installs = [line for line in recipe.splitlines() if " install " in line and "pip" in line
+                and not line.endswith("-e .")]  # farm itself: this clone
+    assert len(installs) == 3 and all("--require-hashes" in line for line in installs), installs
+
+
+def test_lock_hashes_takes_only_the_pinned_releases_files(tmp_path):
+    """scripts/lock-hashes.py against a local index and a find-links folder (no network: --index only
+    for the local ones; PyPI answers nothing for a name it does not hold)."""
+    import hashlib
+    import sys
+
+    index = tmp_path / "simple" / "farm-no-such-pkg-0x1"
+    index.mkdir(parents=True)
+    a, b = "a" * 64, "b" * 64
+    (index / "index.html").write_text(
+        f'<a href="../../files/farm_no_such_pkg_0x1-1.0-py3-none-any.whl#sha256={a}">x</a>'
+        f'<a href="../../files/farm_no_such_pkg_0x1-2.0-py3-none-any.whl#sha256={b}">y</a>')
+    links = tmp_path / "wheels"
+    links.mkdir()
+    (links / "farm_no_such_pkg_0x1-1.0+cpu-py3-none-any.whl").write_bytes(b"cpu build")
+    lock = tmp_path / "r.lock"
+    lock.write_text("farm-no-such-pkg-0x1==1.0\nfarm-no-such-pkg-0x1==1.0+cpu\n")
+    cmd = [sys.executable, str(ROOT / "scripts" / "lock-hashes.py"), str(lock),
+           "--index", f"file://{tmp_path / 'simple'}", "--index", str(links), "--offline"]
+    subprocess.run(cmd, check=True)
+    reqs = _requirements(lock)
+    assert reqs == {"farm-no-such-pkg-0x1==1.0": [f"sha256:{a}"],
+                    "farm-no-such-pkg-0x1==1.0+cpu": [f"sha256:{hashlib.sha256(b'cpu build').hexdigest()}"]}
+    lock.write_text("farm-no-such-pkg-0x1==3.0\n")  # a release no index holds: refused, file untouched
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 1 and "no published file found for: farm-no-such-pkg-0x1==3.0" in res.stderr
+    assert lock.read_text() == "farm-no-such-pkg-0x1==3.0\n"

@@ -35,6 +35,10 @@ def test_every_stage_ran_and_published(chain):
         assert (storage.stage_dir(stages.storage_name(stage)) / "result.json").is_file()
         assert (stages.storage_name(stage) != stage.name) == (stage.kind == "bench")
         assert results[sid]["kind"] == stage.kind
+        # what ran and how long it took are kept with the result (its cost: a training step's on 2 cores)
+        stored = json.loads((storage.stage_dir(stages.storage_name(stage)) / "result.json").read_text())
+        assert stored["params"] == json.loads(json.dumps(stage.params, default=str))
+        assert stored["seconds"] > 0 and stored["stage"] == stages.storage_name(stage)
     assert not list((storage.root() / "stages").glob(".*tmp-*"))
 
 

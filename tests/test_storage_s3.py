@@ -126,3 +126,42 @@ def test_a_hostile_manifest_cannot_place_files_outside_the_stage(store, tiny_mod
     fs.pipe_file(f"{base}/stages/{base_stage.name}/COMPLETE.json", json.dumps(hostile).encode())
     with pytest.raises(FarmError, match="not a plain directory name"):
         storage.read_result(base_stage.name)
+
+
+def test_a_stage_rewritten_in_the_store_is_refused_where_the_driver_pinned_it(store, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """Someone who can write the bucket replaces a finished stage whole — a new payload and a manifest whose
+    checksums match it, so the bucket's own record is consistent: a node given the driver's result (its
+    pins, the manifest digests the driver was told when the stage was produced) refuses it; promote's
+    fetch, pinned by the cell's MLflow tag, too."""
+    import hashlib
+
+    fs, base = store
+    g = _grid(tiny_model_dir)
+    base_stage = next(s for s in g.stages.values() if s.kind == "base")
+    reference = next(s for s in g.stages.values() if s.kind == "reference")
+    done = stages.run_stage(base_stage, [])
+    assert done["pins"] == {base_stage.name: storage.manifest_digest(base_stage.name)}
+    ref = stages.run_stage(reference, [done])
+    assert set(ref["pins"]) == {base_stage.name, reference.name}  # what it read from, and itself
+
+    marker = json.loads(fs.cat_file(f"{base}/stages/{base_stage.name}/COMPLETE.json"))
+    config = next(k for k in marker["files"] if k.endswith("config.json"))
+    evil = b'{"model_type": "not what was measured"}'
+    fs.pipe_file(f"{base}/stages/{base_stage.name}/evil/{config}", evil)
+    for rel in marker["files"]:
+        if rel != config:
+            fs.copy(f"{base}/stages/{base_stage.name}/{marker['payload']}/{rel}",
+                    f"{base}/stages/{base_stage.name}/evil/{rel}")
+    rewritten = {"payload": "evil", "files": {**marker["files"], config: hashlib.sha256(evil).hexdigest()}}
+    fs.pipe_file(f"{base}/stages/{base_stage.name}/COMPLETE.json", json.dumps(rewritten).encode())
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-b"))  # a node that never held the stage
+    with pytest.raises(FarmError, match="not the manifest the sweep recorded"):
+        stages.local(done)
+    assert not storage.stage_dir(base_stage.name).exists()
+    uri = storage.uri_of(done["model_dir"] + "/config.json")
+    with pytest.raises(FarmError, match="not the manifest the sweep recorded"):
+        storage.local_path(uri, done["pins"][base_stage.name])
+    # unpinned, the store's own record is all there is: it is consistent, so only the pin could tell
+    assert json.loads(storage.local_path(uri).read_text())["model_type"] == "not what was measured"
