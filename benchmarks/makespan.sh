@@ -39,7 +39,7 @@ trap '"$ROOT/clusters/local/down.sh" > /dev/null 2>&1' EXIT
 for mode in ${MODES:-one-node two-nodes}; do
   case $mode in
     one-node) run one-node "$ROOT/clusters/local/up.sh" ;;
-    two-nodes) run two-nodes bash -c "FARM_HEAD_CPUS=1 FARM_HEAD_CPUSET=0 FARM_EXTRA_LABELS=farm/node=a \
+    two-nodes) run two-nodes bash -c "FARM_JOINABLE=1 FARM_HEAD_CPUS=1 FARM_HEAD_CPUSET=0 FARM_EXTRA_LABELS=farm/node=a \
                  '$ROOT/clusters/local/up.sh' && '$ROOT/clusters/local/add-node.sh' b 1" ;;
   esac
 done

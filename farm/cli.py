@@ -28,8 +28,15 @@ def cmd_run(a) -> int:
 
 
 def ray_token_auth() -> None:
-    """farm's clusters all use Ray's token authentication; Ray reads the mode when it is imported."""
+    """farm's clusters all use Ray's token authentication; Ray reads the mode when it is imported. A local
+    head that clusters/local/up.sh started in Ray's one-machine mode listens on 127.0.0.1 only, and a Ray
+    client outside that mode would rewrite 127.0.0.1 into this machine's address: join its mode."""
     os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from farm import storage
+
+    mode = storage.home() / "run" / "ray-mode"
+    if mode.is_file() and mode.read_text().strip() == "loopback":
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def cmd_submit(a) -> int:

@@ -54,23 +54,87 @@ def selector_matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return True
 
 
+def node_types() -> dict[str, dict]:
+    """The node types the cluster's autoscaler can start (available_node_types with max_workers > 0), from
+    $FARM_AUTOSCALING_CONFIG, else ~/ray_bootstrap_config.yaml where `ray up` leaves the cluster config on
+    the head; none on a fixed cluster."""
+    import yaml
+
+    path = Path(os.environ.get("FARM_AUTOSCALING_CONFIG") or "~/ray_bootstrap_config.yaml").expanduser()
+    if not path.is_file():
+        return {}
+    types = (yaml.safe_load(path.read_text()) or {}).get("available_node_types") or {}
+    return {name: t for name, t in types.items() if int(t.get("max_workers", 0)) > 0}
+
+
 def check_targets(sweep) -> dict[str, int]:
-    """target name -> CPUs a benchmark there reserves; a target no node satisfies is a SpecError."""
+    """target name -> CPUs a benchmark there reserves; a target no node satisfies is a SpecError. A target
+    only a node type of the autoscaler satisfies (min_workers: 0) is valid: its node is asked for and waited on."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
+    types = node_types()
     inventory = "\n".join(
-        f"      node {n['NodeID'][:12]}: {n.get('Labels', {})} resources {dict(n['Resources'])}" for n in nodes)
-    problems, cpus = [], {}
+        [f"      node {n['NodeID'][:12]}: {n.get('Labels', {})} resources {dict(n['Resources'])}" for n in nodes]
+        + [f"      node type {k} (autoscaled): {t.get('labels', {})} resources {t.get('resources', {})}"
+           for k, t in types.items()])
+    problems, wanted = [], {}
     for i, t in enumerate(sweep.targets):
-        match = [n for n in nodes if selector_matches(t.labels, n.get("Labels", {}))
-                 and n["Resources"].get(BENCH_SLOT, 0) >= 1]
-        if not match:
-            problems.append(f"targets[{i}] '{t.name}': no alive node with a {BENCH_SLOT} matches labels "
-                            f"{t.labels}; the cluster has:\n{inventory}")
+        if any(selector_matches(t.labels, n.get("Labels", {})) and n["Resources"].get(BENCH_SLOT, 0) >= 1
+               for n in nodes):
             continue
-        cpus[t.name] = int(min(n["Resources"].get("CPU", 1) for n in match))
+        startable = [k for k, nt in types.items() if selector_matches(t.labels, nt.get("labels") or {})
+                     and (nt.get("resources") or {}).get(BENCH_SLOT, 0) >= 1]
+        if startable:
+            wanted[t.name] = (t.labels, startable)
+        else:
+            problems.append(f"targets[{i}] '{t.name}': no alive node with a {BENCH_SLOT}, and no node type the "
+                            f"autoscaler can start, matches labels {t.labels}; the cluster has:\n{inventory}")
     if problems:
         raise SpecError(problems, "cluster")
-    return cpus
+    if wanted:
+        scale_up(wanted)
+    return {t.name: _bench_cpus(t.labels) for t in sweep.targets}
+
+
+def _bench_nodes(labels: dict) -> list[dict]:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(BENCH_SLOT, 0) >= 1
+            and selector_matches(labels, n.get("Labels", {}))]
+
+
+def _bench_cpus(labels: dict) -> int:
+    return int(min(n["Resources"].get("CPU", 1) for n in _bench_nodes(labels)))
+
+
+SCALE_UP_WAIT_S = 900.0
+
+
+def scale_up(wanted: dict[str, tuple[dict, list[str]]]) -> None:
+    """Ask the autoscaler for one benchmark node per target (a bench slot under the target's labels) and
+    wait until each has one. The request stands for the rest of the job, so an idle node is not scaled
+    away before its benchmarks are scheduled; the next job's request (or `release_nodes`) replaces it."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{BENCH_SLOT: 1} for _ in wanted],
+                      bundle_label_selectors=[dict(labels) for labels, _ in wanted.values()])
+    wait = float(os.environ.get("FARM_SCALE_UP_WAIT_S", SCALE_UP_WAIT_S))
+    deadline, t0 = time.time() + wait, time.time()
+    for name, (labels, types) in wanted.items():
+        print(f"farm: target '{name}': no node is up yet; asked the autoscaler for one of type "
+              f"{', '.join(types)} (labels {labels}), waiting up to {wait:.0f} s", flush=True)
+    while missing := [name for name, (labels, _) in wanted.items() if not _bench_nodes(labels)]:
+        if time.time() > deadline:
+            raise StageError(f"the autoscaler started no node for target(s) {', '.join(missing)} within {wait:.0f} s "
+                             "(FARM_SCALE_UP_WAIT_S); see `ray status` and the autoscaler's log "
+                             "(/tmp/ray/session_latest/logs/monitor.*) for why — quota, instance type, max_workers")
+        time.sleep(2)
+    print(f"farm: autoscaled node(s) up for {', '.join(wanted)} after {time.time() - t0:.0f} s", flush=True)
+
+
+def release_nodes() -> None:
+    """Withdraw this job's standing request for benchmark nodes (the autoscaler may then scale them away)."""
+    if node_types():
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
 
 
 def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, trust_code: bool = False,
@@ -258,6 +322,7 @@ def run(path: str) -> int:
     if sweep.serve is not None:
         serve_phase(grid, sweep, refs, outcome, log)
     log.finish(failed)
+    release_nodes()
     report = pareto_report(sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
     write_report(sweep.name, log.run_id, report)

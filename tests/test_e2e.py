@@ -27,7 +27,7 @@ METRIC_NAMES = ["perplexity", "kl_div", "top1_agree", "prefill_tok_s", "decode_t
 def cluster(tmp_path_factory):
     home = tmp_path_factory.mktemp("farm-home")
     env = {**os.environ, **PORTS, "FARM_HOME": str(home), "FARM_EXTRA_LABELS": "farm/test=e2e farm/node=a",
-           "FARM_HEAD_CPUS": "1", "FARM_HEAD_CPUSET": "0",
+           "FARM_HEAD_CPUS": "1", "FARM_HEAD_CPUSET": "0", "FARM_JOINABLE": "1",  # a second raylet joins
            "RAY_AUTH_MODE": "token", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{PORTS['MLFLOW_PORT']}",
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FARM_STORAGE", None)

@@ -13,6 +13,11 @@ NAME=$1; CPUSET=$2; shift 2
 RAY_PORT=${RAY_PORT:-6379}
 RUN="$FARM_HOME/run"
 mkdir -p "$RUN"
+if [ "$(cat "$RUN/ray-mode" 2>/dev/null)" = loopback ]; then
+  echo "farm: the local head runs in Ray's one-machine mode (every listener on 127.0.0.1), which takes no other" \
+    "raylets; restart it joinable: clusters/local/down.sh; FARM_JOINABLE=1 clusters/local/up.sh" >&2
+  exit 2
+fi
 ncpus=$(taskset -c "$CPUSET" nproc)
 n=$(find "$RUN" -maxdepth 1 -name "node-*.pid" | wc -l)
 b=$(( ${FARM_PORT_BASE:-17400} + 20 * n + 20 ))

@@ -15,4 +15,5 @@ for f in "$RUN"/node-*.pid "$RUN/ray.pid" "$RUN/mlflow.pid"; do
   rm -f "$f"
   echo "farm: stopped $svc"
 done
+rm -f "$RUN/ray-mode"
 if [ -f "$RUN/ray-temp-dir" ]; then rm -rf "$(cat "$RUN/ray-temp-dir")" "$RUN/ray-temp-dir"; fi

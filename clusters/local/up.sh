@@ -5,6 +5,11 @@
 #        FARM_PORT_BASE: if set, every other Ray port is taken from FARM_PORT_BASE.. (a second cluster)
 #        FARM_HEAD_CPUS (all)  FARM_HEAD_CPUSET (e.g. "0": pin the head and its workers to these cores)
 #        FARM_EXTRA_LABELS: more node labels, "key=value ..."
+#        FARM_JOINABLE=1: other raylets may join (add-node.sh, the tests' two-raylet cluster). Ray then
+#          listens on this machine's network address too (Ray 2.60 rewrites a 127.0.0.1 node address
+#          into it), with token authentication; without it every Ray listener is bound to 127.0.0.1.
+#        FARM_AUTOSCALING_CONFIG: an autoscaler config (available_node_types), passed to `ray start`
+#          (e.g. Ray's fake_multinode provider with RAY_FAKE_CLUSTER=1) and read by the sweep driver
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 export PATH="$ROOT/.venv/bin:$PATH"
@@ -20,6 +25,9 @@ mkdir -p "$RUN" "$FARM_HOME/mlflow/artifacts"
 # the dashboard, the tasks.
 # A task the memory monitor kills is retried once, then fails (bounded: Ray has its own OOM-retry policy).
 export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0 MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false RAY_task_oom_retries=1
+# A one-machine farm: Ray's single-machine mode, in which the node's address is 127.0.0.1 and every gRPC
+# server, agent and the client server bind to it (Ray's switch for laptops; it refuses other raylets).
+[ "${FARM_JOINABLE:-0}" = 1 ] || export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 "$ROOT/clusters/local/token.sh"
 
 up() {
@@ -51,6 +59,7 @@ if ! up "http://127.0.0.1:$DASH_PORT/api/version"; then
            --min-worker-port $((b + 100)) --max-worker-port $((b + 199)) --temp-dir "/tmp/farm-ray-$RAY_PORT")
     echo "/tmp/farm-ray-$RAY_PORT" >"$RUN/ray-temp-dir"  # short: Ray's socket paths must fit 107 bytes
   fi
+  [ -n "${FARM_AUTOSCALING_CONFIG:-}" ] && extra+=(--autoscaling-config "$FARM_AUTOSCALING_CONFIG")
   pin=()
   [ -n "${FARM_HEAD_CPUSET:-}" ] && pin=(taskset -c "$FARM_HEAD_CPUSET")
   # FARM_HOME travels to every task through the node's environment (storage is a local path here).
@@ -59,6 +68,7 @@ if ! up "http://127.0.0.1:$DASH_PORT/api/version"; then
     --resources '{"bench_slot": 1}' --labels "$(farm labels ${FARM_EXTRA_LABELS:-})" "${extra[@]}" \
     >"$RUN/ray.log" 2>&1 </dev/null &
   echo $! >"$RUN/ray.pid"
+  [ "${FARM_JOINABLE:-0}" = 1 ] && echo joinable >"$RUN/ray-mode" || echo loopback >"$RUN/ray-mode"
 fi
 
 for i in $(seq 1 120); do
