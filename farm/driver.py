@@ -78,8 +78,7 @@ def check_targets(sweep) -> dict[str, int]:
            for k, t in types.items()])
     problems, wanted = [], {}
     for i, t in enumerate(sweep.targets):
-        if any(selector_matches(t.labels, n.get("Labels", {})) and n["Resources"].get(BENCH_SLOT, 0) >= 1
-               for n in nodes):
+        if _bench_nodes(t.labels, nodes):
             continue
         startable = [k for k, nt in types.items() if selector_matches(t.labels, nt.get("labels") or {})
                      and (nt.get("resources") or {}).get(BENCH_SLOT, 0) >= 1]
@@ -92,16 +91,14 @@ def check_targets(sweep) -> dict[str, int]:
         raise SpecError(problems, "cluster")
     if wanted:
         scale_up(wanted)
-    return {t.name: _bench_cpus(t.labels) for t in sweep.targets}
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+    return {t.name: int(min(n["Resources"].get("CPU", 1) for n in _bench_nodes(t.labels, nodes)))
+            for t in sweep.targets}
 
 
-def _bench_nodes(labels: dict) -> list[dict]:
-    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(BENCH_SLOT, 0) >= 1
-            and selector_matches(labels, n.get("Labels", {}))]
-
-
-def _bench_cpus(labels: dict) -> int:
-    return int(min(n["Resources"].get("CPU", 1) for n in _bench_nodes(labels)))
+def _bench_nodes(labels: dict, nodes: list[dict]) -> list[dict]:
+    """The alive nodes of `nodes` with a bench slot whose labels satisfy `labels`."""
+    return [n for n in nodes if n["Resources"].get(BENCH_SLOT, 0) >= 1 and selector_matches(labels, n.get("Labels", {}))]
 
 
 SCALE_UP_WAIT_S = 900.0
@@ -120,7 +117,8 @@ def scale_up(wanted: dict[str, tuple[dict, list[str]]]) -> None:
     for name, (labels, types) in wanted.items():
         print(f"farm: target '{name}': no node is up yet; asked the autoscaler for one of type "
               f"{', '.join(types)} (labels {labels}), waiting up to {wait:.0f} s", flush=True)
-    while missing := [name for name, (labels, _) in wanted.items() if not _bench_nodes(labels)]:
+    while missing := [name for name, (labels, _) in wanted.items()
+                      if not _bench_nodes(labels, [n for n in ray.nodes() if n["Alive"]])]:
         if time.time() > deadline:
             raise StageError(f"the autoscaler started no node for target(s) {', '.join(missing)} within {wait:.0f} s "
                              "(FARM_SCALE_UP_WAIT_S); see `ray status` and the autoscaler's log "

@@ -20,8 +20,14 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from packaging.utils import canonicalize_name, parse_sdist_filename, parse_wheel_filename
-from packaging.version import Version
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    canonicalize_name,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion, Version
 
 PYPI = "https://pypi.org/simple"
 
@@ -32,7 +38,7 @@ def release_of(filename: str) -> tuple[str, Version] | None:
             name, version, *_ = parse_wheel_filename(filename)
         else:
             name, version = parse_sdist_filename(filename)
-    except Exception:  # an old, oddly named upload: not a file pip would pick for a pinned version
+    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):  # an old, oddly named upload: not a file pip would pick for a pinned version
         return None
     return canonicalize_name(name), version
 
@@ -59,7 +65,8 @@ def local_hashes(index: str, name: str, version: Version) -> set[str]:
 
 
 def local_indexes() -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                         check=False).stdout
     found = re.findall(r"(?:extra-index-url|find-links)='([^']*)'", out)
     return sorted({u for line in found for u in line.split() if u.startswith(("file://", "/"))})
 

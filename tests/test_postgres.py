@@ -55,7 +55,7 @@ def postgres():
     try:
         for _ in range(60):
             if subprocess.run([str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
-                              capture_output=True).returncode == 0:
+                              capture_output=True, check=False).returncode == 0:
                 break
             time.sleep(0.5)
         subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "farm", "mlflow"],
@@ -71,11 +71,11 @@ def postgres():
 def mlflow_on_postgres(postgres, tmp_path_factory):
     port, art = _free_port(), tmp_path_factory.mktemp("artifacts")
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(art / "mlflow.log", "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1", "--backend-store-uri", postgres,
-                               "--serve-artifacts", "--artifacts-destination", str(art)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(art / "mlflow.log", "w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+                                   "--port", str(port), "--workers", "1", "--backend-store-uri", postgres,
+                                   "--serve-artifacts", "--artifacts-destination", str(art)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
         for _ in range(180):
@@ -113,7 +113,7 @@ def test_two_sweeps_log_at_once_into_postgresql(mlflow_on_postgres, tmp_path, mo
                 assert log.log_cell(cell, None, evaluate, bench) == 0
             log.finish(0)
             logs[sweep.name] = (log, g)
-        except BaseException as e:  # surfaced below
+        except BaseException as e:  # noqa: BLE001 — a thread's failure, surfaced by the assert below
             errors.append(e)
 
     threads = [threading.Thread(target=log_sweep, args=s) for s in sweeps]
