@@ -297,7 +297,8 @@ def run(path: str) -> int:
             evaluate, err2 = outcome[cell.evaluate]
             export, err3 = outcome.get(cell.export, (None, None))
             error = StageError(stranded[cell.id]) if cell.id in stranded else (err or err2 or err3)
-            log.log_cell(cell, export, evaluate, bench, error=error)
+            steps = [outcome.get(s, (None, None))[0] for s in cell.compress]
+            log.log_cell(cell, export, evaluate, bench, error=error, steps=steps)
             del pending[cell.id]
             failed += error is not None
             progress.cell_logged(error is not None)

@@ -82,6 +82,7 @@ class Cell:
     baseline: bool = False
     serve: str | None = None  # the serve benchmark's stage, if the sweep has one and the runtime an engine
     tasks: str | None = None  # the task-accuracy stage, if the sweep scores tasks
+    compress: tuple[str, ...] = ()  # the compression steps' stages, in order
 
     def params(self) -> dict[str, str]:
         return flatten_cell(self.spec)
@@ -133,6 +134,20 @@ def expand_pipelines(sweep: Sweep) -> list[list[dict]]:
     return out
 
 
+def held_out_tasks(sweep: Sweep, pipelines: list[list[dict]]) -> dict | None:
+    """The tasks section as the tasks stages read it: items and seed, and `held_out`, the tasks some step of
+    the sweep trains on (sft's task), which every cell is then scored on the held-out half of (the base too,
+    so that the comparison is on the same items)."""
+    if sweep.tasks is None:
+        return None
+    out = sweep.tasks.model_dump(include={"items", "seed"})
+    if sweep.tasks.chat:  # only when set: the stage ids of sweeps that score plain prompts stay as they were
+        out["chat"] = True
+    trained = sorted({s["task"] for p in pipelines for s in p if s.get("method") == "sft" and s.get("task")}
+                     & set(out["items"]))
+    return {**out, "held_out": trained} if trained else out  # unchanged (and its stage ids) without one
+
+
 def build(sweep: Sweep) -> Grid:
     g = Grid()
     data = sweep.data.model_dump()
@@ -149,12 +164,14 @@ def build(sweep: Sweep) -> Grid:
         plan.insert(0, ([], baseline, baseline_variant))
 
     bench = sweep.bench.model_dump()
+    scored = held_out_tasks(sweep, pipelines)
     for steps, entry, variant in plan:
         fmt = variant.params["format"]
-        model = base
+        model, chain = base, []
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
             model = g.add("compress", {"step": step}, (model, reference, *teacher), method=step["method"])
+            chain.append(model)
         src = model
         if variant.source is not None:  # made from the format's shared base-level export
             src = g.add("export", variant.source, (model,), fmt=fmt)
@@ -165,8 +182,7 @@ def build(sweep: Sweep) -> Grid:
                              runtime=runtime["name"])
             tasks = None  # scored after the single-stream phase, with the base model's tokenizer
             if sweep.tasks is not None:
-                tasks = g.add("tasks", {"tasks": sweep.tasks.model_dump(include={"items", "seed"}), "runtime": runtime},
-                              (export, base), runtime=runtime["name"])
+                tasks = g.add("tasks", {"tasks": scored, "runtime": runtime}, (export, base), runtime=runtime["name"])
             for target in sweep.targets:
                 b = g.add("bench", {"bench": bench, "target": target.model_dump(), "runtime": runtime},
                           (export, reference), runtime=runtime["name"])
@@ -184,7 +200,8 @@ def build(sweep: Sweep) -> Grid:
                 if sweep.serve is not None and runtime["name"] in ENGINES:  # submitted after the bench phase
                     serve = g.add("serve", {"serve": sweep.serve.model_dump(), "target": target.model_dump(),
                                             "runtime": runtime}, (export, reference, base), runtime=runtime["name"])
-                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline, serve, tasks))
+                g.cells.append(Cell(content_id([evaluate, b]), spec, evaluate, b, export, is_baseline, serve, tasks,
+                                     tuple(chain)))
     return g
 
 

@@ -242,6 +242,9 @@ class TasksSpec(Strict):
     per_runtime: int = Field(2, ge=1, le=1000, description="With cells: format_front, at most this many of each "
                              "runtime's own front.")
     seed: int = Field(0, ge=0, description="Seed of the item sample.")
+    chat: bool = Field(False, description="Score every prompt as a user message in the model's chat template "
+                       "(lm-eval's apply_chat_template), the way an instruction-tuned model is used; false: the "
+                       "task's plain prompt.")
     consistency: float = Field(
         0.9, ge=0, le=1, description="The gate: each runtime's full-precision base cell must pick the PyTorch "
         "baseline's answer on at least this share of the items, else every cell of that runtime is kept off the "

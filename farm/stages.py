@@ -100,7 +100,8 @@ def run_tasks(stage: Stage, deps: list[dict], out: Path) -> dict:
     export, base = deps
     runtime, tasks = stage.params["runtime"], stage.params["tasks"]
     result = score_isolated(runtime, Path(export["artifact"]), _model_dir(base), tasks["items"], tasks["seed"],
-                            threads_here(), out / "tasks.json", describe(export, runtime))
+                            threads_here(), out / "tasks.json", describe(export, runtime), tasks.get("held_out", []),
+                            tasks.get("chat", False))
     return {"metrics": result["metrics"], "items": result["items"], "cost": result["cost"]}
 
 
@@ -214,6 +215,7 @@ PROCESS_START = time.time()
 
 def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
     """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
+    started = time.time()  # before the look-up: a run that finds nothing began before any other run's end
     name = storage_name(stage)
     final = storage.stage_dir(name)
     # the manifests of every stage this one reads from, as the driver holds them (a remote store only)
@@ -231,7 +233,41 @@ def run_stage(stage: Stage, deps: list[dict], node: dict | None = None) -> dict:
                        "host": nodes.facts(), "versions": library_versions(LIBRARIES), **(node or {})})
         (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
     digest = storage.upload(name)
+    _ledger(name, stage.kind, started, node)
     return {**_absolute(result, final), "cached": False, **_pins(pins, name, digest)}
+
+
+def _ledger(name: str, kind: str, started: float, node: dict | None) -> None:
+    """One line per stage this node actually ran (a reused result writes none) in $FARM_HOME/ledger.jsonl:
+    what each node spent its time on, and the evidence that no stage is run again once it has finished —
+    a run that starts after another run of the same stage ended would be one (`reruns`)."""
+    line = {"stage": name, "kind": kind, "job": _job_id(), "host": os.uname().nodename, "pid": os.getpid(),
+            "node_labels": (node or {}).get("node_labels", {}), "started": started, "ended": time.time()}
+    path = storage.home() / "ledger.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:  # one short O_APPEND write: lines of concurrent stages stay whole
+        f.write(json.dumps(line) + "\n")
+
+
+def ledger(since: float = 0.0) -> list[dict]:
+    """The ledger's lines for runs that started at or after `since`."""
+    path = storage.home() / "ledger.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    return [e for e in map(json.loads, lines) if e["started"] >= since]
+
+
+def reruns(entries: list[dict]) -> list[tuple[dict, dict]]:
+    """(an earlier run, a later one) of the same stage where the later one started after the earlier ended:
+    work done again although its result was already stored. Runs that overlap (two sweeps reaching a shared
+    stage at once, before either had published) are not reruns."""
+    found = []
+    by_stage: dict[str, list[dict]] = {}
+    for e in entries:
+        by_stage.setdefault(e["stage"], []).append(e)
+    for runs in by_stage.values():
+        first_end = min(runs, key=lambda e: e["ended"])
+        found += [(first_end, e) for e in runs if e["started"] > first_end["ended"]]
+    return found
 
 
 def _pins(pins: dict, name: str, digest: str | None) -> dict:

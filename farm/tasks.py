@@ -73,12 +73,22 @@ def split_size(task: str) -> int:
     return len(datasets.load_from_disk(str(split_dir(task))))
 
 
-def sample(task: str, items: int | str, seed: int) -> list[int]:
-    """The doc ids a sweep scores: `items` of the split drawn with a seeded RNG (sorted), or all of them."""
+def halves(task: str) -> tuple[list[int], list[int]]:
+    """(train, held-out): a fixed split of the task's doc ids into two disjoint halves, the same in every
+    sweep. Supervised fine-tuning on a task reads its train half (farm.instructions); a sweep that trains on
+    a task scores it on the held-out half only."""
     n = split_size(task)
-    if items == "all" or int(items) >= n:
-        return list(range(n))
-    return sorted(random.Random(f"{seed}:{task}").sample(range(n), int(items)))
+    order = random.Random(f"halves:{task}").sample(range(n), n)
+    return sorted(order[: n // 2]), sorted(order[n // 2:])
+
+
+def sample(task: str, items: int | str, seed: int, held_out: bool = False) -> list[int]:
+    """The doc ids a sweep scores: `items` of the split (of its held-out half, with `held_out`) drawn with a
+    seeded RNG (sorted), or all of them."""
+    pool = halves(task)[1] if held_out else list(range(split_size(task)))
+    if items == "all" or int(items) >= len(pool):
+        return pool
+    return sorted(random.Random(f"{seed}:{task}").sample(pool, int(items)))
 
 
 def task_configs(tasks: list[str]) -> list[dict]:
@@ -108,7 +118,8 @@ def task_configs(tasks: list[str]) -> list[dict]:
 
 
 def farm_lm(rt, tokenizer, prefix: list[int]):
-    """An lm-eval model over a farm runtime: log P(continuation | context) from `rt.logits`."""
+    """An lm-eval model over a farm runtime: log P(continuation | context) from `rt.logits`; with lm-eval's
+    apply_chat_template the context is the task's prompt as a user message in the tokenizer's chat template."""
     from lm_eval.api.model import TemplateLM
 
     from farm.evaluate import log_softmax
@@ -140,6 +151,16 @@ def farm_lm(rt, tokenizer, prefix: list[int]):
                 self.tokens += len(seq) - 1
             return out
 
+        @property
+        def tokenizer_name(self) -> str:
+            return str(tokenizer.name_or_path).replace("/", "__")
+
+        def chat_template(self, chat_template: bool | str = False) -> str | None:
+            return tokenizer.chat_template
+
+        def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+            return tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
             raise NotImplementedError("farm's task set has no rolling-loglikelihood (perplexity) task")
 
@@ -165,9 +186,11 @@ def picks(sample_rows: list[dict]) -> dict:
     return out
 
 
-def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int) -> dict:
+def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int,
+          held_out: list[str] = (), chat: bool = False) -> dict:
     """{"metrics": {"acc.<task>", "acc_stderr.<task>", "acc_norm.<task>", ..., "items.<task>", "task_acc_mean"},
-    "items": {task: picks}, "cost": {...}} for an artifact through a runtime."""
+    "items": {task: picks}, "cost": {...}} for an artifact through a runtime; the tasks in `held_out` are
+    drawn from their held-out half (see `halves`); `chat`: every prompt in the tokenizer's chat template."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     from lm_eval import simple_evaluate
@@ -179,12 +202,15 @@ def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict,
     for name in ("lm_eval", "lm-eval", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     tasks = sorted(items)
-    docs = {t: sample(t, items[t], seed) for t in tasks}
+    docs = {t: sample(t, items[t], seed, held_out=t in held_out) for t in tasks}
     tokenizer = load_tokenizer(tokenizer_dir)
     rt = load(runtime, artifact, threads=threads, n_ctx=MAX_TOKENS)
     lm = farm_lm(rt, tokenizer, sequence_prefix(tokenizer))
     t0 = time.perf_counter()
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise StageError("tasks.chat: the model's tokenizer has no chat template to score the prompts in")
     res = simple_evaluate(model=lm, tasks=task_configs(tasks), samples=docs, num_fewshot=0, log_samples=True,
+                          apply_chat_template=chat,
                           bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                           fewshot_random_seed=seed)
     seconds = time.perf_counter() - t0
@@ -228,7 +254,7 @@ def agreement(a: dict, b: dict) -> tuple[float, int]:
 
 
 def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int,
-                   out_json: Path, what: str = "") -> dict:
+                   out_json: Path, what: str = "", held_out: list[str] = (), chat: bool = False) -> dict:
     """`score` in a child process (farm.isolate): a runtime that crashes is reported as a crash."""
     import json
 
@@ -236,15 +262,16 @@ def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: di
     from farm.runtimes import RUNTIMES
 
     run_child(["-m", "farm.tasks", json.dumps(runtime), str(artifact), str(tokenizer_dir), json.dumps(items),
-               str(seed), str(threads), str(out_json)], RUNTIMES.options(runtime["name"]).TITLE,
+               str(seed), str(threads), str(out_json), json.dumps(list(held_out)), json.dumps(chat)], RUNTIMES.options(runtime["name"]).TITLE,
               f"scoring tasks on {what or runtime['name']}")
     return json.loads(out_json.read_text())
 
 
-if __name__ == "__main__":  # python -m farm.tasks RUNTIME_JSON ARTIFACT TOKENIZER_DIR ITEMS_JSON SEED THREADS OUT
+if __name__ == "__main__":  # python -m farm.tasks RUNTIME_JSON ARTIFACT TOKENIZER_DIR ITEMS_JSON SEED THREADS OUT HELD_OUT CHAT
     import json
     import sys
 
-    rt_, art_, tok_, items_, seed_, threads_, out_ = sys.argv[1:8]
-    result_ = score(json.loads(rt_), Path(art_), Path(tok_), json.loads(items_), int(seed_), int(threads_))
+    rt_, art_, tok_, items_, seed_, threads_, out_, held_, chat_ = sys.argv[1:10]
+    result_ = score(json.loads(rt_), Path(art_), Path(tok_), json.loads(items_), int(seed_), int(threads_),
+                    json.loads(held_), json.loads(chat_))
     Path(out_).write_text(json.dumps(result_, default=str))

@@ -86,10 +86,12 @@ class SweepLog:
                                              "cells": [c.__dict__ for c in grid.cells]}}})
 
     def log_cell(self, cell, export: dict | None, evaluate: dict | None, bench: dict | None,
-                 error: BaseException | None = None, error_text: str | None = None) -> int:
-        """Queue the cell's run and try to deliver; returns how many records still wait for MLflow."""
+                 error: BaseException | None = None, error_text: str | None = None,
+                 steps: list[dict | None] = ()) -> int:
+        """Queue the cell's run and try to deliver; returns how many records still wait for MLflow.
+        `steps`: the results of the cell's compression steps, in order (what each did; training curves)."""
         return self._queue(cell_record(self.experiment_id, self.run_id, cell, export, evaluate, bench,
-                                       error, error_text))
+                                       error, error_text, steps))
 
     def log_serve(self, cell, result: dict | None, error: BaseException | None, scalars: list[str] = ()) -> int:
         """The cell's serve benchmark, into its run: metrics whose step is the concurrency (MLflow draws curves),
@@ -169,13 +171,36 @@ def wait_limit() -> float:
     return float(os.environ.get("FARM_TRACKING_WAIT_S", "3600"))
 
 
+def step_metrics(steps: list[dict | None]) -> tuple[dict[str, float], dict[str, list]]:
+    """What the cell's compression steps did, as MLflow metrics: each step's numeric info as
+    '<method>.<key>' ('<method>#2.<key>' for a second step of the same method), and its training curve as
+    histories '<method>.train_loss' / '<method>.val_loss' ([step, value] pairs)."""
+    scalars: dict[str, float] = {}
+    history: dict[str, list] = {}
+    seen: dict[str, int] = {}
+    for result in steps:
+        if not result:
+            continue
+        method = result.get("params", {}).get("step", {}).get("method", "step")
+        seen[method] = seen.get(method, 0) + 1
+        name = method if seen[method] == 1 else f"{method}#{seen[method]}"
+        info = result.get("info") or {}
+        scalars.update({f"{name}.{k}": float(v) for k, v in info.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        for key, points in (info.get("curve") or {}).items():
+            pairs = [p if isinstance(p, list) else [i, p] for i, p in enumerate(points, 1)]
+            history[f"{name}.{key}"] = [[int(st), float(v)] for st, v in pairs]
+    return scalars, history
+
+
 def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, evaluate: dict | None,
-                bench: dict | None, error: BaseException | None, error_text: str | None) -> dict:
+                bench: dict | None, error: BaseException | None, error_text: str | None,
+                steps: list[dict | None] = ()) -> dict:
     """Everything a cell's run holds, as plain JSON (so it can wait on disk for the server)."""
     label = cell_label(cell)
     tags = {"mlflow.parentRunId": parent_id, "farm.kind": "cell", "farm.cell_id": cell.id,
             "farm.baseline": str(cell.baseline).lower(), "farm.label": label}
-    metrics = {}
+    metrics, history = step_metrics(list(steps))
     for result in (evaluate, bench):
         metrics.update({k: float(v) for k, v in ((result or {}).get("metrics") or {}).items()})
     if export:
@@ -226,7 +251,7 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
     return {"op": "cell", "experiment_id": experiment_id, "parent_id": parent_id, "cell_id": cell.id,
             "run_name": label, "run_id": None, "attempts": 0, "tags": {k: str(v) for k, v in tags.items()},
             "params": {k: v[:6000] for k, v in cell.params().items()}, "metrics": metrics, "files": files,
-            "status": "FAILED" if failed else "FINISHED"}
+            "history": history, "logged_at": int(time.time() * 1000), "status": "FAILED" if failed else "FINISHED"}
 
 
 def refused_for_good(e: BaseException) -> bool:
@@ -349,6 +374,11 @@ def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
     c.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in (record.get("metrics") or {}).items()],
                 params=[Param(k, v) for k, v in (record.get("params") or {}).items()],
                 tags=[RunTag(k, v) for k, v in (record.get("tags") or {}).items()])
+    # curves with the record's own timestamp: a repeated delivery writes the same points, not new ones
+    points = [Metric(k, v, record.get("logged_at", now), st) for k, pts in (record.get("history") or {}).items()
+              for st, v in pts]
+    for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
+        c.log_batch(rid, metrics=points[i:i + 1000])
     if record.get("files"):
         with tempfile.TemporaryDirectory() as d:
             for name, obj in record["files"].items():

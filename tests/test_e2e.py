@@ -545,3 +545,56 @@ def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
         subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=cluster, check=True, timeout=120)
 
 
+
+
+def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, tiny_model_dir, tmp_path):
+    """The soak: two sweeps sharing their base stages are submitted at once; when the first cell lands, node b
+    is killed (SIGKILL to its raylet and workers) and the MLflow server is stopped and started again. Every
+    cell of both sweeps is accounted for once, both finish, and the ledger of stage runs shows that no stage
+    was run again after it had finished (concurrent runs of a shared stage, before either published, are not
+    reruns)."""
+    import signal
+    import time
+
+    from farm import stages
+
+    t0 = time.time()
+    a = _slow_sweep("soak-a", tiny_model_dir, 48)
+    a["pipelines"] = [[]]
+    b = _slow_sweep("soak-b", tiny_model_dir, 48)  # same base, data and exports: shares a's stages
+    b["exports"] = [{"format": "gguf", "quant": ["F16", "Q4_0"]}]
+    for s in (a, b):
+        s["targets"] = [{"name": "anywhere", "labels": {}}]
+    home = Path(cluster["FARM_HOME"])
+    pid_file = home / "run" / "node-b.pid"
+    try:
+        for s in (a, b):
+            f = tmp_path / f"{s['name']}.yaml"
+            f.write_text(yaml.safe_dump(s))
+            _submit_no_wait(cluster, f, f"farm-e2e-{s['name']}")
+        from mlflow.tracking import MlflowClient
+
+        c = MlflowClient(cluster["MLFLOW_TRACKING_URI"])
+        _wait_for_cells(c, "soak-a", 1)
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # a node is lost ...
+        os.killpg(int((home / "run" / "mlflow.pid").read_text()), signal.SIGTERM)  # ... and the tracking server
+        time.sleep(5)
+        subprocess.run([str(ROOT / "clusters/local/up.sh")], env=cluster, check=True, timeout=300)
+        logs = {s["name"]: _ray_job(cluster, "logs", "--follow", f"farm-e2e-{s['name']}", timeout=1800).stdout
+                for s in (a, b)}
+        for name, n in (("soak-a", 4), ("soak-b", 5)):  # each with its PyTorch baseline cell
+            assert f"{n} cells finished, 0 failed" in logs[name], logs[name][-3000:]
+            exp = c.get_experiment_by_name(name)
+            parents = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'sweep'")
+            assert [p.info.status for p in parents] == ["FINISHED"]
+            cells = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'")
+            ids = [r.data.tags["farm.cell_id"] for r in cells]
+            assert len(ids) == n and len(set(ids)) == n, ids  # none lost, none doubled
+            assert all(r.info.status == "FINISHED" and set(METRIC_NAMES) <= set(r.data.metrics) for r in cells)
+        ran = stages.ledger(since=t0)
+        assert {e["kind"] for e in ran} >= {"base", "reference", "export", "evaluate", "bench"}
+        assert stages.reruns(ran) == [], stages.reruns(ran)  # nothing finished was run again
+        assert not list((home / "outbox").rglob("*.json"))  # nothing left waiting for MLflow
+    finally:
+        pid_file.unlink(missing_ok=True)
+        subprocess.run([str(ROOT / "clusters/local/add-node.sh"), "b", "1"], env=cluster, check=True, timeout=120)

@@ -42,6 +42,24 @@ def test_every_stage_ran_and_published(chain):
     assert not list((storage.root() / "stages").glob(".*tmp-*"))
 
 
+def test_the_ledger_has_a_line_per_stage_run_and_none_for_a_reused_one(chain):
+    import time
+
+    g, results = chain
+    names = sorted(stages.storage_name(s) for s in g.stages.values())
+    ran = [e for e in stages.ledger() if e["stage"] in names]
+    assert sorted(e["stage"] for e in ran) == names and stages.reruns(ran) == []
+    again = time.time()
+    for sid, stage in g.stages.items():  # every result is stored: all reused, nothing run, no line
+        assert stages.run_stage(stage, [results[d] for d in stage.deps])["cached"] is True
+    assert [e for e in stages.ledger(since=again) if e["stage"] in names] == []
+    # a run that starts after another run of the same stage ended is a rerun; overlapping runs are not
+    e = ran[0]
+    overlapping = {**e, "ended": e["ended"] + 5}
+    later = {**e, "started": e["ended"] + 1, "ended": e["ended"] + 2}
+    assert stages.reruns([e, overlapping]) == [] and stages.reruns([overlapping, e, later]) == [(e, later)]
+
+
 def test_pruned_model_is_smaller_and_loads(chain):
     g, results = chain
     [comp] = [results[s.id] for s in g.stages.values() if s.kind == "compress"]

@@ -17,6 +17,7 @@ METHODS = Registry("compression method", {
     "prune_mlp": "farm.compress.prune_mlp",
     "distill": "farm.compress.distill",
     "lora": "farm.compress.lora",
+    "sft": "farm.compress.sft",
     "gqa": "farm.compress.gqa",
     "prune_heads": "farm.compress.prune_heads",
     "sparsify": "farm.compress.sparsify",

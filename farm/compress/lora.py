@@ -41,12 +41,14 @@ class Options(Training):
         None, description="4: QLoRA — the model entering the step is frozen in bitsandbytes NF4 while the "
         "adapters train; then dequantized and merged into a dense checkpoint. null: plain LoRA.")
 
-    @field_validator("base_bits")
-    @classmethod
-    def _nf4_only(cls, v: int | None) -> int | None:
-        if v not in (None, 4):
-            raise ValueError(f"{v} is not supported: 4 (NF4, QLoRA), or leave it out for plain LoRA")
-        return v
+    _nf4 = field_validator("base_bits")(lambda v: nf4_only(v))
+
+
+def nf4_only(base_bits: int | None) -> int | None:
+    """base_bits of a LoRA step: 4 (QLoRA on an NF4 base) or None."""
+    if base_bits not in (None, 4):
+        raise ValueError(f"{base_bits} is not supported: 4 (NF4, QLoRA), or leave it out for plain LoRA")
+    return base_bits
 
 
 def load_nf4(model_dir: Path):

@@ -1,0 +1,200 @@
+"""Supervised fine-tuning with LoRA or QLoRA (peft, bitsandbytes NF4): the model learns to answer
+instructions — chats from the user's JSONL files, or the train half of a task's split (farm.instructions) —
+rendered with its own chat template, the loss on the answer's tokens only. A share of the examples is held
+out and its loss measured as training goes (`curve`: the training loss per step and the validation loss
+every eval_every steps, logged to MLflow as the cell's `train_loss` / `val_loss` histories). The adapters are
+then merged into a dense checkpoint of the same shape (QLoRA: dequantized first; lora.dense_merge), which
+every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's own format).
+
+Unlike `lora` (healing towards the base model on the calibration text), nothing here reads the calibration
+text or a teacher.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from farm.compress.common import save_with_tokenizer
+from farm.compress.lora import TARGETS, dense_merge, load_nf4, logit_gap, nf4_only
+from farm.plugin import PositiveGrid, StepOptions
+
+
+class Options(StepOptions):
+    """Fine-tunes on instruction data with LoRA adapters (QLoRA with base_bits: 4), then merges them."""
+    LABEL = "{source}-r{rank}"
+    GRID = ("rank",)
+    TAGS = {"base_bits": "nf{base_bits}", "epochs": "e{epochs}"}
+    method: Literal["sft"]
+    task: str | None = Field(None, description="Train on this task's train half (e.g. piqa, arc_easy): lm-eval's "
+                             "prompt as the instruction, the correct choice as the answer; the sweep then scores "
+                             "that task on its held-out half only.")
+    files: list[str] = Field([], description="JSONL files of chats ({messages: [...]} or {instruction, input?, "
+                             "response}); with task, both are used.")
+    examples: int | None = Field(None, ge=1, description="Use at most this many training chats (a seeded sample); "
+                                 "null: all.")
+    val_examples: int = Field(64, ge=1, le=100_000, description="Chats held out of training for the validation loss.")
+    rank: PositiveGrid = Field(16, description="LoRA rank (> 0); a list is a grid.")
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[Literal[TARGETS]] = Field(list(TARGETS), min_length=1)  # type: ignore[valid-type]
+    lr: float = Field(2e-4, gt=0, le=1)
+    epochs: float = Field(1.0, gt=0, le=100, description="Passes over the training chats.")
+    batch: int = Field(8, ge=1, le=256, description="Chats per step (padded to the longest).")
+    max_len: int = Field(256, ge=16, le=8192, description="Tokens per chat at most (longer ones are cut).")
+    eval_every: int = Field(20, ge=1, description="Steps between two validation losses.")
+    base_bits: int | None = Field(None, description="4: QLoRA (the base frozen in bitsandbytes NF4); null: LoRA.")
+    seed: int = Field(0, ge=0)
+
+    _nf4 = field_validator("base_bits")(lambda v: nf4_only(v))
+
+    @model_validator(mode="after")
+    def _some_data(self):
+        if self.task is None and not self.files:
+            raise ValueError("give the instruction data: task (a task's train half) and/or files (JSONL chats)")
+        return self
+
+    @classmethod
+    def label_of(cls, values: dict) -> str:
+        source = values.get("task") or Path((values.get("files") or ["chats"])[0]).stem
+        return super().label_of({**values, "source": source})
+
+    def check(self, shape):
+        from farm import tasks
+        from farm.instructions import file_problems
+
+        problems = [f"files[{i}]: {p}" for i, f in enumerate(self.files) for p in file_problems(f)]
+        if self.task is not None and self.task not in tasks.TASKS:
+            problems.append(f"task: '{self.task}' is not one of {', '.join(tasks.TASKS)}")
+        elif self.task in tasks.MULTIPLE_INPUT:
+            problems.append(f"task: '{self.task}' varies the context, not the answer: it makes no instruction pairs; "
+                            "use another task")
+        return problems, shape
+
+
+def batches(encoded: list[tuple[list[int], list[int]]], batch: int, pad_id: int, rng: random.Random, epochs: float):
+    """(ids, labels, attention mask) tensors, right-padded, over `epochs` shuffled passes."""
+    steps = max(1, math.ceil(len(encoded) * epochs / batch))
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            order += rng.sample(range(len(encoded)), len(encoded))
+        rows = [encoded[i] for i in order[:batch]]
+        del order[:batch]
+        yield padded(rows, pad_id)
+
+
+def padded(rows, pad_id: int):
+    import torch
+
+    from farm.instructions import IGNORE
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        ids[r, :len(i)], labels[r, :len(lab)], mask[r, :len(i)] = torch.tensor(i), torch.tensor(lab), 1
+    return ids, labels, mask
+
+
+def answer_loss(model, ids, labels, mask):
+    """Mean cross-entropy over the answers' tokens (labels other than IGNORE), next-token shifted."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def val_loss(model, rows, pad_id: int, batch: int) -> float:
+    """Token-weighted mean answer loss over the held-out chats."""
+    import torch
+
+    total = count = 0.0
+    model.eval()
+    with torch.no_grad():
+        for b in range(0, len(rows), batch):
+            ids, labels, mask = padded(rows[b:b + batch], pad_id)
+            n = float((labels[:, 1:] != -100).sum())
+            total += float(answer_loss(model, ids, labels, mask)) * n
+            count += n
+    model.train()
+    return total / max(count, 1.0)
+
+
+def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from farm import instructions
+    from farm.models import load_model, load_tokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(opt.seed)
+    rng = random.Random(opt.seed)
+    tok = load_tokenizer(model_dir)
+    chats = (instructions.from_task(opt.task) if opt.task else []) + instructions.from_files(opt.files)
+    rng.shuffle(chats)
+    if len(chats) <= opt.val_examples:
+        raise ValueError(f"sft: {len(chats)} chats, but val_examples holds out {opt.val_examples}; give more data "
+                         "or lower val_examples")
+    val_chats, train_chats = chats[:opt.val_examples], chats[opt.val_examples:]
+    if opt.examples:
+        train_chats = train_chats[:opt.examples]
+    train_rows = [instructions.encode(tok, c, opt.max_len) for c in train_chats]
+    val_rows = [instructions.encode(tok, c, opt.max_len) for c in val_chats]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    if opt.base_bits == 4:
+        model = prepare_model_for_kbit_training(load_nf4(model_dir), use_gradient_checkpointing=False)
+    else:
+        model = load_model(model_dir)
+    config = LoraConfig(r=opt.rank, lora_alpha=opt.alpha, lora_dropout=opt.dropout,
+                        target_modules=list(opt.targets), bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    steps = max(1, math.ceil(len(train_rows) * opt.epochs / opt.batch))
+    optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: 1.0 - i / steps)
+    curve = {"train_loss": [], "val_loss": [[0, val_loss(peft_model, val_rows, pad_id, opt.batch)]]}
+    t0 = time.time()
+    peft_model.train()
+    for step, (ids, labels, mask) in enumerate(batches(train_rows, opt.batch, pad_id, rng, opt.epochs), 1):
+        loss = answer_loss(peft_model, ids, labels, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        sched.step()
+        optim.zero_grad(set_to_none=True)
+        curve["train_loss"].append(round(loss.item(), 5))
+        if step % opt.eval_every == 0 or step == steps:
+            curve["val_loss"].append([step, val_loss(peft_model, val_rows, pad_id, opt.batch)])
+    train_seconds = time.time() - t0
+    peft_model.eval()
+    peft_model.save_pretrained(out.parent / "adapter")  # the adapter alone (adapter_config.json + safetensors)
+    probe = torch.tensor([train_rows[0][0]])
+    if opt.base_bits == 4:
+        merged = dense_merge(peft_model, model_dir)
+        gap = logit_gap(peft_model, merged, probe)
+    else:
+        with torch.no_grad():
+            before = peft_model(probe, use_cache=False).logits
+            merged = peft_model.merge_and_unload()
+            gap = float((merged(probe, use_cache=False).logits - before).abs().max())
+    if not gap < 1e-2:
+        raise RuntimeError(f"sft: the merged model's logits differ from the adapted model's by {gap:.3g} — report this")
+    save_with_tokenizer(merged, model_dir, out)
+    tail = max(1, len(curve["train_loss"]) // 10)
+    return {"objective": "sft", "steps": steps, "examples": len(train_rows), "val_examples": len(val_rows),
+            "answer_tokens": int(sum(sum(lab != -100 for lab in labels) for _, labels in train_rows)),
+            "loss_first": curve["train_loss"][0], "loss_last": round(float(np.mean(curve["train_loss"][-tail:])), 5),
+            "val_loss_first": round(curve["val_loss"][0][1], 5), "val_loss_last": round(curve["val_loss"][-1][1], 5),
+            "train_seconds": round(train_seconds, 1), "trainable_params": sum(p.numel() for p in params),
+            "base_bits": opt.base_bits or 32, "merge_max_abs_logit_diff": round(gap, 6), "adapter_dir": "adapter",
+            "curve": curve}

@@ -1,0 +1,152 @@
+"""Supervised fine-tuning (farm/compress/sft.py, farm/instructions.py): chats from JSONL files or a task's train
+half, rendered with the chat template, the loss on the answers only; the held-out half the sweep scores;
+the training curve as MLflow histories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from farm import grid as gridmod
+from farm import instructions, spec, tasks
+from farm.errors import SpecError
+from farm.tracking import step_metrics
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a ChatML chat template (its tokenizer ships none)."""
+    return with_chat_template(tiny_model_dir, tmp_path_factory.mktemp("tiny-chat") / "model")
+
+
+def chats_file(path, n=160):
+    """Arithmetic-free, learnable chats: the answer repeats a word of the question in capitals."""
+    words = ["apple", "river", "stone", "cloud", "table", "green", "night", "music"]
+    with open(path, "w") as f:
+        for i in range(n):
+            w = words[i % len(words)]
+            f.write(json.dumps({"instruction": f"Shout the word {w}.", "response": w.upper() + "!"}) + "\n")
+    return path
+
+
+def test_jsonl_rows_become_chats_and_bad_lines_are_named(tmp_path):
+    assert instructions.chat({"instruction": "a", "input": "b", "response": "c"}) == [
+        {"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}]
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]
+    assert instructions.chat({"messages": msgs}) == msgs
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"instruction": "a", "response": "b"}\nnot json\n{"messages": [{"role": "user", "content": "u"}]}\n')
+    problems = instructions.file_problems(f)
+    assert len(problems) == 2 and "line 2" in problems[0] and "line 3" in problems[1] and "end with" in problems[1]
+    assert "does not exist" in instructions.file_problems(tmp_path / "none.jsonl")[0]
+
+
+def test_a_sft_step_is_validated_before_anything_runs(chat_model_dir, tmp_path):
+    base = f"name: t\nbase: {{model: {chat_model_dir}}}\nexports: [{{format: gguf, quant: F16}}]\n"
+    bad = {"pipelines: [[{method: sft}]]": "give the instruction data",
+           "pipelines: [[{method: sft, task: winogrande}]]": "varies the context",
+           "pipelines: [[{method: sft, task: piqq}]]": "is not one of",
+           f"pipelines: [[{{method: sft, files: [{tmp_path / 'none.jsonl'}]}}]]": r"files\[0\]: file .* does not exist",
+           "pipelines: [[{method: sft, task: piqa, base_bits: 8}]]": "NF4"}
+    for text, want in bad.items():
+        with pytest.raises(SpecError, match=want):
+            spec.loads(base + text)
+
+
+def test_the_loss_is_on_the_answer_only(chat_model_dir):
+    from farm.models import load_tokenizer
+
+    tok = load_tokenizer(chat_model_dir)
+    chat = [{"role": "user", "content": "Shout the word apple."}, {"role": "assistant", "content": "APPLE!"}]
+    ids, labels = instructions.encode(tok, chat, 512)
+    answer = [t for t in labels if t != instructions.IGNORE]
+    assert len(ids) == len(labels) and 0 < len(answer) < len(ids)
+    assert labels[:len(ids) - len(answer)] == [instructions.IGNORE] * (len(ids) - len(answer))  # prompt masked
+    assert tok.decode(answer).startswith("APPLE!")  # the answer (and the template's end of turn after it)
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        instructions.encode(tok, chat, 512)
+
+
+def test_task_halves_are_disjoint_and_a_task_trains_on_its_train_half_only():
+    for task in ("piqa", "arc_easy"):
+        train, held = tasks.halves(task)
+        n = tasks.split_size(task)
+        assert not set(train) & set(held) and sorted(train + held) == list(range(n))
+        assert set(tasks.sample(task, 40, 0, held_out=True)) <= set(held)
+        assert tasks.halves(task) == (train, held)  # fixed: every sweep splits the same way
+    chats = instructions.from_task("arc_easy")
+    assert len(chats) == len(tasks.halves("arc_easy")[0])
+    user, answer = chats[0]
+    assert user["content"].startswith("Question: ") and user["content"].endswith("Answer:") and answer["content"]
+    # the prompts of the held-out half never appear among the training chats
+    from lm_eval.api.task import ConfigurableTask
+
+    [cfg] = tasks.task_configs(["arc_easy"])
+    docs = ConfigurableTask(config=cfg).validation_docs()
+    held = {str(ConfigurableTask(config=cfg).doc_to_text(docs[i])) for i in tasks.halves("arc_easy")[1][:50]}
+    assert not held & {c[0]["content"] for c in chats}
+
+
+def test_a_sweep_that_trains_on_a_task_scores_it_on_the_held_out_half(chat_model_dir):
+    text = (f"name: t\nbase: {{model: {chat_model_dir}}}\nexports: [{{format: gguf, quant: F16}}]\n"
+            "pipelines: [[], [{method: sft, task: piqa}]]\ntasks: {items: {piqa: 20, arc_easy: 10}}\n")
+    g = gridmod.build(spec.loads(text))
+    scored = [s.params["tasks"]["held_out"] for s in g.stages.values() if s.kind == "tasks"]
+    assert len(scored) >= 2 and all(h == ["piqa"] for h in scored)  # the base too: the same held-out items
+    without = gridmod.build(spec.loads(text.replace("pipelines: [[], [{method: sft, task: piqa}]]\n", "")))
+    assert all("held_out" not in s.params["tasks"] for s in without.stages.values() if s.kind == "tasks")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_bits", [None, 4])
+def test_sft_learns_the_answers_and_merges(trained_tiny_dir, tmp_path, base_bits):
+    import torch
+
+    from farm.compress import run_method
+    from farm.compress.sft import answer_loss, padded
+    from farm.models import load_model, load_tokenizer
+
+    base = with_chat_template(trained_tiny_dir, tmp_path / "base")  # a model that has learnt some text
+    step = {"method": "sft", "files": [str(chats_file(tmp_path / "chats.jsonl"))], "val_examples": 16, "rank": 8,
+            "lr": 1e-2, "epochs": 3, "batch": 8, "eval_every": 10, "base_bits": base_bits}
+    out = tmp_path / "stage" / "model"
+    out.mkdir(parents=True)
+    info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)
+    assert info["examples"] == 144 and info["val_examples"] == 16 and info["steps"] == 54
+    curve = info["curve"]
+    assert len(curve["train_loss"]) == 54 and [s for s, _ in curve["val_loss"]] == [0, 10, 20, 30, 40, 50, 54]
+    # the held-out chats' answers became far more likely
+    assert curve["val_loss"][-1][1] < 0.7 * curve["val_loss"][0][1], curve["val_loss"]
+    assert info["val_loss_last"] == round(curve["val_loss"][-1][1], 5) and info["merge_max_abs_logit_diff"] < 1e-2
+    assert (tmp_path / "stage" / "adapter" / "adapter_config.json").is_file()
+    # the merged dense checkpoint is the tuned model: on a chat it never saw, its answer loss is the tuned one
+    tok = load_tokenizer(out)
+    chat = [{"role": "user", "content": "Shout the word stone!"}, {"role": "assistant", "content": "STONE!"}]
+    batch = padded([instructions.encode(tok, chat, 512)], tok.pad_token_id)
+    with torch.no_grad():
+        tuned, before = (float(answer_loss(load_model(d), *batch)) for d in (out, base))
+    assert tuned < before - 1.0, (tuned, before)
+
+
+def with_chat_template(model_dir, out):
+    shutil.copytree(model_dir, out)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHATML}))
+    return out
+
+
+def test_training_curves_become_mlflow_histories():
+    steps = [None, {"params": {"step": {"method": "sft"}},
+                    "info": {"steps": 3, "loss_last": 0.5, "objective": "sft", "merged": True,
+                             "curve": {"train_loss": [2.0, 1.0, 0.5], "val_loss": [[0, 2.5], [3, 0.7]]}}},
+             {"params": {"step": {"method": "sft"}}, "info": {"steps": 1}}]
+    scalars, history = step_metrics(steps)
+    assert scalars == {"sft.steps": 3.0, "sft.loss_last": 0.5, "sft#2.steps": 1.0}
+    assert history == {"sft.train_loss": [[1, 2.0], [2, 1.0], [3, 0.5]], "sft.val_loss": [[0, 2.5], [3, 0.7]]}
