@@ -106,7 +106,7 @@ def cmd_serve(a) -> int:
     if not a.mlflow:
         from farm.serve.deploy import serve
 
-        return serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads)
+        return serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads, a.lora)
 
     from farm.tracking import client
 
@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--parallel", type=int, default=4, help="concurrent sequences the engine batches (slots)")
     s.add_argument("--n-ctx", type=int, help="KV-cache tokens shared by the slots (default 4096 per slot)")
     s.add_argument("--threads", type=int, help="engine threads (default: those its benchmark used)")
+    s.add_argument("--lora", action="append", default=[], type=Path, metavar="ADAPTER.gguf",
+                   help="a LoRA adapter (GGUF) to load beside the model; repeat for several (per-user assistants on "
+                   "one base); a request picks one with \"lora\": [{\"id\": N, \"scale\": 1.0}] in its body")
     s.add_argument("--mlflow", action="store_true", help="MLflow's pyfunc scoring server instead (/invocations)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("chat", help="chat in the terminal with a registered model (models:/NAME@ALIAS, started "

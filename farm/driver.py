@@ -322,7 +322,7 @@ def run(path: str) -> int:
         serve_phase(grid, sweep, refs, outcome, log)
     log.finish(failed)
     release_nodes()
-    report = pareto_report(sweep.name, log.run_id)
+    report = tracking.while_unreachable("the Pareto front", pareto_report, sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
     write_report(sweep.name, log.run_id, report)
     finished = len(grid.cells) - failed

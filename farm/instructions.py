@@ -40,7 +40,7 @@ def file_problems(path: str | Path) -> list[str]:
 def chat(row: dict) -> list[dict]:
     """One JSONL row as a list of messages ending with the assistant's answer."""
     if not isinstance(row, dict):
-        raise ValueError("each line must be a JSON object with 'messages', or 'instruction' and 'response'")
+        raise TypeError("each line must be a JSON object with 'messages', or 'instruction' and 'response'")
     if "messages" in row:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or not all(

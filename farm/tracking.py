@@ -254,6 +254,24 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
             "history": history, "logged_at": int(time.time() * 1000), "status": "FAILED" if failed else "FINISHED"}
 
 
+def while_unreachable(what: str, fn, *args):
+    """fn(*args), tried again every 10 s while MLflow is unreachable or answers 5xx (up to FARM_TRACKING_WAIT_S):
+    what a job reads and writes in MLflow after its records are delivered (the front, its tags) survives a server
+    restart as the records do. Other errors, and MLflow's refusals, are raised at once."""
+    import requests
+
+    deadline = time.time() + wait_limit()
+    while True:
+        try:
+            return fn(*args)
+        except (mlflow.exceptions.MlflowException, requests.exceptions.ConnectionError) as e:
+            if refused_for_good(e) or time.time() > deadline:
+                raise
+            print(f"farm: MLflow unreachable while writing {what} ({str(e).splitlines()[0][:120]}); retrying",
+                  flush=True)
+            time.sleep(10)
+
+
 def refused_for_good(e: BaseException) -> bool:
     """MLflow said no to the request itself (a 4xx other than timeout / too many requests): retrying the
     same record can never succeed. Unreachable servers and 5xx are worth retrying."""

@@ -547,7 +547,8 @@ def test_a_node_dies_mid_sweep(cluster, tiny_model_dir, tmp_path):
 
 
 
-def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, tiny_model_dir, tmp_path):
+def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, tiny_model_dir, tmp_path,
+                                                                      monkeypatch):
     """The soak: two sweeps sharing their base stages are submitted at once; when the first cell lands, node b
     is killed (SIGKILL to its raylet and workers) and the MLflow server is stopped and started again. Every
     cell of both sweeps is accounted for once, both finish, and the ledger of stage runs shows that no stage
@@ -591,6 +592,7 @@ def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, t
             ids = [r.data.tags["farm.cell_id"] for r in cells]
             assert len(ids) == n and len(set(ids)) == n, ids  # none lost, none doubled
             assert all(r.info.status == "FINISHED" and set(METRIC_NAMES) <= set(r.data.metrics) for r in cells)
+        monkeypatch.setenv("FARM_HOME", cluster["FARM_HOME"])  # the cluster's ledger, not this process's
         ran = stages.ledger(since=t0)
         assert {e["kind"] for e in ran} >= {"base", "reference", "export", "evaluate", "bench"}
         assert stages.reruns(ran) == [], stages.reruns(ran)  # nothing finished was run again

@@ -150,3 +150,66 @@ def test_training_curves_become_mlflow_histories():
     scalars, history = step_metrics(steps)
     assert scalars == {"sft.steps": 3.0, "sft.loss_last": 0.5, "sft#2.steps": 1.0}
     assert history == {"sft.train_loss": [[1, 2.0], [2, 1.0], [3, 0.5]], "sft.val_loss": [[0, 2.5], [3, 0.7]]}
+
+
+@pytest.mark.slow
+def test_the_adapter_as_gguf_is_served_by_llama_server_like_the_merged_model(trained_tiny_dir, tmp_path):
+    """The sft step's adapter, converted by llama.cpp's convert_lora_to_gguf.py, on the base model's GGUF in
+    llama-cpp-python and in llama-server (`farm serve --lora`): the same next tokens as the merged model's GGUF."""
+    from llama_cpp import Llama
+
+    from farm.compress import run_method
+    from farm.export.gguf_export import convert
+    from farm.models import load_tokenizer
+    from farm.runtimes import ggml_cpu
+    from farm.serve.llamacpp_server import server
+
+    base = with_chat_template(trained_tiny_dir, tmp_path / "base")
+    step = {"method": "sft", "files": [str(chats_file(tmp_path / "chats.jsonl"))], "val_examples": 16, "rank": 8,
+            "lr": 1e-2, "epochs": 3, "batch": 8}
+    out = tmp_path / "stage" / "model"
+    out.mkdir(parents=True)
+    info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)
+    adapter = tmp_path / "stage" / info["adapter_gguf"]
+    assert info["adapter_gguf"] == "adapter/adapter-f16.gguf" and adapter.is_file()
+    convert(base, tmp_path / "base.gguf", "F16")
+    convert(out, tmp_path / "merged.gguf", "F16")
+    tok = load_tokenizer(base)
+    chat = [{"role": "user", "content": "Shout the word cloud!"}]
+    ids = list(tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True))
+
+    ggml_cpu.select(False)  # llama.cpp's CPU backend for this CPU, as farm's runtime loads it
+
+    def logits(path, **kw):
+        llm = Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1, **kw)
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+
+    merged, with_adapter, plain = logits(tmp_path / "merged.gguf"), logits(tmp_path / "base.gguf",
+                                                                          lora_path=str(adapter)), logits(tmp_path / "base.gguf")
+    assert (merged.argmax(-1) == with_adapter.argmax(-1)).all()
+    assert np.abs(merged - with_adapter).max() < 0.1 * np.abs(merged - plain).max()  # the adapter is what differs
+    # llama-server: one base, the adapter off by default, on for the request that asks for it; the first answer
+    # token's distribution (top 5 with log-probabilities) is the merged model's
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    body = {"prompt": prompt, "n_predict": 1, "n_probs": 5, "temperature": 0.0}
+
+    def top(url, **extra):
+        [first] = post_json(f"{url}/completion", {**body, **extra})["completion_probabilities"]
+        return [(t["id"], t["logprob"]) for t in first["top_logprobs"]]
+
+    with server(tmp_path / "merged.gguf", tmp_path / "engine-merged", 1, 2, 512) as srv:
+        merged_top = top(srv.url)
+    with server(tmp_path / "base.gguf", tmp_path / "engine-base", 1, 2, 512, lora=[adapter], lora_applied=False) as srv:
+        off, on = top(srv.url), top(srv.url, lora=[{"id": 0, "scale": 1.0}])
+    assert [i for i, _ in on] == [i for i, _ in merged_top]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(on, merged_top)) < 0.05, (on, merged_top)
+    assert max(abs(a - b) for (_, a), (_, b) in zip(off, merged_top)) > 0.2, (off, merged_top)  # off: the base
+
+
+def post_json(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())

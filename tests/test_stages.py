@@ -50,7 +50,7 @@ def test_the_ledger_has_a_line_per_stage_run_and_none_for_a_reused_one(chain):
     ran = [e for e in stages.ledger() if e["stage"] in names]
     assert sorted(e["stage"] for e in ran) == names and stages.reruns(ran) == []
     again = time.time()
-    for sid, stage in g.stages.items():  # every result is stored: all reused, nothing run, no line
+    for stage in g.stages.values():  # every result is stored: all reused, nothing run, no line
         assert stages.run_stage(stage, [results[d] for d in stage.deps])["cached"] is True
     assert [e for e in stages.ledger(since=again) if e["stage"] in names] == []
     # a run that starts after another run of the same stage ended is a rerun; overlapping runs are not

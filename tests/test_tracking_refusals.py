@@ -58,3 +58,32 @@ def test_a_record_mlflow_refuses_for_good_is_parked_and_the_rest_delivered(mlflo
     assert path.parent.name == "parked" and "not a valid key" in why
     runs = tracking.client().search_runs([log.experiment_id], "tags.`farm.kind` = 'cell'")
     assert {r.data.tags["farm.cell_id"] for r in runs if r.info.status == "FINISHED"} == {good.id}
+
+
+def test_what_a_job_writes_after_its_records_waits_out_an_mlflow_restart(monkeypatch):
+    """The soak found it: a sweep whose records were delivered, ending while the server restarted, died in the
+    Pareto step's direct writes. They are now retried while MLflow is unreachable; other errors are not."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    def flaky(x):
+        calls.append(x)
+        if len(calls) < 3:
+            raise MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with "
+                                  "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
+        return x * 2
+
+    assert tracking.while_unreachable("the front", flaky, 21) == 42 and calls == [21, 21, 21]
+
+    def broken():
+        raise KeyError("a bug, not an outage")
+
+    with pytest.raises(KeyError):
+        tracking.while_unreachable("the front", broken)
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    refused = MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)
+    with pytest.raises(MlflowException):  # a 400 is refused for good: not retried for an hour
+        tracking.while_unreachable("the front", lambda: (_ for _ in ()).throw(refused))

@@ -4,7 +4,8 @@ rendered with its own chat template, the loss on the answer's tokens only. A sha
 out and its loss measured as training goes (`curve`: the training loss per step and the validation loss
 every eval_every steps, logged to MLflow as the cell's `train_loss` / `val_loss` histories). The adapters are
 then merged into a dense checkpoint of the same shape (QLoRA: dequantized first; lora.dense_merge), which
-every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's own format).
+every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's own format, and `adapter/adapter-f16.gguf` for
+llama.cpp: llama-server serves one base with several such adapters, `farm serve --lora`).
 
 Unlike `lora` (healing towards the base model on the calibration text), nothing here reads the calibration
 text or a teacher.
@@ -177,7 +178,9 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
             curve["val_loss"].append([step, val_loss(peft_model, val_rows, pad_id, opt.batch)])
     train_seconds = time.time() - t0
     peft_model.eval()
-    peft_model.save_pretrained(out.parent / "adapter")  # the adapter alone (adapter_config.json + safetensors)
+    adapter = out.parent / "adapter"
+    peft_model.save_pretrained(adapter)  # the adapter alone (adapter_config.json + safetensors), peft's format
+    adapter_gguf = adapter_as_gguf(adapter, model_dir)
     probe = torch.tensor([train_rows[0][0]])
     if opt.base_bits == 4:
         merged = dense_merge(peft_model, model_dir)
@@ -197,4 +200,19 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
             "val_loss_first": round(curve["val_loss"][0][1], 5), "val_loss_last": round(curve["val_loss"][-1][1], 5),
             "train_seconds": round(train_seconds, 1), "trainable_params": sum(p.numel() for p in params),
             "base_bits": opt.base_bits or 32, "merge_max_abs_logit_diff": round(gap, 6), "adapter_dir": "adapter",
-            "curve": curve}
+            "adapter_gguf": adapter_gguf, "curve": curve}
+
+
+def adapter_as_gguf(adapter: Path, model_dir: Path) -> str | None:
+    """The adapter for llama.cpp too (llama-server --lora; `farm serve --lora`): adapter/adapter-f16.gguf,
+    by llama.cpp's own converter. Its name relative to the stage, or None for an architecture the converter
+    does not know (the merged model is still there)."""
+    from farm.errors import ToolError
+    from farm.export.gguf_export import convert_adapter
+
+    try:
+        convert_adapter(adapter, model_dir, adapter / "adapter-f16.gguf", "f16")
+    except ToolError as e:
+        print(f"farm: sft: the adapter stays in peft's format only ({str(e).splitlines()[0][:200]})", flush=True)
+        return None
+    return "adapter/adapter-f16.gguf"

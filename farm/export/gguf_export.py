@@ -44,7 +44,7 @@ class Options(ExportOptions):
     format: Literal["gguf"]
 
 
-MEMBERS = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion/", "gguf-py/")
 
 
 def llama_cpp_version() -> str:
@@ -69,8 +69,8 @@ def check_sdist(path: Path) -> None:
 def converter_dir() -> Path:
     """llama.cpp's converter for the installed llama-cpp-python, fetched once from its sdist."""
     ver = llama_cpp_version()
-    final = storage.home() / "tools" / f"llama.cpp-convert-{ver}"
-    if (final / "convert_hf_to_gguf.py").is_file():
+    final = storage.home() / "tools" / f"llama.cpp-convert-{ver}-lora"  # -lora: an extraction with the adapter converter
+    if (final / "convert_lora_to_gguf.py").is_file():
         return final
     with tempfile.TemporaryDirectory() as dl:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", dl,
@@ -99,6 +99,20 @@ def convert(model_dir: Path, out: Path, outtype: str) -> None:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0 or not out.is_file():
         raise ToolError(f"convert_hf_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
+
+
+def convert_adapter(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f16") -> None:
+    """A peft LoRA adapter (adapter_config.json + adapter_model.safetensors) as a GGUF adapter for llama.cpp
+    (`--lora` of llama-server, `lora_path` of llama-cpp-python), by llama.cpp's convert_lora_to_gguf.py; the
+    base model's directory gives the architecture (nothing is looked up on a hub)."""
+    conv = converter_dir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)]), "NO_LOCAL_GGUF": "",
+           "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
+           "--outfile", str(out), "--outtype", outtype]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0 or not out.is_file():
+        raise ToolError(f"convert_lora_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
 
 
 def quantize(src: Path, out: Path, level: str, threads: int) -> None:

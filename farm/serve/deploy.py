@@ -66,7 +66,7 @@ def _artifacts(local: Path) -> dict[str, Path]:
 
 
 def engine_server(model: dict, workdir: Path, host: str, port: int | None, parallel: int, n_ctx: int,
-                  threads: int | None = None):
+                  threads: int | None = None, lora: list[Path] = ()):
     from farm.serve import ENGINES, engine
 
     runtime = dict(model["runtime"])
@@ -74,12 +74,24 @@ def engine_server(model: dict, workdir: Path, host: str, port: int | None, paral
         raise FarmError(f"{model['name']} v{model['version']} runs on '{runtime['name']}', which has no serving "
                         f"engine (engines: {', '.join(ENGINES)}); `farm serve --mlflow` serves it through MLflow's "
                         "pyfunc scoring server instead")
-    eng = engine(runtime.pop("name"))
+    name = runtime.pop("name")
+    extra = {}
+    if lora:
+        if name != "llamacpp":
+            raise FarmError(f"--lora: adapters are served by llama-server (GGUF models); {model['name']} "
+                            f"v{model['version']} runs on '{name}'")
+        missing = [str(p) for p in lora if not Path(p).is_file()]
+        if missing:
+            raise FarmError(f"--lora: no such adapter file {', '.join(missing)} (an sft step writes "
+                            "adapter/adapter-f16.gguf in its stage)")
+        extra = {"lora": [Path(p).resolve() for p in lora], "lora_applied": False}
+    eng = engine(name)
     return eng.server(model["artifact"], workdir, threads or model["threads"], parallel, n_ctx, host=host,
-                      port=port, alias=model["name"], **runtime)
+                      port=port, alias=model["name"], **runtime, **extra)
 
 
-def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, threads: int | None) -> int:
+def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, threads: int | None,
+          lora: list[Path] = ()) -> int:
     import signal
 
     def stop(signum, frame):  # `kill` or a service manager: stop the engine and clean up, as Ctrl-C does
@@ -88,11 +100,15 @@ def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, thre
     signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
         model = resolve(uri, Path(d) / "model")
-        srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads)
+        srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads,
+                            lora)
         with srv:
             print(f"farm: {model['name']} v{model['version']} ({model['runtime']['name']}) on {srv.url}/v1 "
                   f"(OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health); {parallel} parallel "
                   f"slots; log {srv.log}; Ctrl-C stops it", flush=True)
+            for i, p in enumerate(lora):
+                print(f"farm: adapter {i}: {p} — off unless a request asks for it: \"lora\": [{{\"id\": {i}, "
+                      "\"scale\": 1.0}]", flush=True)
             try:
                 srv.proc.wait()
             except KeyboardInterrupt:

@@ -54,9 +54,11 @@ def variant_links(workdir: Path, amx: bool) -> list[str]:
 
 def server(gguf: Path, workdir: Path, threads: int, parallel: int, n_ctx: int, amx: bool = False,
            repack: bool = True, host: str = "127.0.0.1", port: int | None = None, alias: str | None = None,
-           ready_timeout: float | None = None) -> Server:
+           ready_timeout: float | None = None, lora: list[Path] = (), lora_applied: bool = True) -> Server:
     """A llama-server for `gguf` with `parallel` slots sharing one KV cache of n_ctx tokens (unified: a slot
-    may use what the others leave), `threads` threads for decode and prompt batches."""
+    may use what the others leave), `threads` threads for decode and prompt batches. `lora`: GGUF adapters
+    loaded beside the model (ids 0, 1, ... in this order); a request picks its own with the body field
+    "lora": [{"id": 0, "scale": 1.0}], else every adapter applies at scale 1 (`lora_applied`) or none."""
     workdir.mkdir(parents=True, exist_ok=True)
     variant_links(workdir, amx)
     port = port or free_port(host)
@@ -65,6 +67,11 @@ def server(gguf: Path, workdir: Path, threads: int, parallel: int, n_ctx: int, a
            "--slots", "--no-webui", "--jinja", "-a", alias or gguf.stem]
     if not repack:
         cmd.append("--no-repack")
+    if lora:  # off by default: scale 0, which llama.cpp leaves out of the graph (a request without "lora" uses these)
+        if any("," in str(p) or ":" in str(p) for p in lora):
+            raise StageError(f"llama-server reads adapters as FNAME:SCALE,...: rename {', '.join(map(str, lora))} "
+                             "without ',' or ':'")
+        cmd += ["--lora-scaled", ",".join(f"{p}:{1.0 if lora_applied else 0.0}" for p in lora)]
     cmd += os.environ.get("FARM_LLAMA_SERVER_ARGS", "").split()  # more llama-server flags, for experiments
     kw = {"ready_timeout": ready_timeout} if ready_timeout else {}
     return Server(cmd, TITLE, workdir / "llama-server.log", host, port, cwd=workdir, **kw)

@@ -61,7 +61,7 @@ async def one_request(session, url: str, body: dict, timeout: float) -> dict:
 
 
 async def _level(url: str, model: str, prompts: list[str], concurrency: int, output_tokens: int,
-                 timeout: float, watch=None) -> dict:
+                 timeout: float, watch=None, extra=None) -> dict:
     import aiohttp
 
     queue = list(enumerate(prompts))
@@ -73,7 +73,8 @@ async def _level(url: str, model: str, prompts: list[str], concurrency: int, out
         while queue:
             i, prompt = queue.pop(0)
             body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0.0,
-                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+                    **(extra(i) if extra else {})}
             in_flight += 1
             peak = max(peak, in_flight)
             try:
@@ -128,10 +129,11 @@ def summarize(results: list[dict], wall: float, concurrency: int, client_peak: i
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, output_tokens: int,
-              timeout: float = LEVEL_TIMEOUT_S, watch=None) -> dict:
+              timeout: float = LEVEL_TIMEOUT_S, watch=None, extra=None) -> dict:
     """One level of load; `watch`: an async callable polled alongside (the engine's own counters), whose
-    return value (a dict) joins the summary as engine_*."""
-    return asyncio.run(_level(url.rstrip("/"), model, prompts, concurrency, output_tokens, timeout, watch))
+    return value (a dict) joins the summary as engine_*; `extra(i)`: more body fields for prompt i (e.g. the
+    LoRA adapter a user's request asks llama-server for)."""
+    return asyncio.run(_level(url.rstrip("/"), model, prompts, concurrency, output_tokens, timeout, watch, extra))
 
 
 def prompts_from_ids(ids: np.ndarray, decode, n: int, prompt_tokens: int, shared_prefix_tokens: int = 0,
