@@ -87,3 +87,23 @@ def test_what_a_job_writes_after_its_records_waits_out_an_mlflow_restart(monkeyp
     refused = MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)
     with pytest.raises(MlflowException):  # a 400 is refused for good: not retried for an hour
         tracking.while_unreachable("the front", lambda: (_ for _ in ()).throw(refused))
+
+
+def test_a_training_curve_lands_as_metric_histories_once_however_often_it_is_delivered(mlflow_here):
+    sweep, g = mlflow_here
+    log = tracking.SweepLog(sweep, g, "name: demo")
+    step = {"params": {"step": {"method": "sft"}}, "info": {
+        "steps": 3, "train_seconds": 1.5, "curve": {"train_loss": [2.0, 1.5, 1.2], "val_loss": [[0, 2.2], [3, 1.4]]}}}
+    record = tracking.cell_record(log.experiment_id, log.run_id, g.cells[1], None, None, None, None, None, [step])
+    log.outbox.mkdir(parents=True, exist_ok=True)
+    c = tracking.client()
+    for _ in range(2):  # a delivery whose reply was lost is repeated: the same record again
+        path = log.outbox / "000099.json"
+        path.write_text(json.dumps(record))
+        tracking._deliver(c, json.loads(path.read_text()), path)
+        record = json.loads(path.read_text())  # with the run id the first delivery recorded
+    [run] = c.search_runs([log.experiment_id], f"tags.`farm.cell_id` = '{g.cells[1].id}'")
+    hist = {k: sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, k))
+            for k in ("sft.train_loss", "sft.val_loss")}
+    assert hist == {"sft.train_loss": [(1, 2.0), (2, 1.5), (3, 1.2)], "sft.val_loss": [(0, 2.2), (3, 1.4)]}
+    assert run.data.metrics["sft.train_seconds"] == 1.5 and run.data.metrics["sft.steps"] == 3
