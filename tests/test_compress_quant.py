@@ -195,3 +195,27 @@ def test_int4_group_must_divide_the_model_widths():
             "exports": [{"format": "gguf", "quant": "Q4_0"}]}
     [p] = pytest.raises(SpecError, spec.parse, data).value.problems
     assert p.startswith("pipelines[0][0].group_size: 128 does not divide") and "hidden_size 576" in p
+
+
+def test_autoround_on_the_tiny_model_lands_on_the_q4_0_grid(trained_tiny_dir, tmp_path):
+    """AutoRound (Intel's auto-round, run offline on farm's calibration windows) next to farm's GPTQ: its weights
+    are on llama.cpp's Q4_0 grid, so the GGUF Q4_0 export keeps them; its tuned rounding is not plain RTN."""
+    import torch
+
+    from farm.compress.gptq import rtn
+    from farm.models import load_model
+
+    step = {"iters": 10, "calib_samples": 4, "seq_len": 64, "batch_size": 4}
+    out = tmp_path / "stage" / "model"
+    out.mkdir(parents=True)
+    info = run_method("autoround", trained_tiny_dir, step, calib_tokens(), out, 1)
+    assert info["layers_quantized"] == 4 * 7 and info["groups"] > 0 and 0 <= info["groups_snapped"] <= info["groups"]
+    base, model = load_model(trained_tiny_dir), load_model(out)
+    moved = 0
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        w = model.model.layers[1].get_submodule(name).weight.data
+        w0 = base.model.layers[1].get_submodule(name).weight.data
+        assert torch.equal(rtn(w, "q4_0", 32), w)  # on the grid
+        moved += int((w != rtn(w0, "q4_0", 32)).sum())
+    assert moved > 0  # AutoRound's tuned rounding, not round-to-nearest
+    assert torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)  # left to the exporter

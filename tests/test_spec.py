@@ -45,7 +45,7 @@ def test_unknown_method_suggests_the_nearest():
     d["pipelines"][1][0]["method"] = "prune_layer"
     [p] = problems(d)
     assert p.startswith("pipelines[1][0].method:")
-    assert "did you mean 'prune_layers'" in p and "allowed: awq, distill, gptq" in p and "prune_layers" in p
+    assert "did you mean 'prune_layers'" in p and "allowed: autoround, awq, distill, gptq" in p and "prune_layers" in p
 
 
 def test_quant_level_the_format_lacks():

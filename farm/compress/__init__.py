@@ -23,6 +23,7 @@ METHODS = Registry("compression method", {
     "sparsify": "farm.compress.sparsify",
     "gptq": "farm.compress.gptq",
     "awq": "farm.compress.awq",
+    "autoround": "farm.compress.autoround",
     "smoothquant": "farm.compress.smoothquant",
 }, base="farm.plugin:StepOptions", key="method", needs=("apply",), plugin_kind="method")
 
