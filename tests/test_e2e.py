@@ -594,7 +594,8 @@ def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, t
             assert all(r.info.status == "FINISHED" and set(METRIC_NAMES) <= set(r.data.metrics) for r in cells)
         monkeypatch.setenv("FARM_HOME", cluster["FARM_HOME"])  # the cluster's ledger, not this process's
         ran = stages.ledger(since=t0)
-        assert {e["kind"] for e in ran} >= {"base", "reference", "export", "evaluate", "bench"}
+        # (the base stage is the module's other sweeps' too: stored before, reused, not run here)
+        assert {e["kind"] for e in ran} >= {"reference", "export", "evaluate", "bench"}
         assert stages.reruns(ran) == [], stages.reruns(ran)  # nothing finished was run again
         assert not list((home / "outbox").rglob("*.json"))  # nothing left waiting for MLflow
     finally:
