@@ -173,7 +173,7 @@ def wait_limit() -> float:
 
 def step_metrics(steps: list[dict | None]) -> tuple[dict[str, float], dict[str, list]]:
     """What the cell's compression steps did, as MLflow metrics: each step's numeric info as
-    '<method>.<key>' ('<method>#2.<key>' for a second step of the same method), and its training curve as
+    '<method>.<key>' ('<method>_2.<key>' for a second step of the same method), and its training curve as
     histories '<method>.train_loss' / '<method>.val_loss' ([step, value] pairs)."""
     scalars: dict[str, float] = {}
     history: dict[str, list] = {}
@@ -183,7 +183,7 @@ def step_metrics(steps: list[dict | None]) -> tuple[dict[str, float], dict[str, 
             continue
         method = result.get("params", {}).get("step", {}).get("method", "step")
         seen[method] = seen.get(method, 0) + 1
-        name = method if seen[method] == 1 else f"{method}#{seen[method]}"
+        name = method if seen[method] == 1 else f"{method}_{seen[method]}"  # MLflow names allow no '#'
         info = result.get("info") or {}
         scalars.update({f"{name}.{k}": float(v) for k, v in info.items()
                         if isinstance(v, (int, float)) and not isinstance(v, bool)})

@@ -148,7 +148,7 @@ def test_training_curves_become_mlflow_histories():
                              "curve": {"train_loss": [2.0, 1.0, 0.5], "val_loss": [[0, 2.5], [3, 0.7]]}}},
              {"params": {"step": {"method": "sft"}}, "info": {"steps": 1}}]
     scalars, history = step_metrics(steps)
-    assert scalars == {"sft.steps": 3.0, "sft.loss_last": 0.5, "sft#2.steps": 1.0}
+    assert scalars == {"sft.steps": 3.0, "sft.loss_last": 0.5, "sft_2.steps": 1.0}
     assert history == {"sft.train_loss": [[1, 2.0], [2, 1.0], [3, 0.5]], "sft.val_loss": [[0, 2.5], [3, 0.7]]}
 
 

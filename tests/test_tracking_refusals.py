@@ -94,7 +94,8 @@ def test_a_training_curve_lands_as_metric_histories_once_however_often_it_is_del
     log = tracking.SweepLog(sweep, g, "name: demo")
     step = {"params": {"step": {"method": "sft"}}, "info": {
         "steps": 3, "train_seconds": 1.5, "curve": {"train_loss": [2.0, 1.5, 1.2], "val_loss": [[0, 2.2], [3, 1.4]]}}}
-    record = tracking.cell_record(log.experiment_id, log.run_id, g.cells[1], None, None, None, None, None, [step])
+    again = {"params": {"step": {"method": "sft"}}, "info": {"steps": 1}}  # a second sft step: a name MLflow takes
+    record = tracking.cell_record(log.experiment_id, log.run_id, g.cells[1], None, None, None, None, None, [step, again])
     log.outbox.mkdir(parents=True, exist_ok=True)
     c = tracking.client()
     for _ in range(2):  # a delivery whose reply was lost is repeated: the same record again
@@ -107,3 +108,4 @@ def test_a_training_curve_lands_as_metric_histories_once_however_often_it_is_del
             for k in ("sft.train_loss", "sft.val_loss")}
     assert hist == {"sft.train_loss": [(1, 2.0), (2, 1.5), (3, 1.2)], "sft.val_loss": [(0, 2.2), (3, 1.4)]}
     assert run.data.metrics["sft.train_seconds"] == 1.5 and run.data.metrics["sft.steps"] == 3
+    assert run.data.metrics["sft_2.steps"] == 1 and not tracking.parked()
