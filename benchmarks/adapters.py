@@ -16,6 +16,7 @@ from pathlib import Path
 
 from farm.data import split
 from farm.models import load_tokenizer
+from farm.nodes import facts
 from farm.serve.llamacpp_server import server
 from farm.serve.loadgen import prompts_from_ids, run_level
 
@@ -55,8 +56,8 @@ def main() -> None:
                 r = run_level(srv.url, gguf.stem, prompts, c, a.output_tokens, extra=extra)
                 rows.append((name, c, r["output_tok_s"], r["ttft_p50_ms"], r["itl_p50_ms"]))
                 print(rows[-1], flush=True)
-    lines = [f"# Serving a LoRA adapter unmerged vs merged (llama-server, {a.threads} threads, prompt "
-             f"{a.prompt_tokens} / output {a.output_tokens} tokens)", "",
+    lines = [(f"# Serving a LoRA adapter unmerged vs merged (llama-server, {a.threads} threads, prompt "
+              f"{a.prompt_tokens} / output {a.output_tokens} tokens, {facts()['model_name']})"), "",
              f"merged: `{a.merged.name}`; base: `{a.base.name}`; adapters: {', '.join(p.name for p in a.adapter)}", "",
              "| served | concurrency | output tok/s | TTFT p50 ms | ITL p50 ms |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {c} | {t:.1f} | {f:.0f} | {i:.1f} |" for n, c, t, f, i in rows]

@@ -21,11 +21,14 @@ import numpy as np
 from farm import tasks
 from farm.compress import run_method
 from farm.models import resolve
+from farm.nodes import facts
 
 
 def paired(a: dict, b: dict) -> tuple[float, float]:
     """Mean of b's correctness minus a's over the same items, and its standard error."""
-    ok = lambda r: np.array([int(p == t) for p, t in zip(r["pick"], r["target"])])  # noqa: E731
+    def ok(r: dict) -> np.ndarray:
+        return np.array([int(p == t) for p, t in zip(r["pick"], r["target"])])
+
     d = ok(b) - ok(a)
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d)))
 
@@ -63,10 +66,12 @@ def main() -> None:
             diff, diff_se = paired(res["base"]["items"][a.task], res["tuned"]["items"][a.task])
             rows.append((chat, acc, err, diff, diff_se, res["base"]["metrics"][f"items.{a.task}"]))
     curve = info.pop("curve")
-    lines = [f"# SFT on {a.task}'s train half, scored on its held-out half ({a.model}, torch fp32, {a.threads} threads)",
-             "", f"`{' '.join(['benchmarks/sft.py'] + [f'--{k.replace(chr(95), chr(45))} {v}' for k, v in vars(a).items() if v is not None and k != 'out'])}`",
-             "", f"Step: {json.dumps({k: v for k, v in step.items() if v is not None})}; whole step {train_s:.0f} s; "
-             f"{json.dumps(info)}", f"Validation loss every {20} steps: {[round(v, 3) for _, v in curve['val_loss']]}", "",
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out")
+    lines = [(f"# SFT on {a.task}'s train half, scored on its held-out half ({a.model}, torch fp32, {a.threads} "
+              f"threads, {facts()['model_name']})"), "", f"`benchmarks/sft.py {flags}`", "",
+             (f"Step: {json.dumps({k: v for k, v in step.items() if v is not None})}; whole step {train_s:.0f} s; "
+              f"{json.dumps(info)}"),
+             f"Validation loss (step, loss): {[(s, round(v, 3)) for s, v in curve['val_loss']]}", "",
              "| prompts | items | base acc | tuned acc | tuned - base (paired) |", "|---|---|---|---|---|"]
     for chat, acc, err, diff, diff_se, n in rows:
         lines.append(f"| {'chat template' if chat else 'plain'} | {n:.0f} | {acc['base']:.3f} ± {err['base']:.3f} | "

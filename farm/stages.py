@@ -243,15 +243,19 @@ def _ledger(name: str, kind: str, started: float, node: dict | None) -> None:
     a run that starts after another run of the same stage ended would be one (`reruns`)."""
     line = {"stage": name, "kind": kind, "job": _job_id(), "host": os.uname().nodename, "pid": os.getpid(),
             "node_labels": (node or {}).get("node_labels", {}), "started": started, "ended": time.time()}
-    path = storage.home() / "ledger.jsonl"
+    path = _ledger_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:  # one short O_APPEND write: lines of concurrent stages stay whole
         f.write(json.dumps(line) + "\n")
 
 
+def _ledger_path() -> Path:
+    return storage.home() / "ledger.jsonl"
+
+
 def ledger(since: float = 0.0) -> list[dict]:
     """The ledger's lines for runs that started at or after `since`."""
-    path = storage.home() / "ledger.jsonl"
+    path = _ledger_path()
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     return [e for e in map(json.loads, lines) if e["started"] >= since]
 

@@ -204,11 +204,11 @@ def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict,
     tasks = sorted(items)
     docs = {t: sample(t, items[t], seed, held_out=t in held_out) for t in tasks}
     tokenizer = load_tokenizer(tokenizer_dir)
+    if chat and not getattr(tokenizer, "chat_template", None):  # before the runtime loads
+        raise StageError("tasks.chat: the model's tokenizer has no chat template to score the prompts in")
     rt = load(runtime, artifact, threads=threads, n_ctx=MAX_TOKENS)
     lm = farm_lm(rt, tokenizer, sequence_prefix(tokenizer))
     t0 = time.perf_counter()
-    if chat and not getattr(tokenizer, "chat_template", None):
-        raise StageError("tasks.chat: the model's tokenizer has no chat template to score the prompts in")
     res = simple_evaluate(model=lm, tasks=task_configs(tasks), samples=docs, num_fewshot=0, log_samples=True,
                           apply_chat_template=chat,
                           bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
@@ -262,12 +262,12 @@ def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: di
     from farm.runtimes import RUNTIMES
 
     run_child(["-m", "farm.tasks", json.dumps(runtime), str(artifact), str(tokenizer_dir), json.dumps(items),
-               str(seed), str(threads), str(out_json), json.dumps(list(held_out)), json.dumps(chat)], RUNTIMES.options(runtime["name"]).TITLE,
-              f"scoring tasks on {what or runtime['name']}")
+               str(seed), str(threads), str(out_json), json.dumps(list(held_out)), json.dumps(chat)],
+              RUNTIMES.options(runtime["name"]).TITLE, f"scoring tasks on {what or runtime['name']}")
     return json.loads(out_json.read_text())
 
 
-if __name__ == "__main__":  # python -m farm.tasks RUNTIME_JSON ARTIFACT TOKENIZER_DIR ITEMS_JSON SEED THREADS OUT HELD_OUT CHAT
+if __name__ == "__main__":  # python -m farm.tasks RUNTIME ARTIFACT TOKENIZER ITEMS SEED THREADS OUT HELD_OUT CHAT
     import json
     import sys
 

@@ -62,7 +62,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     snapped = groups = layers = 0
     with torch.no_grad():
         for layer in model.model.layers:
-            for _, lin in layer.named_modules():
+            for lin in layer.modules():
                 if not isinstance(lin, torch.nn.Linear):
                     continue
                 w = lin.weight.data.float()

@@ -4,8 +4,9 @@ rendered with its own chat template, the loss on the answer's tokens only. A sha
 out and its loss measured as training goes (`curve`: the training loss per step and the validation loss
 every eval_every steps, logged to MLflow as the cell's `train_loss` / `val_loss` histories). The adapters are
 then merged into a dense checkpoint of the same shape (QLoRA: dequantized first; lora.dense_merge), which
-every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's own format, and `adapter/adapter-f16.gguf` for
-llama.cpp: llama-server serves one base with several such adapters, `farm serve --lora`).
+every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's own format, and
+`adapter/adapter-f16.gguf` for llama.cpp: llama-server serves one base with several such adapters, `farm serve
+--lora`).
 
 Unlike `lora` (healing towards the base model on the calibration text), nothing here reads the calibration
 text or a teacher.
@@ -24,6 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from farm.compress.common import save_with_tokenizer
 from farm.compress.lora import TARGETS, dense_merge, load_nf4, logit_gap, nf4_only
+from farm.instructions import IGNORE
 from farm.plugin import PositiveGrid, StepOptions
 
 
@@ -94,8 +96,6 @@ def batches(encoded: list[tuple[list[int], list[int]]], batch: int, pad_id: int,
 def padded(rows, pad_id: int):
     import torch
 
-    from farm.instructions import IGNORE
-
     width = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -110,7 +110,7 @@ def answer_loss(model, ids, labels, mask):
     import torch.nn.functional as F
 
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
 def val_loss(model, rows, pad_id: int, batch: int) -> float:
@@ -122,7 +122,7 @@ def val_loss(model, rows, pad_id: int, batch: int) -> float:
     with torch.no_grad():
         for b in range(0, len(rows), batch):
             ids, labels, mask = padded(rows[b:b + batch], pad_id)
-            n = float((labels[:, 1:] != -100).sum())
+            n = float((labels[:, 1:] != IGNORE).sum())
             total += float(answer_loss(model, ids, labels, mask)) * n
             count += n
     model.train()
@@ -195,7 +195,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     save_with_tokenizer(merged, model_dir, out)
     tail = max(1, len(curve["train_loss"]) // 10)
     return {"objective": "sft", "steps": steps, "examples": len(train_rows), "val_examples": len(val_rows),
-            "answer_tokens": int(sum(sum(lab != -100 for lab in labels) for _, labels in train_rows)),
+            "answer_tokens": sum(sum(t != IGNORE for t in labels) for _, labels in train_rows),
             "loss_first": curve["train_loss"][0], "loss_last": round(float(np.mean(curve["train_loss"][-tail:])), 5),
             "val_loss_first": round(curve["val_loss"][0][1], 5), "val_loss_last": round(curve["val_loss"][-1][1], 5),
             "train_seconds": round(train_seconds, 1), "trainable_params": sum(p.numel() for p in params),
