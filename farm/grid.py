@@ -55,6 +55,17 @@ def library_versions(names: tuple[str, ...]) -> dict[str, str]:
     return {n: codeid.distribution_version(n) for n in names}
 
 
+def file_digests(files: list[str]) -> dict[str, str]:
+    """What the named files hold (sha256 of their bytes, by path): a stage reading a user's files must get a new
+    id when the files change, not only when their paths do; otherwise a resubmitted sweep reuses a result made
+    from the old text."""
+    return {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+
+
+def with_digests(params: dict, files: list[str]) -> dict:
+    return {**params, "files_sha256": file_digests(files)} if files else params  # ids without files unchanged
+
+
 def content_id(obj: Any) -> str:
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -153,7 +164,7 @@ def build(sweep: Sweep) -> Grid:
     data = sweep.data.model_dump()
     base_params = sweep.base.model_dump()
     base = g.add("base", base_params)
-    reference = g.add("reference", {"data": data}, (base,))
+    reference = g.add("reference", with_digests({"data": data}, data["files"]), (base,))
 
     exports = [(e, v) for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
@@ -170,7 +181,8 @@ def build(sweep: Sweep) -> Grid:
         model, chain = base, []
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
-            model = g.add("compress", {"step": step}, (model, reference, *teacher), method=step["method"])
+            model = g.add("compress", with_digests({"step": step}, step.get("files") or []),
+                          (model, reference, *teacher), method=step["method"])
             chain.append(model)
         src = model
         if variant.source is not None:  # made from the format's shared base-level export

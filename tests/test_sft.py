@@ -104,6 +104,27 @@ def test_a_sweep_that_trains_on_a_task_scores_it_on_the_held_out_half(chat_model
     assert all("held_out" not in s.params["tasks"] for s in without.stages.values() if s.kind == "tasks")
 
 
+def test_changing_the_text_of_a_sweeps_files_changes_the_stages_that_read_them(chat_model_dir, tmp_path):
+    chats, corpus = chats_file(tmp_path / "chats.jsonl"), tmp_path / "corpus.txt"
+    corpus.write_text("one paragraph of text.\n\nanother paragraph.\n")
+    text = (f"name: t\nbase: {{model: {chat_model_dir}}}\nexports: [{{format: gguf, quant: F16}}]\n"
+            f"data: {{files: [{corpus}]}}\npipelines: [[], [{{method: sft, files: [{chats}]}}]]\n")
+
+    def ids():
+        return {(s.kind, s.params.get("step", {}).get("method")): sid for sid, s in gridmod.build(spec.loads(text)).stages.items()}
+
+    before = ids()
+    with open(chats, "a") as f:  # the same path, one more chat
+        f.write(json.dumps({"instruction": "Shout the word sun.", "response": "SUN!"}) + "\n")
+    after_chats = ids()
+    assert after_chats[("compress", "sft")] != before[("compress", "sft")]
+    assert after_chats[("reference", None)] == before[("reference", None)]  # the calibration text did not change
+    corpus.write_text("other text.\n\nand more.\n")
+    after_corpus = ids()
+    assert after_corpus[("reference", None)] != after_chats[("reference", None)]
+    assert after_corpus[("base", None)] == before[("base", None)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base_bits", [None, 4])
 def test_sft_learns_the_answers_and_merges(trained_tiny_dir, tmp_path, base_bits):
