@@ -5,7 +5,9 @@ Stages already in storage are reused, as in a sweep (same ids), and what runs he
     FARM_HOME=.farm .venv/bin/python benchmarks/catalog_quick.py jobs/quant.yaml [--threads 2] [--match REGEX]
 
 Prints a markdown row per cell: perplexity, KL(base || cell), top-1 agreement, size on disk, and the
-seconds the cell's compression steps took (when they ran: a reused stage reports its first run).
+seconds the cell's compression steps took (when they ran: a reused stage reports its first run). With
+--tasks, the cells' task-accuracy stages run too (the sweep's `tasks` section, through each cell's runtime)
+and each row gets every task's accuracy ± its standard error.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> int:
     ap.add_argument("--match", default="", help="only the cells whose label matches this regular expression")
     ap.add_argument("--info", default="", help="comma-separated keys of the last compression step's info to "
                     "print after each row (e.g. train_seconds,loss_last)")
+    ap.add_argument("--tasks", action="store_true", help="also score the sweep's tasks on every cell")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # what stages.threads_here() gives every stage
     os.environ.setdefault("FARM_HOME", str(ROOT / ".farm"))
@@ -37,6 +40,7 @@ def main() -> int:
 
     g = grid.build(spec.load(args.sweep))
     results: dict[str, dict] = {}
+    header_tasks: list[str] = []
     rows = []
     for cell in g.cells:
         steps = cell.spec["compress"]
@@ -46,21 +50,28 @@ def main() -> int:
         if args.match and not re.search(args.match, f"{label} {target}"):
             continue
         t0 = time.time()
-        for stage in g.closure([cell.evaluate]):
+        wanted = [cell.evaluate] + ([cell.tasks] if args.tasks and cell.tasks else [])
+        for stage in g.closure(wanted):
             if stage.id not in results:
                 results[stage.id] = run_stage(stage, [results[d] for d in stage.deps])
         metrics = results[cell.evaluate]["metrics"]
         compress_s = sum(results[s.id]["seconds"] for s in g.closure([cell.evaluate]) if s.kind == "compress")
         row = (f"| {label} | {target} | {metrics['perplexity']:.3f} | {metrics['kl_div']:.4f} | "
                f"{metrics['top1_agree']:.3f} | {results[cell.export].get('size_mb', 0):.1f} | {compress_s:.0f} |")
+        if args.tasks and cell.tasks:
+            got = results[cell.tasks]["metrics"]
+            names = sorted(k.split(".", 1)[1] for k in got if k.startswith("acc.") and not k.startswith("acc.mean"))
+            row += " " + " | ".join(f"{got[f'acc.{t}']:.3f} ± {got[f'acc_stderr.{t}']:.3f}" for t in names) + " |"
+            header_tasks[:] = names
         if args.info:
             steps_run = [s for s in g.closure([cell.evaluate]) if s.kind == "compress"]
             info = results[steps_run[-1].id].get("info", {}) if steps_run else {}
             row += " " + ", ".join(f"{k}={info.get(k)}" for k in args.info.split(","))
         rows.append(row)
         print(row, f"  ({time.time() - t0:.0f} s here)", file=sys.stderr, flush=True)
-    print("| pipeline | export | perplexity | KL | top-1 | size MB | compress s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| pipeline | export | perplexity | KL | top-1 | size MB | compress s |"
+          + "".join(f" acc {t} |" for t in header_tasks))
+    print("|---|---|---|---|---|---|---|" + "---|" * len(header_tasks))
     print("\n".join(rows))
     return 0
 

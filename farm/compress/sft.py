@@ -176,6 +176,8 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
         curve["train_loss"].append(round(loss.item(), 5))
         if step % opt.eval_every == 0 or step == steps:
             curve["val_loss"].append([step, val_loss(peft_model, val_rows, pad_id, opt.batch)])
+            print(f"farm: sft: step {step}/{steps}, train loss {loss.item():.3f}, validation loss "
+                  f"{curve['val_loss'][-1][1]:.3f} ({time.time() - t0:.0f} s)", flush=True)  # in the stage's log
     train_seconds = time.time() - t0
     peft_model.eval()
     adapter = out.parent / "adapter"
