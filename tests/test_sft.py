@@ -156,6 +156,44 @@ def test_sft_learns_the_answers_and_merges(trained_tiny_dir, tmp_path, base_bits
     assert tuned < before - 1.0, (tuned, before)
 
 
+@pytest.mark.slow
+def test_keep_best_returns_to_the_lowest_validation_loss(trained_tiny_dir, tmp_path):
+    """With keep: best the merged model is the adapters at the lowest validation loss, not the last step's. The
+    file is laid out so that the step's seeded split (random.Random(0) shuffles the chats; the first
+    val_examples are held out) holds out chats answering in capitals while the training chats answer in
+    lower case: training makes the held-out loss rise, and the saved model must have the lowest one."""
+    import random
+
+    from farm.compress import run_method
+    from farm.compress.sft import val_loss
+    from farm.models import load_model, load_tokenizer
+
+    base = with_chat_template(trained_tiny_dir, tmp_path / "base")
+    n, n_val, words = 48, 16, ["apple", "river", "stone", "cloud", "table", "green", "night", "music"]
+    order = list(range(n))
+    random.Random(0).shuffle(order)  # the permutation the step's shuffle applies to n chats
+    held_out = set(order[:n_val])
+    rows = [{"instruction": f"Shout the word {words[i % 8]}.",
+             "response": words[i % 8].upper() + "!" if i in held_out else words[i % 8] + "..."} for i in range(n)]
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    step = {"method": "sft", "files": [str(chats)], "val_examples": n_val, "rank": 8, "lr": 1e-2, "epochs": 30,
+            "batch": 8, "eval_every": 10, "keep": "best"}
+    out = tmp_path / "stage" / "model"
+    out.mkdir(parents=True)
+    info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)
+    curve = info["curve"]["val_loss"]
+    best_step, best_val = min(curve, key=lambda sv: sv[1])
+    assert info["kept_step"] == best_step and info["val_loss_kept"] == round(best_val, 5)
+    assert best_step < info["steps"] and best_val < curve[-1][1] - 0.01, curve  # the held-out loss did rise
+    val_chats = instructions.from_files([str(chats)])
+    random.Random(0).shuffle(val_chats)
+    assert all(c[-1]["content"].endswith("!") for c in val_chats[:n_val])  # the layout held out what it meant to
+    tok = load_tokenizer(out)
+    encoded = [instructions.encode(tok, c, 256) for c in val_chats[:n_val]]
+    assert val_loss(load_model(out), encoded, tok.pad_token_id, 8) == pytest.approx(best_val, abs=2e-3)
+
+
 def with_chat_template(model_dir, out):
     shutil.copytree(model_dir, out)
     cfg = json.loads((out / "tokenizer_config.json").read_text())

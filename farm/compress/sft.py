@@ -33,7 +33,7 @@ class Options(StepOptions):
     """Fine-tunes on instruction data with LoRA adapters (QLoRA with base_bits: 4), then merges them."""
     LABEL = "{source}-r{rank}"
     GRID = ("rank",)
-    TAGS = {"base_bits": "nf{base_bits}", "epochs": "e{epochs}"}
+    TAGS = {"base_bits": "nf{base_bits}", "epochs": "e{epochs}", "keep": "{keep}"}
     method: Literal["sft"]
     task: str | None = Field(None, description="Train on this task's train half (e.g. piqa, arc_easy): lm-eval's "
                              "prompt as the instruction, the correct choice as the answer; the sweep then scores "
@@ -52,6 +52,9 @@ class Options(StepOptions):
     batch: int = Field(8, ge=1, le=256, description="Chats per step (padded to the longest).")
     max_len: int = Field(256, ge=16, le=8192, description="Tokens per chat at most (longer ones are cut).")
     eval_every: int = Field(20, ge=1, description="Steps between two validation losses.")
+    keep: Literal["last", "best"] = Field("last", description="The adapters kept: 'last' those of the last step; "
+                                          "'best' those at the lowest validation loss (early stopping on the "
+                                          "held-out chats; kept_step in the step's info says which).")
     base_bits: int | None = Field(None, description="4: QLoRA (the base frozen in bitsandbytes NF4); null: LoRA.")
     seed: int = Field(0, ge=0)
 
@@ -113,6 +116,11 @@ def answer_loss(model, ids, labels, mask):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
 
 
+def lora_state(model) -> dict:
+    """A copy of the adapters' weights (a few MB), to return to the best validation point."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+
+
 def val_loss(model, rows, pad_id: int, batch: int) -> float:
     """Token-weighted mean answer loss over the held-out chats."""
     import torch
@@ -164,6 +172,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     optim = torch.optim.AdamW(params, lr=opt.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda i: 1.0 - i / steps)
     curve = {"train_loss": [], "val_loss": [[0, val_loss(peft_model, val_rows, pad_id, opt.batch)]]}
+    best = (curve["val_loss"][0][1], 0, lora_state(peft_model))  # (validation loss, step, adapter weights)
     t0 = time.time()
     peft_model.train()
     for step, (ids, labels, mask) in enumerate(batches(train_rows, opt.batch, pad_id, rng, opt.epochs), 1):
@@ -178,7 +187,13 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
             curve["val_loss"].append([step, val_loss(peft_model, val_rows, pad_id, opt.batch)])
             print(f"farm: sft: step {step}/{steps}, train loss {loss.item():.3f}, validation loss "
                   f"{curve['val_loss'][-1][1]:.3f} ({time.time() - t0:.0f} s)", flush=True)  # in the stage's log
+            if opt.keep == "best" and curve["val_loss"][-1][1] < best[0]:
+                best = (curve["val_loss"][-1][1], step, lora_state(peft_model))
     train_seconds = time.time() - t0
+    kept_val, kept_step = curve["val_loss"][-1][1], steps
+    if opt.keep == "best":
+        kept_val, kept_step, state = best
+        peft_model.load_state_dict(state, strict=False)  # only the adapters' tensors: the base is untouched
     peft_model.eval()
     adapter = out.parent / "adapter"
     peft_model.save_pretrained(adapter)  # the adapter alone (adapter_config.json + safetensors), peft's format
@@ -201,7 +216,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
             "loss_first": curve["train_loss"][0], "loss_last": round(float(np.mean(curve["train_loss"][-tail:])), 5),
             "val_loss_first": round(curve["val_loss"][0][1], 5), "val_loss_last": round(curve["val_loss"][-1][1], 5),
             "train_seconds": round(train_seconds, 1), "trainable_params": sum(p.numel() for p in params),
-            "base_bits": opt.base_bits or 32, "merge_max_abs_logit_diff": round(gap, 6), "adapter_dir": "adapter",
+            "kept_step": kept_step, "val_loss_kept": round(kept_val, 5), "base_bits": opt.base_bits or 32, "merge_max_abs_logit_diff": round(gap, 6), "adapter_dir": "adapter",
             "adapter_gguf": adapter_gguf, "curve": curve}
 
 
