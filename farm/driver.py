@@ -416,6 +416,34 @@ def consistency_of(grid, outcome: dict) -> tuple[dict[str, float], list[str]]:
     return {c.id: share[setting(c)] for c in grid.cells if c.tasks in outcome and setting(c) in share}, lines
 
 
+def vs_base(grid, outcome: dict) -> dict[str, dict[str, float]]:
+    """cell id -> `acc_vs_base.<task>` and `acc_vs_base_stderr.<task>`: the paired difference (farm.tasks.paired)
+    between the cell's accuracy and that of the uncompressed base model exported the same way (same format,
+    level, runtime and target), for every scored cell with a compression and such a twin."""
+    import json
+
+    from farm.tasks import paired
+
+    def key(c) -> str:
+        return json.dumps([c.spec["export"], c.spec["target"]["name"]], sort_keys=True, default=str)
+
+    def scored(c):
+        result, error = outcome.get(c.tasks, (None, 1)) if c.tasks else (None, 1)
+        return result if error is None else None
+
+    twins = {key(c): scored(c) for c in grid.cells if not c.spec["compress"] and scored(c) is not None}
+    out = {}
+    for c in grid.cells:
+        mine, base = scored(c), twins.get(key(c))
+        if not c.spec["compress"] or mine is None or base is None:
+            continue
+        for t in mine["items"]:
+            d = paired(mine["items"][t], base["items"].get(t, {"doc_ids": []}))
+            if d is not None:
+                out.setdefault(c.id, {}).update({f"acc_vs_base.{t}": d[0], f"acc_vs_base_stderr.{t}": d[1]})
+    return out
+
+
 def tasks_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     """After every cell has its single-stream numbers: task accuracy of every cell (tasks.cells 'all'), or of
     the gate's cells, the Pareto front (and with 'format_front' each runtime's own best cells), then again
@@ -459,11 +487,14 @@ def tasks_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
     consistency, lines = consistency_of(grid, outcome)
     for line in lines:
         print(line, flush=True)
+    paired = vs_base(grid, outcome)
     threshold = sweep.tasks.consistency
     for cell in grid.cells:
         if cell.tasks not in outcome or cell.id not in finished:
             continue
         result, error = outcome[cell.tasks]
+        if error is None and cell.id in paired:
+            result = {**result, "metrics": {**result["metrics"], **paired[cell.id]}}
         log.log_tasks(cell, result, error, consistency.get(cell.id))
         label = cell_label(cell)
         if error is not None:
@@ -471,7 +502,9 @@ def tasks_phase(grid, sweep, refs: dict, outcome: dict, log) -> None:
             continue
         m = result["metrics"]
         gate = consistency.get(cell.id)
-        print(f"farm: tasks {label}: " + "  ".join(f"{t} {m[f'acc.{t}']:.3f}±{m[f'acc_stderr.{t}']:.3f}"
+        vs = {t: f" ({m[f'acc_vs_base.{t}']:+.3f}±{m[f'acc_vs_base_stderr.{t}']:.3f} vs the base, paired)"
+              for t in sweep.tasks.items if f"acc_vs_base.{t}" in m}
+        print(f"farm: tasks {label}: " + "  ".join(f"{t} {m[f'acc.{t}']:.3f}±{m[f'acc_stderr.{t}']:.3f}{vs.get(t, '')}"
                                                    for t in sweep.tasks.items)
               + f"  mean {m['task_acc_mean']:.3f}  ({m['task_s_per_item']:.2f} s/item)"
               + (f"  FAILS THE CONSISTENCY GATE ({100 * gate:.1f} % < {100 * threshold:.0f} % agreement with "

@@ -185,6 +185,25 @@ def _cell_table(rows: list[dict], status: dict, speed: dict) -> tuple[list[str],
     return head, body
 
 
+def _task_table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+    """Per scored cell and task: accuracy ± its binomial stderr, and the paired difference from the base model
+    exported the same way (`acc_vs_base`, the driver's) ± its stderr, where the cell has such a twin."""
+    head = ["cell"] + [h for t in tasks for h in (t, f"{t} − base (paired)")]
+    body = []
+    for r in sorted(rows, key=lambda r: (r["target"], r["label"])):
+        m = r["metrics"]
+        if not any(f"acc.{t}" in m for t in tasks):
+            continue
+        cells = [r["label"]]
+        for t in tasks:
+            cells.append(f"{m[f'acc.{t}']:.3f} ± {m.get(f'acc_stderr.{t}', float('nan')):.3f}"
+                         if f"acc.{t}" in m else "-")
+            cells.append(f"{m[f'acc_vs_base.{t}']:+.3f} ± {m.get(f'acc_vs_base_stderr.{t}', float('nan')):.3f}"
+                         if f"acc_vs_base.{t}" in m else "-")
+        body.append(cells)
+    return head, body
+
+
 def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                      + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in body])
@@ -245,7 +264,9 @@ def build(name: str, out_dir: Path, run_id: str | None = None, rep: dict | None 
         bw = roof[0][2]
         summary.append(f"Memory bandwidth (read, the benchmark's threads): {bw:.1f} GB/s; roofline = bandwidth / "
                        "bytes a decode step reads (weights but the embedding table, plus the KV cache).")
-    sections = [("Cells", head, body), ("Failed cells", ["cell", "error"], fail_rows),
+    tasks = list((spec.get("tasks") or {}).get("items") or {})
+    sections = [("Cells", head, body), *([("Task accuracy", *_task_table(rows, tasks))] if tasks else []),
+                ("Failed cells", ["cell", "error"], fail_rows),
                 ("Benchmarks disturbed by other load (kept off the front)", ["cell", "foreign CPUs"], dirty),
                 ("Known orderings", ["result", "check", "cells", "values"], check_rows)]
     md = [f"# farm report: {name}", "", *[s + "  " for s in summary], ""]

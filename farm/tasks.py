@@ -253,6 +253,20 @@ def agreement(a: dict, b: dict) -> tuple[float, int]:
     return (same / total if total else float("nan")), total
 
 
+def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
+    """Cell a's accuracy minus cell b's on the items both scored (one task's picks): the mean per-item
+    difference of correct (0/1), its standard error (sd / sqrt(n)), n. Far tighter than two binomial stderrs
+    when the cells mostly agree. None where the picks say nothing of correctness (a MULTIPLE_INPUT task)."""
+    ra = {d: (y, p) for d, y, p in zip(a["doc_ids"], a["target"], a["pick"])}
+    rb = {d: (y, p) for d, y, p in zip(b["doc_ids"], b["target"], b["pick"])}
+    both = sorted(set(ra) & set(rb))
+    if not both or any(ra[d][0] < 0 for d in both):
+        return None
+    diff = np.array([float(ra[d][1] == ra[d][0]) - float(rb[d][1] == rb[d][0]) for d in both])
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), se, len(diff)
+
+
 def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int,
                    out_json: Path, what: str = "", held_out: list[str] = (), chat: bool = False) -> dict:
     """`score` in a child process (farm.isolate): a runtime that crashes is reported as a crash."""

@@ -155,3 +155,34 @@ def test_data_that_does_not_match_lm_evals_definition_fails_loudly(tiny_model_di
     monkeypatch.setattr(tasks, "COLUMNS", {})
     with pytest.raises(StageError, match="boolq.*no valid target"):
         tasks.score({"name": "torch"}, tiny_model_dir, tiny_model_dir, {"boolq": 3}, 0, 1)
+
+
+def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_same_way():
+    """acc_vs_base is the paired difference from the uncompressed model at the same format and level: the GPTQ
+    Q4_0 cell against the base Q4_0 (not F16, not PyTorch), its standard error that of the per-item differences."""
+    import math
+
+    s = spec.loads("name: t\nbase: {model: smollm2-135m-instruct}\ntasks: {items: {piqa: 20}}\n"
+                   "pipelines: [[], [{method: gptq}]]\nexports: [{format: gguf, quant: [F16, Q4_0]}]")
+    g = gridmod.build(s)
+    target = [i % 2 for i in range(20)]
+    right = list(target)
+    wrong_half = [1 - y if i < 10 else y for i, y in enumerate(target)]  # wrong on the first 10
+    wrong_six = [1 - y if i < 6 else y for i, y in enumerate(target)]  # wrong on the first 6
+
+    def picks(p):
+        return {"piqa": {"doc_ids": list(range(20)), "target": target, "pick": p}}
+    chosen = {("none", "F16"): right, ("none", "Q4_0"): wrong_half, ("none", "fp32"): right,
+              ("gptq", "F16"): right, ("gptq", "Q4_0"): wrong_six}
+    outcome = {}
+    for c in g.cells:
+        method = c.spec["compress"][0]["method"] if c.spec["compress"] else "none"
+        outcome[c.tasks] = ({"metrics": {}, "items": picks(chosen[(method, c.spec["export"]["quant"])])}, None)
+    quant = {c.id: c.spec["export"]["quant"] for c in g.cells}
+    got = {quant[i]: v for i, v in driver.vs_base(g, outcome).items()}
+    assert set(got) == {"F16", "Q4_0"}  # only the compressed cells; the base and PyTorch have no "vs base"
+    assert got["F16"]["acc_vs_base.piqa"] == 0.0 and got["F16"]["acc_vs_base_stderr.piqa"] == 0.0
+    # Q4_0: +1 on items 6-9 (4 of 20), 0 elsewhere: mean 0.2, sd of {1 x4, 0 x16} / sqrt(20)
+    assert math.isclose(got["Q4_0"]["acc_vs_base.piqa"], 0.2)
+    sd = math.sqrt((4 * 0.8 ** 2 + 16 * 0.2 ** 2) / 19)
+    assert math.isclose(got["Q4_0"]["acc_vs_base_stderr.piqa"], sd / math.sqrt(20))
