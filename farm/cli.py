@@ -103,6 +103,9 @@ def cmd_serve(a) -> int:
     (POST /invocations with {"inputs": ["a prompt", ...], "params": {"max_tokens": 32}}), for any format."""
     import shutil
 
+    if a.mlflow and a.lora:
+        raise FarmError("--lora: adapters are served by llama-server (farm serve without --mlflow); MLflow's "
+                        "scoring server serves the promoted model alone")
     if not a.mlflow:
         from farm.serve.deploy import serve
 
@@ -230,9 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--parallel", type=int, default=4, help="concurrent sequences the engine batches (slots)")
     s.add_argument("--n-ctx", type=int, help="KV-cache tokens shared by the slots (default 4096 per slot)")
     s.add_argument("--threads", type=int, help="engine threads (default: those its benchmark used)")
-    s.add_argument("--lora", action="append", default=[], type=Path, metavar="ADAPTER.gguf",
-                   help="a LoRA adapter (GGUF) to load beside the model; repeat for several (per-user assistants on "
-                   "one base); a request picks one with \"lora\": [{\"id\": N, \"scale\": 1.0}] in its body")
+    s.add_argument("--lora", action="append", default=[], metavar="ADAPTER",
+                   help="a LoRA adapter to load beside the model: a GGUF file, runs:/RUN_ID (the adapter the sft step "
+                   "of that cell logged) or models:/NAME@ALIAS (that of the cell promoted as it); repeat for several "
+                   "(per-user assistants on one base); a request picks one with \"lora\": [{\"id\": N, "
+                   "\"scale\": 1.0}] in its body")
     s.add_argument("--mlflow", action="store_true", help="MLflow's pyfunc scoring server instead (/invocations)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("chat", help="chat in the terminal with a registered model (models:/NAME@ALIAS, started "

@@ -193,6 +193,17 @@ def step_metrics(steps: list[dict | None]) -> tuple[dict[str, float], dict[str, 
     return scalars, history
 
 
+def step_adapters(steps: list[dict | None]) -> dict[str, Path]:
+    """The unmerged adapters the cell's compression steps kept for llama.cpp (an sft step's adapter GGUF), by
+    the folder of the cell's run they go to: 'adapter' ('adapter_2' for a second such step)."""
+    out: dict[str, Path] = {}
+    for result in steps:
+        rel = ((result or {}).get("info") or {}).get("adapter_gguf")
+        if rel and result.get("model_dir"):
+            out["adapter" if not out else f"adapter_{len(out) + 1}"] = Path(result["model_dir"]).parent / rel
+    return out
+
+
 def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, evaluate: dict | None,
                 bench: dict | None, error: BaseException | None, error_text: str | None,
                 steps: list[dict | None] = ()) -> dict:
@@ -242,6 +253,10 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
         tags["farm.bench.raw_missing"] = "true"
         print(f"farm: WARNING: {label}: the benchmark's raw bench.json is gone from storage; its run is flagged "
               "farm.bench.raw_missing=true", flush=True)
+    adapters = {d: str(p) for d, p in step_adapters(list(steps)).items() if p.is_file()}
+    for d, p in adapters.items():  # `farm serve --lora runs:/RUN/adapter/adapter-f16.gguf` (or models:/...)
+        tags[f"farm.{d}"] = f"{d}/{Path(p).name}"
+        tags[f"farm.{d}_sha256"] = storage.sha256(Path(p))
     failed = error is not None or bool(error_text)
     if failed:
         text = error_text or ((getattr(error, "report", "") or "") + "\n\n--- traceback ---\n"
@@ -251,6 +266,7 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, e
     return {"op": "cell", "experiment_id": experiment_id, "parent_id": parent_id, "cell_id": cell.id,
             "run_name": label, "run_id": None, "attempts": 0, "tags": {k: str(v) for k, v in tags.items()},
             "params": {k: v[:6000] for k, v in cell.params().items()}, "metrics": metrics, "files": files,
+            "artifacts": adapters,
             "history": history, "logged_at": int(time.time() * 1000), "status": "FAILED" if failed else "FINISHED"}
 
 
@@ -402,6 +418,12 @@ def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
             for name, obj in record["files"].items():
                 _write(Path(d), name, obj)
             c.log_artifacts(rid, d)
+    for folder, path in (record.get("artifacts") or {}).items():  # files from storage, logged as they are
+        if Path(path).is_file():
+            c.log_artifact(rid, path, artifact_path=folder)
+        else:
+            print(f"farm: WARNING: {record['run_name']}: {path} is gone from storage; not logged to its run",
+                  flush=True)
     if record.get("status"):
         c.set_terminated(rid, record["status"])
 

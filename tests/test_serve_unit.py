@@ -210,3 +210,51 @@ def test_farm_serve_refuses_a_model_whose_file_is_not_what_was_measured(tmp_path
         resolve("models:/m@edited", tmp_path / "dl2")
     with pytest.raises(FarmError, match="no such registered model version"):
         resolve("models:/m@nothing", tmp_path / "dl3")
+
+
+def test_an_sft_cells_adapter_reaches_its_run_and_farm_serve_lora_finds_it(tmp_path, monkeypatch):
+    """A cell whose sft step kept an adapter GGUF logs it to its run (adapter/, with its checksum); `farm serve
+    --lora` takes it as runs:/RUN_ID or as models:/NAME@ALIAS of a version promoted from that cell, and refuses
+    one whose bytes are not what the run recorded, a run without an adapter and a missing file."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from farm import grid as gridmod
+    from farm import tracking
+    from farm.errors import FarmError
+    from farm.serve.deploy import adapter
+    from farm.spec import loads
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    stage = tmp_path / "compress-x"
+    (stage / "adapter").mkdir(parents=True)
+    (stage / "adapter" / "adapter-f16.gguf").write_bytes(b"GGUF lora tensors")
+    step = {"params": {"step": {"method": "sft"}}, "model_dir": str(stage / "model"),
+            "info": {"steps": 3, "adapter_gguf": "adapter/adapter-f16.gguf"}}
+    g = gridmod.build(loads("name: a\nbase: {model: smollm2-135m-instruct}\npipelines: [[], [{method: sft, "
+                            "task: arc_easy}]]\nexports: [{format: gguf, quant: [F16]}]"))
+    cell, plain = (next(c for c in g.cells if bool(c.spec["compress"]) is want) for want in (True, False))
+    c = MlflowClient()
+    exp = c.create_experiment("a", artifact_location=str(tmp_path / "store"))
+    parent = c.create_run(exp).info.run_id
+    runs = {}
+    for name, cl, steps in (("sft", cell, [step]), ("plain", plain, [])):
+        record = tracking.cell_record(exp, parent, cl, None, None, None, None, None, steps=steps)
+        tracking._deliver(c, record, tmp_path / f"{name}.json")
+        runs[name] = record["run_id"]
+    tags = c.get_run(runs["sft"]).data.tags
+    assert tags["farm.adapter"] == "adapter/adapter-f16.gguf"
+    got = adapter(f"runs:/{runs['sft']}", tmp_path / "dl1")
+    assert got.read_bytes() == b"GGUF lora tensors"
+    c.create_registered_model("a")
+    v = c.create_model_version("a", f"runs:/{runs['sft']}/model", runs["sft"])
+    c.set_registered_model_alias("a", "tuned", v.version)
+    assert adapter("models:/a@tuned", tmp_path / "dl2").read_bytes() == b"GGUF lora tensors"
+    with pytest.raises(FarmError, match="logged no adapter: only a cell with an sft step has one"):
+        adapter(f"runs:/{runs['plain']}", tmp_path / "dl3")
+    c.set_tag(runs["sft"], "farm.adapter_sha256", "0" * 64)
+    with pytest.raises(FarmError, match="does not match the checksum its run recorded"):
+        adapter(f"runs:/{runs['sft']}", tmp_path / "dl4")
+    with pytest.raises(FarmError, match="no such adapter file"):
+        adapter(str(tmp_path / "nowhere.gguf"), tmp_path / "dl5")

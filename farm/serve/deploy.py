@@ -25,21 +25,9 @@ def resolve(uri: str, dest: Path) -> dict:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, dozens of files
     import mlflow
 
-    from farm import storage, tracking
+    from farm import storage
 
-    c = tracking.client()
-    if not uri.startswith("models:/"):
-        raise FarmError(f"'{uri}': give a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, _, rest = uri[len("models:/"):].partition("@")
-    try:
-        if rest:
-            version = c.get_model_version_by_alias(name, rest)
-        else:
-            name, _, number = name.partition("/")
-            version = c.get_model_version(name, number)
-    except Exception as e:  # noqa: BLE001 (MLflow's not-found and unreachable errors alike)
-        raise FarmError(f"{uri}: no such registered model version on {mlflow.get_tracking_uri()} "
-                        f"({str(e).splitlines()[0][:200]})") from None
+    name, version = _version(uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
                                                      dst_path=str(dest)))
     paths = _artifacts(local)
@@ -51,6 +39,61 @@ def resolve(uri: str, dest: Path) -> dict:
     runtime = meta["runtime"]
     return {"artifact": artifact, "runtime": runtime, "threads": int(meta.get("threads", 2)), "name": name,
             "version": version.version, "run_id": version.run_id}
+
+
+def _version(uri: str):
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (NAME, its MLflow model version)."""
+    import mlflow
+
+    from farm import tracking
+
+    c = tracking.client()
+    if not uri.startswith("models:/"):
+        raise FarmError(f"'{uri}': give a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, _, rest = uri[len("models:/"):].partition("@")
+    try:
+        if rest:
+            return name, c.get_model_version_by_alias(name, rest)
+        name, _, number = name.partition("/")
+        return name, c.get_model_version(name, number)
+    except Exception as e:  # noqa: BLE001 (MLflow's not-found and unreachable errors alike)
+        raise FarmError(f"{uri}: no such registered model version on {mlflow.get_tracking_uri()} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+
+
+def adapter(ref: str, dest: Path) -> Path:
+    """A LoRA adapter GGUF for `--lora`: a local file; runs:/RUN_ID (the adapter an sft step of that cell logged);
+    or models:/NAME@ALIAS (that of the cell the version was promoted from). Downloaded into dest and checked
+    against the checksum the cell's run recorded (farm.adapter_sha256)."""
+    import mlflow
+
+    from farm import storage, tracking
+
+    if "://" not in ref and ":/" not in ref:
+        if not Path(ref).is_file():
+            raise FarmError(f"--lora: no such adapter file {ref} (an sft step writes adapter/adapter-f16.gguf in "
+                            "its stage and logs it to its cell's run: --lora runs:/RUN_ID or models:/NAME@ALIAS)")
+        return Path(ref)
+    if ref.startswith("models:/"):
+        run_id = _version(ref)[1].run_id
+    elif ref.startswith("runs:/"):
+        run_id = ref[len("runs:/"):].strip("/").split("/")[0]
+    else:
+        raise FarmError(f"--lora {ref}: give an adapter file, runs:/RUN_ID or models:/NAME@ALIAS")
+    try:
+        tags = tracking.client().get_run(run_id).data.tags
+    except Exception as e:  # noqa: BLE001 (not found, unreachable)
+        raise FarmError(f"--lora {ref}: no run {run_id} on {mlflow.get_tracking_uri()} "
+                        f"({str(e).splitlines()[0][:200]})") from None
+    if "farm.adapter" not in tags:
+        raise FarmError(f"--lora {ref}: run {run_id} ({tags.get('farm.label', '?')}) logged no adapter: only a "
+                        "cell with an sft step has one")
+    path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tags["farm.adapter"],
+                                                    dst_path=str(dest)))
+    if storage.sha256(path) != tags.get("farm.adapter_sha256"):
+        raise FarmError(f"--lora {ref}: the downloaded adapter does not match the checksum its run recorded "
+                        "(farm.adapter_sha256); not serving it")
+    return path
 
 
 def _artifacts(local: Path) -> dict[str, Path]:
@@ -80,10 +123,6 @@ def engine_server(model: dict, workdir: Path, host: str, port: int | None, paral
         if name != "llamacpp":
             raise FarmError(f"--lora: adapters are served by llama-server (GGUF models); {model['name']} "
                             f"v{model['version']} runs on '{name}'")
-        missing = [str(p) for p in lora if not Path(p).is_file()]
-        if missing:
-            raise FarmError(f"--lora: no such adapter file {', '.join(missing)} (an sft step writes "
-                            "adapter/adapter-f16.gguf in its stage)")
         extra = {"lora": [Path(p).resolve() for p in lora], "lora_applied": False}
     eng = engine(name)
     return eng.server(model["artifact"], workdir, threads or model["threads"], parallel, n_ctx, host=host,
@@ -91,7 +130,7 @@ def engine_server(model: dict, workdir: Path, host: str, port: int | None, paral
 
 
 def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, threads: int | None,
-          lora: list[Path] = ()) -> int:
+          lora: list[str] = ()) -> int:
     import signal
 
     def stop(signum, frame):  # `kill` or a service manager: stop the engine and clean up, as Ctrl-C does
@@ -100,14 +139,16 @@ def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, thre
     signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
         model = resolve(uri, Path(d) / "model")
+        refs = [str(r) for r in lora]
+        lora = [adapter(ref, Path(d) / f"adapter-{i}") for i, ref in enumerate(refs)]
         srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads,
                             lora)
         with srv:
             print(f"farm: {model['name']} v{model['version']} ({model['runtime']['name']}) on {srv.url}/v1 "
                   f"(OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health); {parallel} parallel "
                   f"slots; log {srv.log}; Ctrl-C stops it", flush=True)
-            for i, p in enumerate(lora):
-                print(f"farm: adapter {i}: {p} — off unless a request asks for it: \"lora\": [{{\"id\": {i}, "
+            for i, (ref, p) in enumerate(zip(refs, lora)):
+                print(f"farm: adapter {i}: {ref} ({Path(p).name}) — off unless a request asks for it: \"lora\": [{{\"id\": {i}, "
                       "\"scale\": 1.0}]", flush=True)
             try:
                 srv.proc.wait()
