@@ -186,3 +186,18 @@ def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_s
     assert math.isclose(got["Q4_0"]["acc_vs_base.piqa"], 0.2)
     sd = math.sqrt((4 * 0.8 ** 2 + 16 * 0.2 ** 2) / 19)
     assert math.isclose(got["Q4_0"]["acc_vs_base_stderr.piqa"], sd / math.sqrt(20))
+
+
+def test_the_reports_task_table_shows_each_cells_accuracy_and_its_paired_difference_from_the_base():
+    from farm.report import _task_table
+
+    rows = [{"target": "local", "label": "sft/gguf-F16@local",
+             "metrics": {"acc.arc_easy": 0.55, "acc_stderr.arc_easy": 0.03, "acc_vs_base.arc_easy": 0.05,
+                         "acc_vs_base_stderr.arc_easy": 0.02}},
+            {"target": "local", "label": "base/gguf-F16@local",
+             "metrics": {"acc.arc_easy": 0.5, "acc_stderr.arc_easy": 0.03}},
+            {"target": "local", "label": "base/gguf-Q8_0@local", "metrics": {"perplexity": 3.0}}]  # not scored
+    head, body = _task_table(rows, ["arc_easy"])
+    assert head == ["cell", "arc_easy", "arc_easy − base (paired)"]
+    assert body == [["base/gguf-F16@local", "0.500 ± 0.030", "-"],
+                    ["sft/gguf-F16@local", "0.550 ± 0.030", "+0.050 ± 0.020"]]
