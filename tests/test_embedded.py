@@ -49,7 +49,10 @@ def test_f16_gguf_matches_torch(embedded_dir, reference, tmp_path):
 
 def test_llamacpp_prefill_asks_for_the_last_logits_only_and_agrees_with_the_full_pass():
     """Evaluation reads every position's logits; prefill and step read the last only (as a serving engine does:
-    copying a 49k-vocabulary row per prompt token cost 41 % of prefill speed) and must give the same numbers."""
+    copying a 49k-vocabulary row per prompt token cost 41 % of prefill speed) and must give the same numbers as
+    the same evaluation read with every position's row kept. (A one-token step is compared with a one-token
+    step: llama.cpp computes a batch of one with other kernels than a longer batch, and on AMD Zen 3 (AVX2) the
+    two differ by up to 0.31 in a logit, on this Q4_1 file, enough to change the argmax of this random prompt.)"""
     import numpy as np
 
     from farm.runtimes import load
@@ -60,6 +63,14 @@ def test_llamacpp_prefill_asks_for_the_last_logits_only_and_agrees_with_the_full
     assert full.shape[0] == len(ids) and rt.llm._logits_all is False  # back to last-only after the full pass
     last = rt.prefill(ids)
     np.testing.assert_allclose(last, full[-1], rtol=1e-3, atol=1e-3)
-    nxt = rt.step(int(np.argmax(last)))
-    again = rt.logits(ids + [int(np.argmax(last))])
-    np.testing.assert_allclose(nxt, again[-1], rtol=1e-3, atol=1e-3)
+    tok = int(np.argmax(last))
+    nxt = rt.step(tok)
+    rt.llm.reset()  # the same prefill and one-token step, every position's row kept
+    rt.llm._logits_all = True
+    rt.llm.eval(ids)
+    rt.llm.eval([tok])
+    kept = np.array(rt.llm.scores[: len(ids) + 1])
+    rt.llm._logits_all = False
+    np.testing.assert_allclose(last, kept[len(ids) - 1], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(nxt, kept[len(ids)], rtol=1e-3, atol=1e-3)
+    assert np.abs(nxt - kept[len(ids) - 1]).max() > 0.1  # step returned the new position's row, not the last one
