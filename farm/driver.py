@@ -385,6 +385,12 @@ def gate_cells(grid) -> list:
             c.spec["export"]["quant"] == FORMATS.options(c.spec["export"]["format"]).BASE_LEVEL)]
 
 
+def task_result(outcome: dict, cell) -> dict | None:
+    """The cell's task-accuracy result, if its tasks stage ran and did not fail."""
+    result, error = outcome.get(cell.tasks, (None, 1))
+    return result if error is None else None
+
+
 def consistency_of(grid, outcome: dict) -> tuple[dict[str, float], list[str]]:
     """cell id -> the share of items on which its runtime setting's full-precision base cell picked the PyTorch
     baseline's answer (the lowest, if it has several), for every scored cell; and a line per runtime setting."""
@@ -396,16 +402,12 @@ def consistency_of(grid, outcome: dict) -> tuple[dict[str, float], list[str]]:
     def setting(c) -> str:
         return json.dumps(c.spec["export"]["runtime"], sort_keys=True)
 
-    def scored(c):
-        result, error = outcome.get(c.tasks, (None, 1))
-        return result if error is None else None
-
-    baseline = next((scored(c) for c in grid.cells if c.baseline and c.tasks), None)
+    baseline = next((task_result(outcome, c) for c in grid.cells if c.baseline and c.tasks), None)
     if baseline is None:
         return {}, ["farm: tasks: the PyTorch baseline has no task scores; no runtime is checked against it"]
     share, lines = {}, []
     for c in gate_cells(grid):
-        mine = scored(c)
+        mine = task_result(outcome, c)
         if mine is None:
             continue
         value, n = agreement(mine["items"], baseline["items"])
@@ -427,14 +429,11 @@ def vs_base(grid, outcome: dict) -> dict[str, dict[str, float]]:
     def key(c) -> str:
         return json.dumps([c.spec["export"], c.spec["target"]["name"]], sort_keys=True, default=str)
 
-    def scored(c):
-        result, error = outcome.get(c.tasks, (None, 1)) if c.tasks else (None, 1)
-        return result if error is None else None
-
-    twins = {key(c): scored(c) for c in grid.cells if not c.spec["compress"] and scored(c) is not None}
+    twins = {key(c): task_result(outcome, c) for c in grid.cells
+             if not c.spec["compress"] and task_result(outcome, c) is not None}
     out = {}
     for c in grid.cells:
-        mine, base = scored(c), twins.get(key(c))
+        mine, base = task_result(outcome, c), twins.get(key(c))
         if not c.spec["compress"] or mine is None or base is None:
             continue
         for t in mine["items"]:

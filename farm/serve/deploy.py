@@ -69,7 +69,7 @@ def adapter(ref: str, dest: Path) -> Path:
 
     from farm import storage, tracking
 
-    if "://" not in ref and ":/" not in ref:
+    if ":/" not in ref:  # a path, not runs:/ or models:/
         if not Path(ref).is_file():
             raise FarmError(f"--lora: no such adapter file {ref} (an sft step writes adapter/adapter-f16.gguf in "
                             "its stage and logs it to its cell's run: --lora runs:/RUN_ID or models:/NAME@ALIAS)")
@@ -139,17 +139,16 @@ def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, thre
     signal.signal(signal.SIGTERM, stop)
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
         model = resolve(uri, Path(d) / "model")
-        refs = [str(r) for r in lora]
-        lora = [adapter(ref, Path(d) / f"adapter-{i}") for i, ref in enumerate(refs)]
+        adapters = [adapter(str(ref), Path(d) / f"adapter-{i}") for i, ref in enumerate(lora)]
         srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads,
-                            lora)
+                            adapters)
         with srv:
             print(f"farm: {model['name']} v{model['version']} ({model['runtime']['name']}) on {srv.url}/v1 "
                   f"(OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health); {parallel} parallel "
                   f"slots; log {srv.log}; Ctrl-C stops it", flush=True)
-            for i, (ref, p) in enumerate(zip(refs, lora)):
-                print(f"farm: adapter {i}: {ref} ({Path(p).name}) — off unless a request asks for it: \"lora\": [{{\"id\": {i}, "
-                      "\"scale\": 1.0}]", flush=True)
+            for i, (ref, p) in enumerate(zip(lora, adapters)):
+                print(f"farm: adapter {i}: {ref} ({p.name}) — off unless a request asks for it: "
+                      f"\"lora\": [{{\"id\": {i}, \"scale\": 1.0}}]", flush=True)
             try:
                 srv.proc.wait()
             except KeyboardInterrupt:
