@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -258,3 +259,16 @@ def test_an_sft_cells_adapter_reaches_its_run_and_farm_serve_lora_finds_it(tmp_p
         adapter(f"runs:/{runs['sft']}", tmp_path / "dl4")
     with pytest.raises(FarmError, match="no such adapter file"):
         adapter(str(tmp_path / "nowhere.gguf"), tmp_path / "dl5")
+
+
+def test_llama_server_is_given_absolute_paths_because_it_runs_in_its_workdir(tmp_path, monkeypatch):
+    """A model and adapter named relative to the caller's directory must still be found by the server, whose
+    working directory is its own workdir (where its CPU backends are linked)."""
+    from farm.serve.llamacpp_server import server
+
+    monkeypatch.chdir(tmp_path)
+    srv = server(Path("model.gguf"), tmp_path / "engine", 1, 1, 256, lora=[Path("ad/a.gguf")])
+    cmd = srv.cmd
+    assert cmd[cmd.index("-m") + 1] == str(tmp_path / "model.gguf")
+    assert cmd[cmd.index("--lora-scaled") + 1] == f"{tmp_path / 'ad' / 'a.gguf'}:1.0"
+    assert srv.proc is None  # built, not started
