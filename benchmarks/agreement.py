@@ -2,7 +2,8 @@
 as a sweep runs it) side by side with a bare loop over each runtime's own API — llama-cpp-python's Llama.eval,
 an onnxruntime session fed numpy arrays, an OpenVINO infer request, a transformers model called with its
 past key values — on the same files, prompt tokens,
-decode length, threads and cores, each in a fresh process, alternating so that drift hits both. Then, with
+decode length, threads and cores, each in a fresh process, alternating (and alternating which goes first) so
+that drift hits both. Then, with
 --sweep, the same cells' figures from inside the sweep (MLflow), to show what the sweep's own load costs.
 
     .venv/bin/python benchmarks/agreement.py --sweep demo [--threads 2] [--rounds 3]
@@ -239,9 +240,11 @@ def main() -> None:
         prompt.write_text(json.dumps(prompt_tokens(reference, bench["prompt_tokens"])))
         for label, fmt, path, sweep_metrics in cells:
             farm, raw = [], []
-            for _ in range(a.rounds):
-                farm.append(farm_bench(fmt, path, reference, a.threads, bench, work))
-                raw.append(bare(fmt, path, prompt, a.threads, bench, work))
+            for i in range(a.rounds):  # who goes first alternates: a drift within a round favours neither
+                order = [(farm, lambda: farm_bench(fmt, path, reference, a.threads, bench, work)),
+                         (raw, lambda: bare(fmt, path, prompt, a.threads, bench, work))]
+                for into, run in order[::-1] if i % 2 else order:
+                    into.append(run())
             fd, bd = (statistics.median(x["decode_tok_s"] for x in xs) for xs in (farm, raw))
             fp, bp = (statistics.median(x["prefill_tok_s"] for x in xs) for xs in (farm, raw))
             spread = {k: [round(x[f"{k}_tok_s"] / y[f"{k}_tok_s"], 2) for x, y in zip(farm, raw)]

@@ -7,7 +7,8 @@ Stages already in storage are reused, as in a sweep (same ids), and what runs he
 Prints a markdown row per cell: perplexity, KL(base || cell), top-1 agreement, size on disk, and the
 seconds the cell's compression steps took (when they ran: a reused stage reports its first run). With
 --tasks, the cells' task-accuracy stages run too (the sweep's `tasks` section, through each cell's runtime)
-and each row gets every task's accuracy ± its standard error.
+and each row gets every task's accuracy ± its standard error, and a compressed cell its paired difference from
+the uncompressed base exported the same way (farm.tasks.paired; the base's cell must be in the run too).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ def main() -> int:
 
     from farm import grid, spec
     from farm.stages import run_stage
+    from farm.tasks import paired
 
     g = grid.build(spec.load(args.sweep))
     results: dict[str, dict] = {}
+    base_items: dict[str, dict] = {}  # export -> the uncompressed base's per-item picks, for paired differences
     header_tasks: list[str] = []
     rows = []
     for cell in g.cells:
@@ -62,6 +65,11 @@ def main() -> int:
             got = results[cell.tasks]["metrics"]
             names = sorted(k.split(".", 1)[1] for k in got if k.startswith("acc.") and not k.startswith("acc.mean"))
             row += " " + " | ".join(f"{got[f'acc.{t}']:.3f} ± {got[f'acc_stderr.{t}']:.3f}" for t in names) + " |"
+            if not steps:
+                base_items[target] = results[cell.tasks]["items"]
+            twin = base_items.get(target) if steps else None
+            diffs = [paired(results[cell.tasks]["items"][t], twin[t]) if twin and t in twin else None for t in names]
+            row += " " + " | ".join(f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "" for d in diffs) + " |"
             header_tasks[:] = names
         if args.info:
             steps_run = [s for s in g.closure([cell.evaluate]) if s.kind == "compress"]
@@ -70,8 +78,8 @@ def main() -> int:
         rows.append(row)
         print(row, f"  ({time.time() - t0:.0f} s here)", file=sys.stderr, flush=True)
     print("| pipeline | export | perplexity | KL | top-1 | size MB | compress s |"
-          + "".join(f" acc {t} |" for t in header_tasks))
-    print("|---|---|---|---|---|---|---|" + "---|" * len(header_tasks))
+          + "".join(f" acc {t} |" for t in header_tasks) + "".join(f" vs base {t} |" for t in header_tasks))
+    print("|---|---|---|---|---|---|---|" + "---|" * 2 * len(header_tasks))
     print("\n".join(rows))
     return 0
 
