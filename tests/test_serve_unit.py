@@ -267,8 +267,9 @@ def test_llama_server_is_given_absolute_paths_because_it_runs_in_its_workdir(tmp
     from farm.serve.llamacpp_server import server
 
     monkeypatch.chdir(tmp_path)
-    srv = server(Path("model.gguf"), tmp_path / "engine", 1, 1, 256, lora=[Path("ad/a.gguf")])
-    cmd = srv.cmd
-    assert cmd[cmd.index("-m") + 1] == str(tmp_path / "model.gguf")
-    assert cmd[cmd.index("--lora-scaled") + 1] == f"{tmp_path / 'ad' / 'a.gguf'}:1.0"
-    assert srv.proc is None  # built, not started
+    for model, adapter in ((Path("model.gguf"), Path("ad/a.gguf")), ("model.gguf", "ad/a.gguf")):  # Path or str
+        srv = server(model, tmp_path / "engine", 1, 1, 256, lora=[adapter])
+        cmd = srv.cmd
+        assert cmd[cmd.index("-m") + 1] == str(tmp_path / "model.gguf")
+        assert cmd[cmd.index("--lora-scaled") + 1] == f"{tmp_path / 'ad' / 'a.gguf'}:1.0"
+        assert srv.proc is None  # built, not started

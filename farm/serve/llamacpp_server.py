@@ -61,7 +61,7 @@ def server(gguf: Path, workdir: Path, threads: int, parallel: int, n_ctx: int, a
     "lora": [{"id": 0, "scale": 1.0}], else every adapter applies at scale 1 (`lora_applied`) or none."""
     workdir.mkdir(parents=True, exist_ok=True)
     variant_links(workdir, amx)
-    gguf, lora = gguf.resolve(), [Path(p).resolve() for p in lora]  # the server runs in workdir
+    gguf, lora = Path(gguf).resolve(), [Path(p).resolve() for p in lora]  # the server runs in workdir (str or Path)
     port = port or free_port(host)
     cmd = [str(binary()), "-m", str(gguf), "--host", host, "--port", str(port), "-t", str(threads),
            "-tb", str(threads), "--parallel", str(parallel), "-c", str(n_ctx), "--kv-unified", "--metrics",
