@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from statistics import median
 from pathlib import Path
+from statistics import median
 
 from farm.data import split
 from farm.models import load_tokenizer

@@ -1,10 +1,9 @@
 """Does the farm's benchmark measure what the runtime does? The farm's bench (farm/bench.py, its own process,
 as a sweep runs it) side by side with a bare loop over each runtime's own API — llama-cpp-python's Llama.eval,
 an onnxruntime session fed numpy arrays, an OpenVINO infer request, a transformers model called with its
-past key values — on the same files, prompt tokens,
-decode length, threads and cores, each in a fresh process, alternating (and alternating which goes first) so
-that drift hits both. Then, with
---sweep, the same cells' figures from inside the sweep (MLflow), to show what the sweep's own load costs.
+past key values — on the same files, prompt tokens, decode length, threads and cores, each in a fresh process,
+alternating (and alternating which goes first) so that drift hits both. Then, with --sweep, the same cells'
+figures from inside the sweep (MLflow), to show what the sweep's own load costs.
 
     .venv/bin/python benchmarks/agreement.py --sweep demo [--threads 2] [--rounds 3]
     .venv/bin/python benchmarks/agreement.py --reference DIR gguf=FILE onnx=DIR openvino=DIR
