@@ -196,13 +196,18 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
     return sorted(cells), reference, spec["bench"]
 
 
+def paired(ratios: list[float]) -> str:
+    """The median of the rounds' farm/bare ratios and their range (the noise the median stands against)."""
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cells", nargs="*", help="FORMAT=PATH (gguf, onnx, openvino), with --reference")
     p.add_argument("--sweep", help="take the cells and bench settings from this sweep's latest run")
     p.add_argument("--reference", type=Path, help="a sweep's reference stage directory (the prompt's text)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--rounds", type=int, default=3, help="farm / bare alternations per cell (median taken)")
+    p.add_argument("--rounds", type=int, default=6, help="farm / bare pairs per cell (median of the pairs' ratios)")
     p.add_argument("--bench-repeats", type=int, help="repeats per process (default: the sweep's bench.repeats)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "agreement.md")
     p.add_argument("--bare", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
@@ -227,11 +232,11 @@ def main() -> None:
     lines = [f"# Agreement: farm's bench vs bare runtime loops ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
              f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads; prompt "
              f"{bench['prompt_tokens']} tokens, decode {bench['decode_tokens']}, {bench['warmup']} warm-up + "
-             f"{bench['repeats']} repeats per process, {a.rounds} alternating rounds (medians). Command: "
+             f"{bench['repeats']} repeats per process, {a.rounds} rounds, each a farm/bare pair in alternating order "
+             "(medians of each side; farm/bare is the median of the pairs' ratios). Command: "
              f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`", "",
-             "| cell | farm decode | bare decode | farm/bare (rounds' range) | farm prefill | bare prefill | "
-             "farm/bare (range) | "
-             "in-sweep decode | in-sweep/quiet | roofline eff. |", "|" + "---|" * 10]
+             "| cell | farm decode | bare decode | farm/bare, median of rounds (range) | farm prefill | bare prefill | "
+             "farm/bare (range) | in-sweep decode | in-sweep/quiet (quiet rounds' range) | roofline eff. |", "|" + "---|" * 10]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
@@ -246,13 +251,15 @@ def main() -> None:
                     into.append(run())
             fd, bd = (statistics.median(x["decode_tok_s"] for x in xs) for xs in (farm, raw))
             fp, bp = (statistics.median(x["prefill_tok_s"] for x in xs) for xs in (farm, raw))
-            spread = {k: [round(x[f"{k}_tok_s"] / y[f"{k}_tok_s"], 2) for x, y in zip(farm, raw)]
-                      for k in ("decode", "prefill")}  # farm/bare of each round: the noise the medians hide
+            ratio = {k: [x[f"{k}_tok_s"] / y[f"{k}_tok_s"] for x, y in zip(farm, raw)]
+                     for k in ("decode", "prefill")}  # each round's pair: a drift between rounds cancels
             roof = statistics.median(x.get("roofline", {}).get("roofline_efficiency", float("nan")) for x in farm)
             sd = sweep_metrics.get("decode_tok_s")
-            row = (f"| {label} | {fd:.1f} | {bd:.1f} | {fd / bd:.3f} ({min(spread['decode'])}–{max(spread['decode'])}) "
-                   f"| {fp:.0f} | {bp:.0f} | {fp / bp:.3f} ({min(spread['prefill'])}–{max(spread['prefill'])}) | "
-                   + (f"{sd:.1f} | {sd / fd:.3f}" if sd else "- | -") + f" | {roof:.0%} |")
+            quiet = [x["decode_tok_s"] for x in farm]  # the in-sweep figure beside the quiet rounds' own spread
+            row = (f"| {label} | {fd:.1f} | {bd:.1f} | {paired(ratio['decode'])} | {fp:.0f} | {bp:.0f} | "
+                   f"{paired(ratio['prefill'])} | "
+                   + (f"{sd:.1f} | {sd / fd:.3f} ({min(quiet) / fd:.2f}–{max(quiet) / fd:.2f})" if sd else "- | -")
+                   + f" | {roof:.0%} |")
             lines.append(row)
             print(row, flush=True)
             a.out.parent.mkdir(parents=True, exist_ok=True)
