@@ -11,6 +11,14 @@ figures from inside the sweep (MLflow), to show what the sweep's own load costs.
 --sweep picks the base model's full-precision and 4-bit cells of every runtime from the sweep's latest run
 (MLFLOW_TRACKING_URI, FARM_HOME as `make demo` sets them). Prints a Markdown table and writes it to --out
 (default benchmarks/results/agreement.md).
+
+--in-sweep JOB (with --sweep): the in-sweep check, paired in time. The demo's figures were measured up to half an
+hour before the quiet ones, and this VM's speed drifts by ±15 % within minutes, so comparing the two mixes drift
+with the sweep's own load. Instead, each of --in-sweep-rounds rounds submits JOB (a sweep of the same cells with
+`bench.reuse: never`: its benchmarks run inside a Ray job, beside the driver, MLflow and the job log's tail) and
+right after benchmarks every cell alone with farm's bench; in-sweep/quiet is the median of the rounds' ratios.
+
+    .venv/bin/python benchmarks/agreement.py --sweep insweep --in-sweep jobs/insweep.yaml --in-sweep-rounds 3
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+OUT = Path(__file__).parent / "results" / "agreement.md"
 RUNTIME = {"gguf": {"name": "llamacpp"}, "onnx": {"name": "onnxruntime"}, "openvino": {"name": "openvino"},
            "torch": {"name": "torch"}}
 
@@ -201,6 +210,35 @@ def paired(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
+def in_sweep_rounds(a, bench: dict, lines: list[str]) -> None:
+    """Alternate: the job's sweep (its cells benchmarked in the job), then each cell alone; paired ratios."""
+    farm_cli = Path(sys.executable).parent / "farm"
+    ratios: dict[str, list[float]] = {}
+    figures: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(a.in_sweep_rounds):
+            rc = subprocess.run([str(farm_cli), "submit", "--address", a.address, str(a.in_sweep)]).returncode
+            if rc not in (0, 3):
+                raise SystemExit(f"farm submit {a.in_sweep} failed (exit {rc})")
+            cells, reference, _ = sweep_cells(a.sweep)
+            for label, fmt, path, metrics in cells:
+                quiet = farm_bench(fmt, path, reference, a.threads, bench, Path(d))["decode_tok_s"]
+                ratios.setdefault(label, []).append(metrics["decode_tok_s"] / quiet)
+                figures.setdefault(label, []).append((metrics["decode_tok_s"], quiet))
+                print(f"{label}: in the job {metrics['decode_tok_s']:.1f}, alone right after {quiet:.1f} tok/s "
+                      f"(foreign CPUs in the job {metrics.get('foreign_cpus', float('nan')):.2f})", flush=True)
+    start = len(lines)
+    lines += ["", f"## In-sweep vs alone, paired in time ({a.in_sweep_rounds} rounds)", "",
+              f"Each round submits `{a.in_sweep}` (its benchmarks re-run inside the Ray job: `bench.reuse: never`), then "
+              "benchmarks each cell alone with farm's bench right after; the cluster stays up (idle) for both.", "",
+              "| cell | decode in the job, per round | alone right after | in-job/alone, median of rounds (range) |",
+              "|---|---|---|---|"]
+    for label, rs in sorted(ratios.items()):
+        lines.append(f"| {label} | {', '.join(f'{x:.1f}' for x, _ in figures[label])} | "
+                     f"{', '.join(f'{y:.1f}' for _, y in figures[label])} | {paired(rs)} |")
+    print("\n".join(lines[start:]), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("cells", nargs="*", help="FORMAT=PATH (gguf, onnx, openvino), with --reference")
@@ -209,7 +247,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=6, help="farm / bare pairs per cell (median of the pairs' ratios)")
     p.add_argument("--bench-repeats", type=int, help="repeats per process (default: the sweep's bench.repeats)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "agreement.md")
+    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--in-sweep", type=Path, metavar="JOB", help="the paired in-sweep check with this sweep file")
+    p.add_argument("--in-sweep-rounds", type=int, default=3)
+    p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD", "http://127.0.0.1:8265"))
     p.add_argument("--bare", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     for k in ("prompt", "decode", "warmup", "repeats"):
         p.add_argument(f"--{k}", help=argparse.SUPPRESS)
@@ -221,7 +262,11 @@ def main() -> None:
     from farm import nodes
     from farm.bench import prompt_tokens
 
-    if a.sweep:
+    if a.in_sweep:  # the bench settings are the job's: its experiment may not exist yet
+        from farm import spec
+
+        cells, reference, bench = [], None, spec.load(str(a.in_sweep)).bench.model_dump()
+    elif a.sweep:
         cells, reference, bench = sweep_cells(a.sweep)
     else:
         reference, bench = a.reference, {"prompt_tokens": 128, "decode_tokens": 64, "warmup": 1, "repeats": 3}
@@ -229,6 +274,16 @@ def main() -> None:
     if a.bench_repeats:
         bench = {**bench, "repeats": a.bench_repeats}
     facts = nodes.facts()
+    if a.in_sweep:
+        if not a.sweep:
+            raise SystemExit("--in-sweep needs --sweep NAME: the name inside the job file")
+        lines = [f"# In-sweep vs alone ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
+                 f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads. Command: "
+                 f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`"]
+        in_sweep_rounds(a, bench, lines)
+        a.out = a.out if a.out != OUT else OUT.with_name("agreement-insweep.md")
+        a.out.write_text("\n".join(lines) + "\n")
+        return
     lines = [f"# Agreement: farm's bench vs bare runtime loops ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
              f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads; prompt "
              f"{bench['prompt_tokens']} tokens, decode {bench['decode_tokens']}, {bench['warmup']} warm-up + "
