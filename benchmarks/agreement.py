@@ -206,8 +206,11 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
 
 
 def paired(ratios: list[float]) -> str:
-    """The median of the rounds' farm/bare ratios and their range (the noise the median stands against)."""
-    return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f})"
+    """The median of the rounds' farm/bare ratios, their range, and a 90 % bootstrap interval of the median
+    (what the rounds can resolve: on a drifting VM, a ±5 % claim needs that interval inside 0.95–1.05)."""
+    boot = np.median(np.random.default_rng(0).choice(ratios, (4000, len(ratios))), axis=1)
+    lo, hi = np.percentile(boot, [5, 95])
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f}; CI {lo:.2f}–{hi:.2f})"
 
 
 def in_sweep_rounds(a, bench: dict, lines: list[str]) -> None:
@@ -231,7 +234,7 @@ def in_sweep_rounds(a, bench: dict, lines: list[str]) -> None:
     lines += ["", f"## In-sweep vs alone, paired in time ({a.in_sweep_rounds} rounds)", "",
               f"Each round submits `{a.in_sweep}` (its benchmarks re-run inside the Ray job: `bench.reuse: never`), then "
               "benchmarks each cell alone with farm's bench right after; the cluster stays up (idle) for both.", "",
-              "| cell | decode in the job, per round | alone right after | in-job/alone, median of rounds (range) |",
+              "| cell | decode in the job, per round | alone right after | in-job/alone, median of rounds (range; 90 % CI) |",
               "|---|---|---|---|"]
     for label, rs in sorted(ratios.items()):
         lines.append(f"| {label} | {', '.join(f'{x:.1f}' for x, _ in figures[label])} | "
@@ -290,13 +293,14 @@ def main() -> None:
              f"{bench['repeats']} repeats per process, {a.rounds} rounds, each a farm/bare pair in alternating order "
              "(medians of each side; farm/bare is the median of the pairs' ratios). Command: "
              f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`", "",
-             "| cell | farm decode | bare decode | farm/bare, median of rounds (range) | farm prefill | bare prefill | "
-             "farm/bare (range) | in-sweep decode | in-sweep/quiet (quiet rounds' range) | roofline eff. |", "|" + "---|" * 10]
+             "| cell | farm decode | bare decode | farm/bare, median of rounds (range; 90 % CI) | farm prefill | "
+             "bare prefill | farm/bare (range; CI) | in-sweep decode | in-sweep/quiet (quiet rounds' range) | roofline eff. |", "|" + "---|" * 10]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         prompt = work / "prompt.json"
         prompt.write_text(json.dumps(prompt_tokens(reference, bench["prompt_tokens"])))
+        rounds = {}
         for label, fmt, path, sweep_metrics in cells:
             farm, raw = [], []
             for i in range(a.rounds):  # who goes first alternates: a drift within a round favours neither
@@ -319,6 +323,9 @@ def main() -> None:
             print(row, flush=True)
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text("\n".join(lines) + "\n")  # partial results survive an interrupted run
+            rounds[label] = {"farm": [{k: x[k] for k in ("decode_tok_s", "prefill_tok_s")} for x in farm],
+                             "bare": raw}
+            a.out.with_suffix(".json").write_text(json.dumps(rounds, indent=1))  # every round, for a later look
 
 
 if __name__ == "__main__":
