@@ -5,20 +5,20 @@ past key values — on the same files, prompt tokens, decode length, threads and
 alternating (and alternating which goes first) so that drift hits both. Then, with --sweep, the same cells'
 figures from inside the sweep (MLflow), to show what the sweep's own load costs.
 
-    .venv/bin/python benchmarks/agreement.py --sweep demo [--threads 2] [--rounds 3]
+    .venv/bin/python benchmarks/agreement.py --sweep demo [--threads 2] [--rounds 6]
     .venv/bin/python benchmarks/agreement.py --reference DIR gguf=FILE onnx=DIR openvino=DIR
 
 --sweep picks the base model's full-precision and 4-bit cells of every runtime from the sweep's latest run
 (MLFLOW_TRACKING_URI, FARM_HOME as `make demo` sets them). Prints a Markdown table and writes it to --out
 (default benchmarks/results/agreement.md).
 
---in-sweep JOB (with --sweep): the in-sweep check, paired in time. The demo's figures were measured up to half an
+--in-sweep JOB: the in-sweep check, paired in time. The demo's figures were measured up to half an
 hour before the quiet ones, and this VM's speed drifts by ±15 % within minutes, so comparing the two mixes drift
 with the sweep's own load. Instead, each of --in-sweep-rounds rounds submits JOB (a sweep of the same cells with
 `bench.reuse: never`: its benchmarks run inside a Ray job, beside the driver, MLflow and the job log's tail) and
 right after benchmarks every cell alone with farm's bench; in-sweep/quiet is the median of the rounds' ratios.
 
-    .venv/bin/python benchmarks/agreement.py --sweep insweep --in-sweep jobs/insweep.yaml --in-sweep-rounds 3
+    .venv/bin/python benchmarks/agreement.py --in-sweep jobs/insweep.yaml --in-sweep-rounds 3
 """
 
 from __future__ import annotations
@@ -213,17 +213,18 @@ def paired(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} ({min(ratios):.2f}–{max(ratios):.2f}; CI {lo:.2f}–{hi:.2f})"
 
 
-def in_sweep_rounds(a, bench: dict, lines: list[str]) -> None:
+def in_sweep_rounds(a, name: str, bench: dict, lines: list[str]) -> None:
     """Alternate: the job's sweep (its cells benchmarked in the job), then each cell alone; paired ratios."""
-    farm_cli = Path(sys.executable).parent / "farm"
+    from farm.driver import submit_job
+
     ratios: dict[str, list[float]] = {}
     figures: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as d:
         for _ in range(a.in_sweep_rounds):
-            rc = subprocess.run([str(farm_cli), "submit", "--address", a.address, str(a.in_sweep)]).returncode
+            rc = submit_job(str(a.in_sweep), a.address)
             if rc not in (0, 3):
                 raise SystemExit(f"farm submit {a.in_sweep} failed (exit {rc})")
-            cells, reference, _ = sweep_cells(a.sweep)
+            cells, reference, _ = sweep_cells(name)
             for label, fmt, path, metrics in cells:
                 quiet = farm_bench(fmt, path, reference, a.threads, bench, Path(d))["decode_tok_s"]
                 ratios.setdefault(label, []).append(metrics["decode_tok_s"] / quiet)
@@ -250,7 +251,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rounds", type=int, default=6, help="farm / bare pairs per cell (median of the pairs' ratios)")
     p.add_argument("--bench-repeats", type=int, help="repeats per process (default: the sweep's bench.repeats)")
-    p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--out", type=Path, help=f"default {OUT} (with --in-sweep: agreement-insweep.md beside it)")
     p.add_argument("--in-sweep", type=Path, metavar="JOB", help="the paired in-sweep check with this sweep file")
     p.add_argument("--in-sweep-rounds", type=int, default=3)
     p.add_argument("--address", default=os.environ.get("RAY_DASHBOARD", "http://127.0.0.1:8265"))
@@ -265,10 +266,11 @@ def main() -> None:
     from farm import nodes
     from farm.bench import prompt_tokens
 
-    if a.in_sweep:  # the bench settings are the job's: its experiment may not exist yet
+    if a.in_sweep:  # the bench settings and name are the job's: its experiment may not exist yet
         from farm import spec
 
-        cells, reference, bench = [], None, spec.load(str(a.in_sweep)).bench.model_dump()
+        job = spec.load(str(a.in_sweep))
+        cells, reference, bench = [], None, job.bench.model_dump()
     elif a.sweep:
         cells, reference, bench = sweep_cells(a.sweep)
     else:
@@ -278,13 +280,11 @@ def main() -> None:
         bench = {**bench, "repeats": a.bench_repeats}
     facts = nodes.facts()
     if a.in_sweep:
-        if not a.sweep:
-            raise SystemExit("--in-sweep needs --sweep NAME: the name inside the job file")
         lines = [f"# In-sweep vs alone ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
                  f"CPU: {facts['model_name']} ({facts['family']}, {facts['isa']}), {a.threads} threads. Command: "
                  f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`"]
-        in_sweep_rounds(a, bench, lines)
-        a.out = a.out if a.out != OUT else OUT.with_name("agreement-insweep.md")
+        in_sweep_rounds(a, job.name, bench, lines)
+        a.out = a.out or OUT.with_name("agreement-insweep.md")
         a.out.write_text("\n".join(lines) + "\n")
         return
     lines = [f"# Agreement: farm's bench vs bare runtime loops ({time.strftime('%Y-%m-%d', time.gmtime())})", "",
@@ -294,7 +294,9 @@ def main() -> None:
              "(medians of each side; farm/bare is the median of the pairs' ratios). Command: "
              f"`{' '.join(['.venv/bin/python', 'benchmarks/agreement.py'] + sys.argv[1:])}`", "",
              "| cell | farm decode | bare decode | farm/bare, median of rounds (range; 90 % CI) | farm prefill | "
-             "bare prefill | farm/bare (range; CI) | in-sweep decode | in-sweep/quiet (quiet rounds' range) | roofline eff. |", "|" + "---|" * 10]
+             "bare prefill | farm/bare (range; CI) | in-sweep decode | in-sweep/quiet (quiet rounds' range) | "
+             "roofline eff. |", "|" + "---|" * 10]
+    a.out = a.out or OUT
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
