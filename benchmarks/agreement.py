@@ -165,9 +165,14 @@ def bare_child(a) -> None:
 # --- the comparison ---------------------------------------------------------------------------------------
 
 def farm_bench(fmt: str, path: str, reference: Path, threads: int, bench: dict, work: Path) -> dict:
-    from farm import bench as farmbench
+    from farm import nodes
+    from farm.measure import roofline
+    from farm.measure import speed as farmbench
 
-    raw = farmbench.run(RUNTIME[fmt], Path(path), reference, bench, threads, work / "farm.json", fmt=fmt)
+    raw = farmbench.run(RUNTIME[fmt], Path(path), reference, bench, threads, work / "farm.json")
+    context = bench["prompt_tokens"] + bench["decode_tokens"] / 2  # as farm's roofline stage reads it
+    raw["roofline"] = roofline.for_cell(fmt, Path(path), raw["decode_tok_s"], context, threads, raw["cores"],
+                                        raw["runtime_settings"], nodes.facts())
     return raw
 
 
@@ -181,15 +186,15 @@ def bare(fmt: str, path: str, prompt: Path, threads: int, bench: dict, work: Pat
 
 def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict]:
     """(label, format, artifact path, in-sweep metrics) of the base model's full-precision and 4-bit cells."""
-    from farm import tracking
+    from farm.record import queries
     from farm.storage import local_path
 
-    c, _, parent = tracking.latest_sweep_run(name)
-    spec = tracking.sweep_spec(c, parent)
+    c, _, parent = queries.latest_sweep_run(name)
+    spec = queries.sweep_spec(c, parent)
     wanted = {("torch", "fp32"), ("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"),
               ("openvino", "fp32"), ("openvino", "int4_asym")}
     cells, reference = [], None
-    for r in tracking.cell_runs(parent):
+    for r in queries.cell_runs(parent):
         p, t = r.data.params, r.data.tags
         key = (p.get("export.format"), p.get("export.quant"))
         if r.info.status != "FINISHED" or p.get("compress.method") != "none" or key not in wanted \
@@ -215,7 +220,7 @@ def paired(ratios: list[float]) -> str:
 
 def in_sweep_rounds(a, name: str, bench: dict, lines: list[str]) -> None:
     """Alternate: the job's sweep (its cells benchmarked in the job), then each cell alone; paired ratios."""
-    from farm.driver import submit_job
+    from farm.run.jobs import submit_job
 
     ratios: dict[str, list[float]] = {}
     figures: dict[str, list[tuple[float, float]]] = {}
@@ -264,10 +269,10 @@ def main() -> None:
         a.decode, a.warmup, a.repeats = int(a.decode), int(a.warmup), int(a.repeats)
         return bare_child(a)
     from farm import nodes
-    from farm.bench import prompt_tokens
+    from farm.measure.speed import prompt_tokens
 
     if a.in_sweep:  # the bench settings and name are the job's: its experiment may not exist yet
-        from farm import spec
+        from farm.sweep import spec
 
         job = spec.load(str(a.in_sweep))
         cells, reference, bench = [], None, job.bench.model_dump()

@@ -36,9 +36,10 @@ def main() -> int:
     os.environ.setdefault("FARM_HOME", str(ROOT / ".farm"))
     sys.path.insert(0, str(ROOT))
 
-    from farm import grid, spec
-    from farm.stages import run_stage
-    from farm.tasks import paired
+    from farm.plan import grid
+    from farm.sweep import spec
+    from farm.stages.runner import run_stage
+    from farm.measure.tasks import paired
 
     g = grid.build(spec.load(args.sweep))
     results: dict[str, dict] = {}
@@ -53,26 +54,26 @@ def main() -> int:
         if args.match and not re.search(args.match, f"{label} {target}"):
             continue
         t0 = time.time()
-        wanted = [cell.evaluate] + ([cell.tasks] if args.tasks and cell.tasks else [])
+        wanted = [cell.stages.get("evaluate")] + ([cell.stages.get("tasks")] if args.tasks and cell.stages.get("tasks") else [])
         for stage in g.closure(wanted):
             if stage.id not in results:
                 results[stage.id] = run_stage(stage, [results[d] for d in stage.deps])
-        metrics = results[cell.evaluate]["metrics"]
-        compress_s = sum(results[s.id]["seconds"] for s in g.closure([cell.evaluate]) if s.kind == "compress")
+        metrics = results[cell.stages.get("evaluate")]["metrics"]
+        compress_s = sum(results[s.id]["seconds"] for s in g.closure([cell.stages.get("evaluate")]) if s.kind == "compress")
         row = (f"| {label} | {target} | {metrics['perplexity']:.3f} | {metrics['kl_div']:.4f} | "
                f"{metrics['top1_agree']:.3f} | {results[cell.export].get('size_mb', 0):.1f} | {compress_s:.0f} |")
-        if args.tasks and cell.tasks:
-            got = results[cell.tasks]["metrics"]
+        if args.tasks and cell.stages.get("tasks"):
+            got = results[cell.stages.get("tasks")]["metrics"]
             names = sorted(k.split(".", 1)[1] for k in got if k.startswith("acc.") and not k.startswith("acc.mean"))
             row += " " + " | ".join(f"{got[f'acc.{t}']:.3f} ± {got[f'acc_stderr.{t}']:.3f}" for t in names) + " |"
             if not steps:
-                base_items[target] = results[cell.tasks]["items"]
+                base_items[target] = results[cell.stages.get("tasks")]["items"]
             twin = base_items.get(target) if steps else None
-            diffs = [paired(results[cell.tasks]["items"][t], twin[t]) if twin and t in twin else None for t in names]
+            diffs = [paired(results[cell.stages.get("tasks")]["items"][t], twin[t]) if twin and t in twin else None for t in names]
             row += " " + " | ".join(f"{d[0]:+.3f} ± {d[1]:.3f}" if d else "" for d in diffs) + " |"
             header_tasks[:] = names
         if args.info:
-            steps_run = [s for s in g.closure([cell.evaluate]) if s.kind == "compress"]
+            steps_run = [s for s in g.closure([cell.stages.get("evaluate")]) if s.kind == "compress"]
             info = results[steps_run[-1].id].get("info", {}) if steps_run else {}
             row += " " + ", ".join(f"{k}={info.get(k)}" for k in args.info.split(","))
         rows.append(row)

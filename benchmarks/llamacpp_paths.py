@@ -19,7 +19,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from farm import bench
+from farm.measure import speed as bench
 from farm.runtimes import ggml_cpu
 
 SETTINGS = {"prompt_tokens": 128, "decode_tokens": 64, "warmup": 1, "repeats": 3}

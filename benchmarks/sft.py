@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from farm import tasks
+from farm.measure import tasks
 from farm.compress import run_method
-from farm.models import resolve
+from farm.inputs.models import resolve
 from farm.nodes import facts
 
 

@@ -24,8 +24,8 @@ import json, sys, time
 from pathlib import Path
 import numpy as np
 from farm.compress import run_method
-from farm.evaluate import tokenize_data
-from farm.models import convert_embedded, load_tokenizer
+from farm.measure.quality import tokenize_data
+from farm.inputs.models import convert_embedded, load_tokenizer
 model = convert_embedded("smollm2-135m-instruct")
 calib, _ = tokenize_data(load_tokenizer(model), {"files": [], "calib_tokens": 4096, "eval_windows": 1,
                                                   "eval_window_tokens": 64})

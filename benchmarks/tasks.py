@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from farm.tasks import agreement, score_isolated
+from farm.measure.tasks import agreement, score_isolated
 
 DEFAULT = "piqa:all,arc_easy:all,arc_challenge:all,winogrande:all,openbookqa:all,hellaswag:1000"
 

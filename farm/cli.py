@@ -13,7 +13,8 @@ from farm.errors import FarmError, SpecError
 
 
 def cmd_validate(a) -> int:
-    from farm import grid, spec
+    from farm.plan import grid
+    from farm.sweep import spec
 
     sweep = spec.load(a.file)
     g = grid.build(sweep)
@@ -22,7 +23,7 @@ def cmd_validate(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from farm import driver
+    from farm.run import driver
 
     return driver.run(a.file)
 
@@ -41,20 +42,20 @@ def ray_token_auth() -> None:
 
 def cmd_submit(a) -> int:
     ray_token_auth()
-    from farm import driver
+    from farm.run import driver
 
     return driver.submit_job(a.file, a.address, wait=not a.no_wait)
 
 
 def cmd_status(a) -> int:
-    from farm.report import status_report
+    from farm.decide.report import status_report
 
     print(status_report(a.name))
     return 0
 
 
 def cmd_pareto(a) -> int:
-    from farm.report import pareto_report
+    from farm.decide.report import pareto_report
 
     r = pareto_report(a.name, a.sweep_run)
     print(r["table"])
@@ -65,7 +66,7 @@ def cmd_pareto(a) -> int:
 
 
 def cmd_report(a) -> int:
-    from farm.report import build
+    from farm.decide.report import build
 
     out = Path(a.out or f"reports/{a.name}")
     r = build(a.name, out, a.sweep_run)
@@ -79,7 +80,7 @@ def cmd_report(a) -> int:
 
 
 def cmd_promote(a) -> int:
-    from farm.promote import promote
+    from farm.decide.promote import promote
 
     r = promote(a.name, a.run, a.model_name, a.alias, a.sweep_run)
     print(r["table"] + "\n")
@@ -90,7 +91,7 @@ def cmd_promote(a) -> int:
 
 
 def cmd_generate(a) -> int:
-    from farm.promote import generate
+    from farm.decide.promote import generate
 
     for text in generate(a.uri, a.prompt, a.max_tokens):
         print(text)
@@ -107,11 +108,11 @@ def cmd_serve(a) -> int:
         raise FarmError("--lora: adapters are served by llama-server (farm serve without --mlflow); MLflow's "
                         "scoring server serves the promoted model alone")
     if not a.mlflow:
-        from farm.serve.deploy import serve
+        from farm.decide.deploy import serve
 
         return serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads, a.lora)
 
-    from farm.tracking import client
+    from farm.record.outbox import client
 
     client()  # MLFLOW_TRACKING_URI, for resolving models:/ URIs
     mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
@@ -122,7 +123,7 @@ def cmd_serve(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from farm.serve.deploy import chat
+    from farm.decide.deploy import chat
 
     return chat(a.uri if not a.uri.startswith("http") else None, a.uri if a.uri.startswith("http") else None,
                 a.system, a.max_tokens)
@@ -130,7 +131,7 @@ def cmd_chat(a) -> int:
 
 def cmd_loadtest(a) -> int:
     from farm.serve import bench as servebench
-    from farm.serve.deploy import loadtest
+    from farm.decide.deploy import loadtest
 
     levels = [int(x) for x in a.concurrency.split(",")]
     r = loadtest(a.url, a.model, levels, a.requests, a.prompt_tokens, a.output_tokens, a.shared_prefix_tokens,
@@ -141,7 +142,7 @@ def cmd_loadtest(a) -> int:
 
 
 def cmd_schema(a) -> int:
-    from farm.spec import json_schema
+    from farm.sweep.spec import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if a.output:
@@ -165,19 +166,14 @@ def cmd_labels(a) -> int:
 
 def cmd_nodes(a) -> int:
     ray_token_auth()
-    import ray
+    from farm.run.cluster import describe_nodes
 
-    ray.init(address=a.address or os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False)
-    for n in ray.nodes():
-        if n["Alive"]:
-            labels = {k: v for k, v in n.get("Labels", {}).items() if k != "ray.io/node-id"}
-            print(f"node {n['NodeID'][:12]} {n['NodeManagerAddress']}\n  labels: {labels}\n"
-                  f"  resources: {dict(n['Resources'])}")
+    print(describe_nodes(a.address or os.environ.get("RAY_ADDRESS", "auto")))
     return 0
 
 
 def cmd_sync(a) -> int:
-    from farm.tracking import parked, sync
+    from farm.record.outbox import parked, sync
 
     left = sync()
     print("farm: every queued MLflow record delivered" if not left else f"farm: {left} record(s) still queued")

@@ -10,13 +10,37 @@ returns the problems it finds, as 'field: what is wrong and what to do', before 
 from __future__ import annotations
 
 import itertools
+import re
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 
 Problems = list[str]
+
+
+class Strict(BaseModel):
+    """A section of the sweep file: unknown keys are errors."""
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a stage kind produces, declared where it is measured (farm/stages/<kind>.py): the spec, the
+    front, the report and the plots read the vocabulary from there. `name` is the metric's name, or a regular
+    expression for a family (serve_output_tok_s_c4, acc.piqa) when `pattern` is set."""
+    name: str
+    better: str  # "min" | "max"
+    unit: str = ""
+    label: str = ""  # an axis label; default: the name
+    pattern: bool = False
+    short: str = ""  # how a progress line names it (empty: not shown there)
+    fmt: str = ".4g"
+
+    def matches(self, metric: str) -> bool:
+        return re.fullmatch(self.name, metric) is not None if self.pattern else metric == self.name
 
 
 def as_list(v: Any) -> list:

@@ -25,11 +25,11 @@ def suggest(name: str, choices: list[str]) -> str:
 
 
 class Registry:
-    def __init__(self, kind: str, entries: dict[str, str], base: str, key: str, needs: tuple[str, ...],
-                 plugin_kind: str = ""):
-        """kind: for messages; base: 'module:Class' every Options must subclass; key: the Options field that
-        holds the plug-in's name; needs: the functions the module must define; plugin_kind: this registry's
-        prefix in FARM_PLUGINS."""
+    def __init__(self, kind: str, entries: dict[str, str], base: str | None, key: str | None,
+                 needs: tuple[str, ...], plugin_kind: str = ""):
+        """kind: for messages; base: 'module:Class' every Options must subclass (None: the plug-ins of this
+        kind have no Options); key: the Options field that holds the plug-in's name; needs: the functions
+        the module must define; plugin_kind: this registry's prefix in FARM_PLUGINS."""
         self.kind, self._base, self.key, self.needs = kind, base, key, needs
         self._entries: dict[str, str] = {}
         self._loaded: dict[str, ModuleType] = {}
@@ -75,10 +75,15 @@ class Registry:
         self._known(name)
         if name not in self._loaded:
             module = importlib.import_module(self._entries[name])
+            missing = [f for f in self.needs if not callable(getattr(module, f, None))]
+            if self._base is None:
+                if missing:
+                    raise FarmError(f"{self.kind} '{name}': module {module.__name__} lacks {', '.join(missing)}")
+                self._loaded[name] = module
+                return module
             base_mod, _, base_cls = self._base.partition(":")
             base = getattr(importlib.import_module(base_mod), base_cls)
             opts = getattr(module, "Options", None)
-            missing = [f for f in self.needs if not callable(getattr(module, f, None))]
             if not (isinstance(opts, type) and issubclass(opts, base)):
                 missing.insert(0, f"Options (a subclass of {base.__name__})")
             if missing:
@@ -96,3 +101,7 @@ class Registry:
 
     def all_options(self) -> tuple[type, ...]:
         return tuple(self.options(n) for n in self.names())
+
+    def modules(self) -> list[ModuleType]:
+        """Every registered plug-in's module, in registration order (imported on first use)."""
+        return [self.get(n) for n in self._entries]

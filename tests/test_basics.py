@@ -2,7 +2,8 @@
 
 import pytest
 
-from farm import data, storage
+from farm import storage
+from farm.inputs import data
 from farm.errors import FarmError
 from farm.registry import Registry
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from farm import bench
+from farm.measure import cpuload
+from farm.measure import speed as bench
 
 
 class FakeRuntime:
@@ -26,8 +27,8 @@ def machine(monkeypatch):
             state["busy"] += state["load"][i] if i < len(state["load"]) else 0.0
         return state["busy"]
 
-    monkeypatch.setattr(bench, "_busy_seconds", busy)
-    monkeypatch.setattr(bench, "_own_cpu", lambda: 0.0)
+    monkeypatch.setattr(cpuload, "busy_seconds", busy)
+    monkeypatch.setattr(cpuload, "own_cpu", lambda: 0.0)
     monkeypatch.setattr("farm.runtimes.load", lambda *a, **k: FakeRuntime())
     return state
 
@@ -42,7 +43,7 @@ def test_contaminated_repeats_are_set_aside_and_rerun(machine):
 def test_persistent_load_is_flagged(machine):
     machine["load"] = [0.0] + [100.0] * 20
     r = bench.measure("llamacpp", "x", [1, 2, 3], 4, warmup=1, repeats=2, threads=1)
-    assert r["contaminated"] and len(r["raw"]["used"]) == 2 and r["foreign_cpus"] > bench.CONTAMINATED_CPUS
+    assert r["contaminated"] and len(r["raw"]["used"]) == 2 and r["foreign_cpus"] > cpuload.CONTAMINATED_CPUS
 
 
 def test_pinning_policies(monkeypatch):
@@ -60,7 +61,8 @@ def test_pinning_policies(monkeypatch):
 
 def test_thread_lists_are_validated():
     from farm.errors import SpecError
-    from farm.spec import BenchSpec, parse
+    from farm.stages.bench import Config as BenchSpec
+    from farm.sweep.spec import parse
 
     assert BenchSpec(threads=[1, 2]).levels(8) == [1, 2] and BenchSpec().levels(8) == [8]
     assert BenchSpec(threads=4).levels(8) == [4]
@@ -71,14 +73,15 @@ def test_thread_lists_are_validated():
 
 
 def test_benchmarks_are_reused_only_where_the_reuse_policy_allows(monkeypatch):
-    from farm import nodes, stages
-    from farm.grid import Stage
+    from farm import nodes
+    from farm.stages import runner as stages
+    from farm.plan.grid import Stage
 
     host = {"hostname": "a", "model_name": "AMD EPYC", "logical_cpus": 2, "memory_gb": 24}
     monkeypatch.setattr(nodes, "facts", lambda: dict(host))
 
-    def name(policy, kind="bench"):
-        return stages.storage_name(Stage("abc", kind, {"bench": {"reuse": policy}}, ()))
+    def name(policy, kind="bench", job=None):
+        return stages.storage_name(Stage("abc", kind, {"bench": {"reuse": policy}}, ()), job)
 
     assert name("always") == "bench-abc" and name("same_host", kind="evaluate") == "bench-abc".replace("bench", "evaluate")
     here = name("same_host")
@@ -87,6 +90,5 @@ def test_benchmarks_are_reused_only_where_the_reuse_policy_allows(monkeypatch):
     assert name("same_host") != here
     host["model_name"], host["hostname"] = "AMD EPYC", "b"
     assert name("same_host") != here
-    never = name("never")
-    monkeypatch.setattr(stages, "_job_id", lambda: "another-job")
-    assert name("never") != never  # every job measures anew
+    never = name("never", job="a-job")
+    assert name("never", job="a-job") == never and name("never", job="another-job") != never  # each job anew

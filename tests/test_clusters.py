@@ -6,7 +6,7 @@ from pathlib import Path
 import yaml
 
 from farm import nodes
-from farm.spec import LABEL_KEY
+from farm.sweep.sections import LABEL_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 FARM_KEYS = set(nodes.labels({"vendor": "intel", "model_name": "x", "family": "icelake", "isa": "avx2", "cores": 1,

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from farm import codeid, grid, spec
+from farm.plan import codeid
+from farm.plan import grid
+from farm.stages import STAGES
+from farm.sweep import spec
 
 DEMO = spec.load(Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").model_dump()
 
@@ -47,18 +50,14 @@ def test_editing_a_helper_rebuilds_the_stages_that_import_it_and_nothing_else(mo
 
 
 def _entries(stage) -> list[str]:
-    if stage.kind == "compress":
-        return [grid._file(grid.METHODS.module_name(stage.params["step"]["method"]))]
-    if stage.kind == "export":
-        return [grid._file(grid.FORMATS.module_name(stage.params["format"]))]
-    if stage.kind == "serve":
-        return [grid.WORKER[stage.kind], grid._file(grid.ENGINES[stage.params["runtime"]["name"]])]
-    return [grid.WORKER[stage.kind], grid._file(grid.RUNTIMES.module_name(stage.params["runtime"]["name"]))]
+    """The files whose closures make the stage's code id: its kind's module and what the kind names."""
+    module = STAGES.get(stage.kind)
+    return [grid._file(m) for m in [module.__name__, *module.code(stage.params)]]
 
 
 def test_closure_follows_imports_inside_functions_but_not_into_registries():
     files, external = codeid.closure("compress/awq.py")
-    assert {"compress/awq.py", "compress/common.py", "models.py", "plugin.py"} <= set(files)
+    assert {"compress/awq.py", "compress/common.py", "inputs/models.py", "plugin.py"} <= set(files)
     assert "compress/gptq.py" not in files  # awq no longer borrows from another method
     assert not any(f.endswith("__init__.py") for f in files)
     assert "torch" in external
@@ -67,7 +66,7 @@ def test_closure_follows_imports_inside_functions_but_not_into_registries():
 
 
 def test_library_versions_include_what_transformers_uses_and_python_where_the_corpus_is_read():
-    ref = codeid.code_version(["evaluate.py"])
+    ref = codeid.code_version(["measure/quality.py"])
     assert {"transformers", "tokenizers", "numpy"} <= set(ref["libraries"]) and "python" in ref
     gguf = codeid.code_version(["runtimes/llamacpp_rt.py"])
     assert "llama-cpp-python" in gguf["libraries"] and "python" not in gguf and "torch" not in gguf["libraries"]

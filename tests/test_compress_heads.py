@@ -19,7 +19,7 @@ def calib_tokens(n: int = 1024) -> np.ndarray:
 
 def with_head_scales(tiny_model_dir, tmp_path, scales: list[float], name: str):
     """The tiny model with every block's o_proj columns of query head h multiplied by scales[h]."""
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model = load_model(tiny_model_dir)
     for layer in model.model.layers:
@@ -45,7 +45,7 @@ def kl(ref, model, ids) -> float:
 def test_removing_heads_that_contribute_nothing_changes_nothing(tiny_model_dir, tmp_path, importance):
     import torch
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model, silent = with_head_scales(tiny_model_dir, tmp_path, [1.0, 0.0, 0.0, 1.0], "silent")  # one per group
     out = tmp_path / "pruned"
@@ -68,7 +68,7 @@ def test_importance_beats_random_heads_and_whole_groups_go(tiny_model_dir, tmp_p
     import torch
 
     from farm.compress.prune_heads import slice_heads
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     base, loud = with_head_scales(tiny_model_dir, tmp_path, [0.2, 8.0, 8.0, 0.2], "loud")
     out = tmp_path / "pruned"
@@ -108,7 +108,7 @@ def test_prune_heads_refuses_to_remove_nothing_or_everything(tiny_model_dir, tmp
 
 
 def test_spec_tracks_heads_through_the_pipeline():
-    from farm import spec
+    from farm.sweep import spec
     from farm.errors import SpecError
 
     def problems(pipeline):
@@ -138,7 +138,7 @@ def test_llama_cpp_converts_and_runs_a_head_pruned_model(tiny_model_dir, tmp_pat
     import torch
 
     from farm.export import FORMATS
-    from farm.models import load_model
+    from farm.inputs.models import load_model
     from farm.runtimes import load
 
     out = tmp_path / "pruned"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from farm.compress import run_method
-from farm.evaluate import log_softmax, tokenize_data
+from farm.measure.quality import log_softmax, tokenize_data
 
 pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64}
@@ -18,7 +18,7 @@ TRAIN = {"steps": 30, "batch": 2, "seq_len": 64, "temperature": 2.0, "kd_weight"
 
 @pytest.fixture(scope="module")
 def tokens(tiny_model_dir):
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
 
     return tokenize_data(load_tokenizer(tiny_model_dir), DATA)
 
@@ -27,7 +27,7 @@ def kl_to(reference_dir: Path, model_dir: Path, evals: np.ndarray) -> float:
     """Mean KL(reference || model) of next-token distributions on the evaluation windows."""
     import torch
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     ref, model = load_model(reference_dir), load_model(model_dir)
     total, n = 0.0, 0

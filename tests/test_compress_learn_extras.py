@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from farm.compress import run_method
-from farm.evaluate import tokenize_data
+from farm.measure.quality import tokenize_data
 
 pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 2048, "eval_windows": 2, "eval_window_tokens": 64}
@@ -17,7 +17,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module")
 def tokens(tiny_model_dir):
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
 
     return tokenize_data(load_tokenizer(tiny_model_dir), DATA)
 
@@ -27,7 +27,7 @@ def test_qlora_dense_merge_computes_what_the_adapted_nf4_model_computes(tiny_mod
     from peft import LoraConfig, get_peft_model
 
     from farm.compress.lora import dense_merge, load_nf4
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     calib, _ = tokens
     torch.manual_seed(0)
@@ -65,7 +65,7 @@ def test_teacher_continuations_are_the_teachers_greedy_text(tiny_model_dir, toke
     import torch
 
     from farm.compress.kd import continuations, windows
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     calib, _ = tokens
     teacher = load_model(tiny_model_dir)
@@ -90,7 +90,7 @@ def test_attention_term_is_zero_for_the_teacher_itself_and_shrinks_with_training
 
     from farm.compress.kd import attention_kl
     from farm.compress.prune_layers import drop_layers
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     calib, evals = tokens
     ids = torch.tensor(evals[:, 1:])  # the text of the windows, without their BOS (an attention sink for all heads)

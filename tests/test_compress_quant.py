@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from tiny_model import VOCAB
 
-from farm import spec
+from farm.sweep import spec
 from farm.compress import run_method
 from farm.errors import SpecError
 
@@ -69,7 +69,7 @@ def test_gptq_on_the_tiny_model(tiny_model_dir, tmp_path):
     import torch
 
     from farm.compress.gptq import rtn
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     step = {"grid": "q4_0", "group_size": 32, "act_order": False, "percdamp": 0.01, "block_size": 128,
             "calib_samples": 4, "seq_len": 64}
@@ -106,7 +106,7 @@ def test_awq_scales_protect_salient_channels():
 
 def with_outlier_channels(tiny_model_dir, out):
     """The tiny model with outlier channels entering q/k/v and gate/up, as real LLMs have."""
-    from farm.models import load_model, save_with_tokenizer
+    from farm.inputs.models import load_model, save_with_tokenizer
 
     model = load_model(tiny_model_dir)
     for layer in model.model.layers:
@@ -122,7 +122,7 @@ def test_awq_on_the_tiny_model_beats_rtn_and_keeps_the_function_until_rounded(ti
     import torch
 
     from farm.compress.gptq import rtn
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     base, src = with_outlier_channels(tiny_model_dir, tmp_path / "outliers")
     step = {"grid": "q4_0", "group_size": 32, "n_grid": 5, "clip": False, "round": False, "calib_samples": 2,
@@ -143,7 +143,7 @@ def test_smoothquant_keeps_logits_and_flattens_activations(tiny_model_dir, tmp_p
     import torch
 
     from farm.compress.smoothquant import input_max
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model, src = with_outlier_channels(tiny_model_dir, tmp_path / "outliers")
     out = tmp_path / "smooth"
@@ -203,7 +203,7 @@ def test_autoround_on_the_tiny_model_lands_on_the_q4_0_grid(trained_tiny_dir, tm
     import torch
 
     from farm.compress.gptq import rtn
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     step = {"iters": 10, "calib_samples": 4, "seq_len": 64, "batch_size": 4}
     out = tmp_path / "stage" / "model"

@@ -17,7 +17,7 @@ def test_gqa_mean_pooling_is_exact_when_grouped_heads_agree(tiny_model_dir, tmp_
     """If the KV heads of a group already carry the same projection, merging them changes nothing."""
     import torch
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model = load_model(tiny_model_dir)  # 4 query heads, 2 KV heads of 16 dims
     for layer in model.model.layers:
@@ -50,7 +50,7 @@ def test_gqa_refuses_a_head_count_that_does_not_divide(tiny_model_dir, tmp_path)
 def test_sparsity_reaches_its_target_in_the_decoder_blocks(tiny_model_dir, tmp_path, pattern, criterion):
     import torch
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     step = {"sparsity": 0.5, "pattern": pattern, "criterion": criterion, "calib_samples": 2, "seq_len": 64}
     info = run_method("sparsify", tiny_model_dir, step, calib_tokens(), tmp_path, 1)
@@ -90,7 +90,7 @@ def test_mlp_pruning_by_importance_beats_dropping_channels_at_random(tiny_model_
     import torch
 
     from farm.compress.prune_mlp import shrink
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     calib = calib_tokens(2048)
     step = {"ratio": 0.5, "multiple_of": 32, "calib_samples": 4, "seq_len": 128}

@@ -1,5 +1,5 @@
-from farm.driver import selector_matches, task_options
-from farm.grid import Stage
+from farm.run.cluster import selector_matches, task_options
+from farm.plan.grid import Stage
 
 LABELS = {"farm/isa": "amx", "farm/cpu-family": "sapphire-rapids", "farm/node": "a"}
 

@@ -557,7 +557,7 @@ def test_two_sweeps_at_once_through_a_lost_node_and_an_mlflow_restart(cluster, t
     import signal
     import time
 
-    from farm import stages
+    from farm.stages import runner as stages
 
     t0 = time.time()
     a = _slow_sweep("soak-a", tiny_model_dir, 48)

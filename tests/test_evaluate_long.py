@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from farm import spec
+from farm.sweep import spec
 from farm.errors import FarmError, SpecError
-from farm.evaluate import long_context, long_windows, quality, tokenize_data
+from farm.measure.quality import long_context, long_windows, quality, tokenize_data
 
 DATA = {"files": [], "calib_tokens": 256, "eval_windows": 2, "eval_window_tokens": 32, "long_window_tokens": 128,
         "long_windows": 2}
@@ -65,7 +65,7 @@ def test_the_probe_is_validated():
 def test_evaluation_memory_is_bounded_by_a_chunk_not_by_the_vocabulary(monkeypatch):
     """A 131k vocabulary and 256-token windows: what quality() allocates beyond the runtime's own logits stays a
     few chunks of float64 log-probs (it was window x vocab x float64, several times over)."""
-    from farm import evaluate
+    from farm.measure import quality as evaluate
 
     chunk = 8
     monkeypatch.setattr(evaluate, "CHUNK", chunk)

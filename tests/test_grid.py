@@ -4,7 +4,8 @@ from pathlib import Path
 
 import yaml
 
-from farm import grid, spec
+from farm.plan import grid
+from farm.sweep import spec
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 DEMO["pipelines"][1][0]["drop"] = [2, 4]  # a step grid: two pruned pipelines
@@ -58,7 +59,7 @@ def test_ids_are_content_derived():
     c = build(more_eval)
     # only bench stages (and so cells) change; compress/export/evaluate stay shared
     changed = {s.kind for sid, s in c.stages.items() if sid not in a.stages}
-    assert changed == {"bench"}
+    assert changed == {"bench", "roofline"}  # the roofline reads the benchmark (and its context)
 
 
 def test_two_targets_share_everything_but_bench():
@@ -84,7 +85,7 @@ def test_flat_params():
 def test_llamacpp_runtime_options_measure_one_file_several_ways():
     """amx / repack are runtime options: a grid of them shares one export stage, each gets its own
     evaluate and bench stages, and they show in the cell's params and label."""
-    from farm.tracking import cell_label
+    from farm.record.cells import cell_label
 
     def only_q4(d):
         d["pipelines"] = [[]]
@@ -94,8 +95,8 @@ def test_llamacpp_runtime_options_measure_one_file_several_ways():
     g = build(only_q4)
     cells = [c for c in g.cells if not c.baseline]
     assert len(cells) == 4 and len({c.export for c in cells}) == 1
-    assert len({c.evaluate for c in cells}) == 4 and len({c.bench for c in cells}) == 4
-    assert {json.dumps(g.stages[c.evaluate].params["runtime"], sort_keys=True) for c in cells} == {
+    assert len({c.stages.get("evaluate") for c in cells}) == 4 and len({c.stages.get("bench") for c in cells}) == 4
+    assert {json.dumps(g.stages[c.stages.get("evaluate")].params["runtime"], sort_keys=True) for c in cells} == {
         json.dumps({"name": "llamacpp", "amx": a, "repack": r}, sort_keys=True) for a in (False, True)
         for r in (True, False)}
     labels = {cell_label(c) for c in cells}

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm import bench, grid, spec, tracking
+from farm.measure import speed as bench
+from farm.plan import grid
+from farm.sweep import spec
+from farm.record import cells
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,11 +41,12 @@ def test_a_cell_whose_raw_bench_json_is_gone_is_flagged(tmp_path):
     g = grid.build(spec.parse(copy.deepcopy(d)))
     cell = g.cells[0]
     result = {"metrics": {"decode_tok_s": 1.0}, "bench_json": str(tmp_path / "gone" / "bench.json"), "threads": 2}
-    record = tracking.cell_record("0", "parent", cell, {"artifact": str(tmp_path), "format": "torch"}, None, result, None, None)
+    record = cells.cell_record("0", "parent", cell, {"artifact": str(tmp_path), "format": "torch"}, {"bench": result},
+                               None, None)
     assert record["tags"]["farm.bench.raw_missing"] == "true" and "bench.json" not in record["files"]
     (tmp_path / "bench.json").write_text("{}")
-    record = tracking.cell_record("0", "parent", cell, {"artifact": str(tmp_path), "format": "torch"}, None,
-                                  {**result, "bench_json": str(tmp_path / "bench.json")}, None, None)
+    record = cells.cell_record("0", "parent", cell, {"artifact": str(tmp_path), "format": "torch"},
+                               {"bench": {**result, "bench_json": str(tmp_path / "bench.json")}}, None, None)
     assert "farm.bench.raw_missing" not in record["tags"] and record["files"]["bench.json"] == "{}"
 
 

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from farm.isolate import ChildFailed, RuntimeCrash, first_fault_frame, frame_function, run_child
+from farm.measure.isolate import ChildFailed, RuntimeCrash, first_fault_frame, frame_function, run_child
 
 SEGFAULT = ["-c", "import ctypes; ctypes.string_at(0)"]  # strlen(NULL) inside libc
 

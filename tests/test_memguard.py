@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from farm import memguard
+from farm.run import memguard
 from farm.errors import StageError
 
 pytestmark = pytest.mark.slow
@@ -13,7 +13,7 @@ HOG = """
 import sys, time
 from pathlib import Path
 import numpy as np
-from farm import memguard
+from farm.run import memguard
 with memguard.limit(int(sys.argv[1]) * 2**20, Path(sys.argv[2]), "stage compress:test"):
     blocks = []
     for _ in range(40):  # up to 2 GiB, 50 MiB at a time, touched so that it is resident

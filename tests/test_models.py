@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from farm import spec
+from farm.sweep import spec
 from farm.errors import ModelError, SpecError
-from farm.models import check_dir
+from farm.inputs.models import check_dir
 
 
 def sweep_for(d):

@@ -1,7 +1,7 @@
 import re
 
 from farm import nodes
-from farm.spec import LABEL_KEY
+from farm.sweep.sections import LABEL_KEY
 
 SPR = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -1,4 +1,4 @@
-from farm import pareto
+from farm.decide import pareto
 
 OBJ = {"perplexity": "min", "decode_tok_s": "max"}
 

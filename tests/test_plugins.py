@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm import grid, report, spec, stages, tracking
+from farm.plan import grid
+from farm.decide import report
+from farm.sweep import spec
+from farm.stages import runner as stages
+from farm.record import cells
+from farm.record import outbox
 from farm.compress import METHODS
 from farm.errors import FarmError, SpecError
 from farm.export import FORMATS
@@ -81,20 +86,20 @@ def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_m
     results = {}
     for sid, stage in g.stages.items():
         results[sid] = stages.run_stage(stage, [results[d] for d in stage.deps])
-    log = tracking.SweepLog(sweep, g, yaml.safe_dump(sweep_data(tiny_model_dir)))
+    log = outbox.SweepLog(sweep, g, yaml.safe_dump(sweep_data(tiny_model_dir)))
     for c in g.cells:
-        log.log_cell(c, results[c.export], results[c.evaluate], results[c.bench])
+        log.log_cell(c, results[c.export], {k: results[s] for k, s in c.stages.items()})
     log.finish(0)
 
-    kl = {tracking.cell_label(c): results[c.evaluate]["metrics"]["kl_div"] for c in g.cells}
+    kl = {cells.cell_label(c): results[c.stages.get("evaluate")]["metrics"]["kl_div"] for c in g.cells}
     shrunk = "dummy_shrink-s0.5"
     noise = abs(kl["base/torch-fp32@any"])  # the baseline against itself: the fp16-stored reference's resolution
     assert noise < 1e-5 and kl[f"{shrunk}/torch-fp32@any"] > 10 * noise  # the method changed the model
     assert abs(kl[f"{shrunk}/dummy-fp32@any"] - kl[f"{shrunk}/torch-fp32@any"]) < 1e-6  # same weights, new runtime
     assert abs(kl[f"{shrunk}/dummy-fp16@any"] - kl[f"{shrunk}/dummy-fp32@any"]) < 1e-4  # fp16 rounding
     assert kl[f"{shrunk}/torch-fp32-dummy_rt-x2.0@any"] > kl[f"{shrunk}/torch-fp32@any"] + 1e-3  # option arrived
-    by_label = {tracking.cell_label(c): c for c in g.cells}
-    assert results[by_label[f"{shrunk}/torch-fp32-dummy_rt-x2.0@any"].bench]["runtime_settings"] == \
+    by_label = {cells.cell_label(c): c for c in g.cells}
+    assert results[by_label[f"{shrunk}/torch-fp32-dummy_rt-x2.0@any"].stages["bench"]]["runtime_settings"] == \
         {"runtime": "dummy", "scale": 2.0}
 
     rep = report.pareto_report("dummies")
@@ -105,18 +110,18 @@ def test_the_dummies_run_through_grid_stages_tracking_and_pareto(dummies, tiny_m
     out = report.build("dummies", tmp_path / "report")
     page = out["html"].read_text()
     assert page.count("data:image/png;base64,") >= 2 and all(label in page for label in labels)
-    assert {"report.html", "report.md", "pareto.png"} <= {a.path for a in tracking.client().list_artifacts(out["parent"])}
-    assert "dummies" in tracking.client().get_experiment_by_name("dummies").tags["mlflow.note.content"]
-    run = tracking.client().get_run(rep["best"]["id"])
+    assert {"report.html", "report.md", "pareto.png"} <= {a.path for a in outbox.client().list_artifacts(out["parent"])}
+    assert "dummies" in outbox.client().get_experiment_by_name("dummies").tags["mlflow.note.content"]
+    run = outbox.client().get_run(rep["best"]["id"])
     assert json.loads(run.data.tags["farm.artifact_runtime"])["name"] in ("dummy_rt", "torch")
 
     # every artifact is checksummed when exported, the torch baseline's checkpoint too; promote refuses one
     # whose run records no checksum (it would register what it cannot show was measured)
     baseline = next(c for c in g.cells if c.baseline)
     assert len(results[baseline.export]["sha256"]) == 64
-    from farm import promote
+    from farm.decide import promote
 
-    c = tracking.client()
+    c = outbox.client()
     best = c.get_run(rep["best"]["id"])
     uris = {c.get_run(r["id"]).data.tags["farm.artifact_uri"] for r in rep["rows"]}
     elsewhere = next(u for u in sorted(uris) if u != best.data.tags["farm.artifact_uri"])

@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm import grid, spec, tracking
+from farm.plan import grid
+from farm.sweep import spec
+from farm.record import outbox
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,11 +108,11 @@ def test_two_sweeps_log_at_once_into_postgresql(mlflow_on_postgres, tmp_path, mo
 
     def log_sweep(sweep, g):
         try:
-            log = tracking.SweepLog(sweep, g, f"name: {sweep.name}")
+            log = outbox.SweepLog(sweep, g, f"name: {sweep.name}")
             for i, cell in enumerate(g.cells):
                 bench = {"metrics": {"decode_tok_s": 10.0 + i, "prefill_tok_s": 100.0}, "threads": 2}
                 evaluate = {"metrics": {"perplexity": 20.0 - i / 10, "kl_vs_fp32": i / 100}}
-                assert log.log_cell(cell, None, evaluate, bench) == 0
+                assert log.log_cell(cell, None, {"evaluate": evaluate, "bench": bench}) == 0
             log.finish(0)
             logs[sweep.name] = (log, g)
         except BaseException as e:  # noqa: BLE001 — a thread's failure, surfaced by the assert below
@@ -122,7 +124,7 @@ def test_two_sweeps_log_at_once_into_postgresql(mlflow_on_postgres, tmp_path, mo
     for t in threads:
         t.join(timeout=600)
     assert not errors, errors
-    c = tracking.client()
+    c = outbox.client()
     for name, (log, g) in logs.items():
         exp = c.get_experiment_by_name(name)
         runs = c.search_runs([exp.experiment_id], "tags.`farm.kind` = 'cell'", max_results=1000)

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import yaml
 
-from farm import grid, spec
-from farm.progress import Progress, duration
+from farm.plan import grid
+from farm.sweep import spec
+from farm.run.progress import Progress, duration
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 

@@ -1,6 +1,6 @@
 """The registries, the spec's unions built from them and each format's tables agree."""
 
-from farm import spec
+from farm.sweep import spec
 from farm.compress import METHODS
 from farm.export import FORMATS
 from farm.plugin import RuntimeOptions, StepOptions

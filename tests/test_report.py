@@ -1,6 +1,6 @@
 """The report's pure parts (farm/report.py): speed-ups against both baselines, orderings the field knows."""
 
-from farm import report
+from farm.decide import report
 
 
 def cell(i, fmt, quant, ppl, kl, tps, pipeline="none", baseline=False, target="t", **extra):

@@ -1,14 +1,15 @@
-"""The memory roofline (farm/roofline.py): bytes a decode step reads, per format, counted from the artifact
+"""The memory roofline (farm/measure/roofline.py, a stage kind of its own: farm/stages/roofline.py): bytes a decode step reads, per format, counted from the artifact
 without the embedding table (read one row per token) unless it is also the lm_head; the bandwidth cache."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from farm import roofline
+from farm.measure import roofline
 
 
 def _gguf(path, tied: bool):
@@ -69,7 +70,7 @@ def test_onnx_bytes_count_a_table_only_where_a_matmul_reads_it(tmp_path, tied):
 
 
 def test_torch_bytes_match_the_loaded_model(tiny_model_dir):
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model = load_model(tiny_model_dir)
     tied = bool(model.config.tie_word_embeddings)
@@ -79,7 +80,7 @@ def test_torch_bytes_match_the_loaded_model(tiny_model_dir):
 
 
 def test_bandwidth_is_measured_once_per_node_and_threads(tmp_path, monkeypatch):
-    from farm import bench
+    from farm.measure import cpuload as bench
 
     monkeypatch.setenv("FARM_HOME", str(tmp_path))
     monkeypatch.setattr(roofline, "ARRAY_MB", 16)
@@ -103,3 +104,27 @@ def test_efficiency_is_decode_over_the_ceiling(tmp_path, monkeypatch):
     assert r["roofline_decode_tok_s"] == pytest.approx(10e9 / per)
     assert r["roofline_efficiency"] == pytest.approx(100.0 * per / 10e9)
     assert roofline.for_cell("dummy", path, 1.0, 0, 1, [0], {}, {}) == {}  # a format without a byte reader
+
+
+@pytest.mark.slow
+def test_the_roofline_stage_reads_its_cells_benchmark(tmp_path, monkeypatch):
+    """The roofline as a measurement of its own (one module, one registry line, this test): in a child process
+    pinned to the benchmark's cores, the artifact's bytes per decode step against the node's bandwidth, and the
+    benchmark's decode speed over that ceiling."""
+    from farm.plan.grid import Stage
+    from farm.stages import runner
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    art = _gguf(tmp_path / "m.gguf", tied=True)
+    raw = {"decode_tok_s": 50.0, "threads": 1, "cores": sorted(os.sched_getaffinity(0))[:1], "pinning": "compact",
+           "runtime_settings": {}}
+    (tmp_path / "bench.json").write_text(json.dumps(raw))
+    stage = Stage("r0", "roofline", {"target": {"name": "any", "labels": {}}, "runtime": {"name": "llamacpp"},
+                                     "reuse": "always", "context": 10}, ("e0", "b0"))
+    export = {"format": "gguf", "quant": "F16", "artifact": str(art), "size_mb": 0.1}
+    out = runner.run_stage(stage, [export, {"bench_json": str(tmp_path / "bench.json"), "metrics": {}}])
+    m = out["metrics"]
+    assert m["bytes_per_token_mb"] == pytest.approx((100 * 64 * 2 + 64 * 64 * 4 + 2 * 2 * 2 * 16 * 2 * 10) / 1e6)
+    assert m["mem_bandwidth_gbs"] > 0.1
+    assert m["roofline_efficiency"] == pytest.approx(50.0 / m["roofline_decode_tok_s"])
+    assert runner.run_stage(stage, [export, {"bench_json": str(tmp_path / "bench.json")}])["cached"] is True

@@ -5,7 +5,7 @@ do not (SmolLM2, GPT-2). Fed without it, a BOS model's perplexity was mismeasure
 import numpy as np
 from transformers import AutoTokenizer
 
-from farm.evaluate import corpus_tokens, sequence_prefix, tokenize_data
+from farm.measure.quality import corpus_tokens, sequence_prefix, tokenize_data
 
 DATA = {"files": [], "calib_tokens": 256, "eval_windows": 2, "eval_window_tokens": 32}
 
@@ -43,6 +43,6 @@ def test_an_eos_appending_tokenizer_is_not_mistaken_for_a_prefix(tiny_model_dir)
 
 
 def tokenize_corpus_text() -> str:
-    from farm.data import split
+    from farm.inputs.data import split
 
     return split([])[1]

@@ -13,7 +13,9 @@ import urllib.request
 
 import pytest
 
-from farm import grid, spec, stages
+from farm.plan import grid
+from farm.sweep import spec
+from farm.stages import runner as stages
 from farm.serve import engine
 from farm.serve.bench import mlflow_metrics, table
 
@@ -50,13 +52,13 @@ def served(chat_model_dir, storage_root):
         "serve": SERVE,
     })
     g = grid.build(sweep)
-    cells = {c.spec["export"]["format"]: c for c in g.cells if c.serve}
+    cells = {c.spec["export"]["format"]: c for c in g.cells if c.stages.get("serve")}
     assert set(cells) == {"gguf", "openvino"}  # the torch baseline has no serving engine
     results = {}
-    for stage in g.closure([c.serve for c in cells.values()]):
+    for stage in g.closure([c.stages.get("serve") for c in cells.values()]):
         results[stage.id] = stages.run_stage(stage, [results[d] for d in stage.deps])
     mp.undo()
-    return {fmt: results[c.serve] for fmt, c in cells.items()}, g, cells
+    return {fmt: results[c.stages.get("serve")] for fmt, c in cells.items()}, g, cells
 
 
 def level(result, name, concurrency):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from farm import pareto
+from farm.decide import pareto
 from farm.errors import SpecError
 from farm.serve.common import free_port
 from farm.serve.loadgen import prompts_from_ids, run_level
-from farm.spec import better, parse
+from farm.sweep.spec import better, parse
 
 BASE = {"name": "s", "exports": [{"format": "gguf", "quant": "F16"}]}
 
@@ -184,7 +184,7 @@ def test_farm_serve_refuses_a_model_whose_file_is_not_what_was_measured(tmp_path
 
     from farm import storage
     from farm.errors import FarmError
-    from farm.serve.deploy import resolve
+    from farm.decide.deploy import resolve
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -220,11 +220,12 @@ def test_an_sft_cells_adapter_reaches_its_run_and_farm_serve_lora_finds_it(tmp_p
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from farm import grid as gridmod
-    from farm import tracking
+    from farm.plan import grid as gridmod
+    from farm.record import cells
+    from farm.record import outbox
     from farm.errors import FarmError
-    from farm.serve.deploy import adapter
-    from farm.spec import loads
+    from farm.decide.deploy import adapter
+    from farm.sweep.spec import loads
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -241,8 +242,8 @@ def test_an_sft_cells_adapter_reaches_its_run_and_farm_serve_lora_finds_it(tmp_p
     parent = c.create_run(exp).info.run_id
     runs = {}
     for name, cl, steps in (("sft", cell, [step]), ("plain", plain, [])):
-        record = tracking.cell_record(exp, parent, cl, None, None, None, None, None, steps=steps)
-        tracking._deliver(c, record, tmp_path / f"{name}.json")
+        record = cells.cell_record(exp, parent, cl, None, {}, None, None, steps=steps)
+        outbox._deliver(c, record, tmp_path / f"{name}.json")
         runs[name] = record["run_id"]
     tags = c.get_run(runs["sft"]).data.tags
     assert tags["farm.adapter"] == "adapter/adapter-f16.gguf"

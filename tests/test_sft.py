@@ -10,10 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from farm import grid as gridmod
-from farm import instructions, spec, tasks
+from farm.plan import grid as gridmod
+from farm.inputs import instructions
+from farm.sweep import spec
+from farm.measure import tasks
 from farm.errors import SpecError
-from farm.tracking import step_metrics
+from farm.record.cells import step_metrics
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -60,7 +62,7 @@ def test_a_sft_step_is_validated_before_anything_runs(chat_model_dir, tmp_path):
 
 
 def test_the_loss_is_on_the_answer_only(chat_model_dir):
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
 
     tok = load_tokenizer(chat_model_dir)
     chat = [{"role": "user", "content": "Shout the word apple."}, {"role": "assistant", "content": "APPLE!"}]
@@ -132,7 +134,7 @@ def test_sft_learns_the_answers_and_merges(trained_tiny_dir, tmp_path, base_bits
 
     from farm.compress import run_method
     from farm.compress.sft import answer_loss, padded
-    from farm.models import load_model, load_tokenizer
+    from farm.inputs.models import load_model, load_tokenizer
 
     base = with_chat_template(trained_tiny_dir, tmp_path / "base")  # a model that has learnt some text
     step = {"method": "sft", "files": [str(chats_file(tmp_path / "chats.jsonl"))], "val_examples": 16, "rank": 8,
@@ -166,7 +168,7 @@ def test_keep_best_returns_to_the_lowest_validation_loss(trained_tiny_dir, tmp_p
 
     from farm.compress import run_method
     from farm.compress.sft import val_loss
-    from farm.models import load_model, load_tokenizer
+    from farm.inputs.models import load_model, load_tokenizer
 
     base = with_chat_template(trained_tiny_dir, tmp_path / "base")
     n, n_val, words = 48, 16, ["apple", "river", "stone", "cloud", "table", "green", "night", "music"]
@@ -219,7 +221,7 @@ def test_the_adapter_as_gguf_is_served_by_llama_server_like_the_merged_model(tra
 
     from farm.compress import run_method
     from farm.export.gguf_export import convert
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
     from farm.runtimes import ggml_cpu
     from farm.serve.llamacpp_server import server
 

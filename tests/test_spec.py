@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm import spec
+from farm.sweep import spec
 from farm.errors import SpecError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_lora_rank_must_be_positive_and_targets_known():
 
 
 def test_only_grid_fields_expand():
-    from farm import grid
+    from farm.plan import grid
 
     d = demo()
     d["pipelines"] = [[{"method": "lora", "rank": [4, 8], "targets": ["q_proj", "v_proj"]}]]

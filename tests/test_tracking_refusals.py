@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm import grid, spec, tracking
+from farm.plan import grid
+from farm.sweep import spec
+from farm.record import cells
+from farm.record import outbox
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +29,7 @@ def mlflow_here(tmp_path, monkeypatch):
 
 def test_a_lost_reply_does_not_make_a_second_parent_run(mlflow_here, monkeypatch):
     sweep, g = mlflow_here
-    real = tracking.MlflowClient.create_run
+    real = outbox.MlflowClient.create_run
     calls = []
 
     def lossy(self, *a, **k):  # the server makes the run, the reply is lost on the way back
@@ -36,27 +39,27 @@ def test_a_lost_reply_does_not_make_a_second_parent_run(mlflow_here, monkeypatch
             raise ConnectionError("reply lost")
         return run
 
-    monkeypatch.setattr(tracking.MlflowClient, "create_run", lossy)
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
-    log = tracking.SweepLog(sweep, g, "name: demo")
-    c = tracking.client()
+    monkeypatch.setattr(outbox.MlflowClient, "create_run", lossy)
+    monkeypatch.setattr(outbox.time, "sleep", lambda s: None)
+    log = outbox.SweepLog(sweep, g, "name: demo")
+    c = outbox.client()
     parents = c.search_runs([log.experiment_id], "tags.`farm.kind` = 'sweep'")
     assert len(calls) == 1 and [r.info.run_id for r in parents] == [log.run_id] == calls
 
 
 def test_a_record_mlflow_refuses_for_good_is_parked_and_the_rest_delivered(mlflow_here):
     sweep, g = mlflow_here
-    log = tracking.SweepLog(sweep, g, "name: demo")
+    log = outbox.SweepLog(sweep, g, "name: demo")
     bad, good = g.cells[0], g.cells[1]
-    record = tracking.cell_record(log.experiment_id, log.run_id, bad, None, None, None, None, None)
+    record = cells.cell_record(log.experiment_id, log.run_id, bad, None, {}, None, None)
     record["params"]["not a valid key!"] = "x"  # MLflow refuses this param name: INVALID_PARAMETER_VALUE
     log.seq += 1
     log.outbox.mkdir(parents=True, exist_ok=True)
     (log.outbox / f"{log.seq:06d}.json").write_text(json.dumps(record))
-    assert log.log_cell(good, None, None, None) == 0  # the good one behind it got through
-    [(path, why)] = tracking.parked()
+    assert log.log_cell(good, None, {}) == 0  # the good one behind it got through
+    [(path, why)] = outbox.parked()
     assert path.parent.name == "parked" and "not a valid key" in why
-    runs = tracking.client().search_runs([log.experiment_id], "tags.`farm.kind` = 'cell'")
+    runs = outbox.client().search_runs([log.experiment_id], "tags.`farm.kind` = 'cell'")
     assert {r.data.tags["farm.cell_id"] for r in runs if r.info.status == "FINISHED"} == {good.id}
 
 
@@ -65,7 +68,7 @@ def test_what_a_job_writes_after_its_records_waits_out_an_mlflow_restart(monkeyp
     Pareto step's direct writes. They are now retried while MLflow is unreachable; other errors are not."""
     from mlflow.exceptions import MlflowException
 
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(outbox.time, "sleep", lambda s: None)
     calls = []
 
     def flaky(x):
@@ -75,37 +78,37 @@ def test_what_a_job_writes_after_its_records_waits_out_an_mlflow_restart(monkeyp
                                   "exception HTTPConnectionPool: Max retries exceeded (Connection refused)")
         return x * 2
 
-    assert tracking.while_unreachable("the front", flaky, 21) == 42 and calls == [21, 21, 21]
+    assert outbox.while_unreachable("the front", flaky, 21) == 42 and calls == [21, 21, 21]
 
     def broken():
         raise KeyError("a bug, not an outage")
 
     with pytest.raises(KeyError):
-        tracking.while_unreachable("the front", broken)
+        outbox.while_unreachable("the front", broken)
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
     refused = MlflowException("bad request", error_code=INVALID_PARAMETER_VALUE)
     with pytest.raises(MlflowException):  # a 400 is refused for good: not retried for an hour
-        tracking.while_unreachable("the front", lambda: (_ for _ in ()).throw(refused))
+        outbox.while_unreachable("the front", lambda: (_ for _ in ()).throw(refused))
 
 
 def test_a_training_curve_lands_as_metric_histories_once_however_often_it_is_delivered(mlflow_here):
     sweep, g = mlflow_here
-    log = tracking.SweepLog(sweep, g, "name: demo")
+    log = outbox.SweepLog(sweep, g, "name: demo")
     step = {"params": {"step": {"method": "sft"}}, "info": {
         "steps": 3, "train_seconds": 1.5, "curve": {"train_loss": [2.0, 1.5, 1.2], "val_loss": [[0, 2.2], [3, 1.4]]}}}
     again = {"params": {"step": {"method": "sft"}}, "info": {"steps": 1}}  # a second sft step: a name MLflow takes
-    record = tracking.cell_record(log.experiment_id, log.run_id, g.cells[1], None, None, None, None, None, [step, again])
+    record = cells.cell_record(log.experiment_id, log.run_id, g.cells[1], None, {}, None, None, [step, again])
     log.outbox.mkdir(parents=True, exist_ok=True)
-    c = tracking.client()
+    c = outbox.client()
     for _ in range(2):  # a delivery whose reply was lost is repeated: the same record again
         path = log.outbox / "000099.json"
         path.write_text(json.dumps(record))
-        tracking._deliver(c, json.loads(path.read_text()), path)
+        outbox._deliver(c, json.loads(path.read_text()), path)
         record = json.loads(path.read_text())  # with the run id the first delivery recorded
     [run] = c.search_runs([log.experiment_id], f"tags.`farm.cell_id` = '{g.cells[1].id}'")
     hist = {k: sorted((m.step, m.value) for m in c.get_metric_history(run.info.run_id, k))
             for k in ("sft.train_loss", "sft.val_loss")}
     assert hist == {"sft.train_loss": [(1, 2.0), (2, 1.5), (3, 1.2)], "sft.val_loss": [(0, 2.2), (3, 1.4)]}
     assert run.data.metrics["sft.train_seconds"] == 1.5 and run.data.metrics["sft.steps"] == 3
-    assert run.data.metrics["sft_2.steps"] == 1 and not tracking.parked()
+    assert run.data.metrics["sft_2.steps"] == 1 and not outbox.parked()

@@ -25,7 +25,7 @@ def save_tokenizer(out: Path):
     import sentencepiece as spm
     from transformers import LlamaTokenizerFast
 
-    from farm.data import documents
+    from farm.inputs.data import documents
 
     text = "\n\n".join(dict.fromkeys(t for _, t in sorted(documents([]).items())))
     model = io.BytesIO()
@@ -62,7 +62,7 @@ def train(model_dir: Path, out: Path, steps: int = 200, batch: int = 8, seq_len:
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from farm.data import split
+    from farm.inputs.data import split
 
     calib, _ = split([])
     ids = torch.tensor(AutoTokenizer.from_pretrained(model_dir)(calib, add_special_tokens=False)["input_ids"])

@@ -49,7 +49,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     os.environ.setdefault("AR_WORK_SPACE", str(out.parent / "ar_work_space"))  # its offload scratch, in the stage
     from auto_round import AutoRound
 
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
 
     t0 = time.time()
     model = load(model_dir, threads)

@@ -42,7 +42,7 @@ from farm.compress.common import (
     run_block,
     save_with_tokenizer,
 )
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import architecture_problems
 
 

@@ -10,8 +10,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from farm.modelref import ModelShape
-from farm.models import save_with_tokenizer
+from farm.inputs.modelref import ModelShape
+from farm.inputs.models import save_with_tokenizer
 from farm.plugin import Calibrated, StepOptions, group_problems
 
 __all__ = ["Calibrated", "QuantGrid", "StepOptions", "Training", "save_with_tokenizer"]
@@ -55,7 +55,7 @@ def load(model_dir: Path, threads: int):
     """The model to compress, in float32, with torch using `threads` threads."""
     import torch
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     torch.set_num_threads(threads)
     return load_model(model_dir)

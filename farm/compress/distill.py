@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from farm.compress.common import Training, drop_layers, load, save_with_tokenizer
 from farm.compress.kd import continuations, train
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import PositiveGrid, as_list
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import Field
 
 from farm.compress.common import load, save_with_tokenizer
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import PositiveGrid, StepOptions, as_list
 
 

@@ -57,7 +57,7 @@ def load_nf4(model_dir: Path):
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from farm.models import trust_remote_code
+    from farm.inputs.models import trust_remote_code
 
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
@@ -89,7 +89,7 @@ def dense_merge(peft_model, model_dir: Path):
     from bitsandbytes.nn import Linear4bit
     from peft.tuners.lora import LoraLayer
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     dense = load_model(model_dir)
     inner = peft_model.get_base_model()
@@ -120,7 +120,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from farm.models import load_model
+    from farm.inputs.models import load_model
 
     torch.set_num_threads(threads)
     torch.manual_seed(opt.seed)

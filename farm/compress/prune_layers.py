@@ -21,7 +21,7 @@ from farm.compress.common import (
     run_hooked,
     save_with_tokenizer,
 )
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import PositiveGrid, as_list
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from farm.compress.common import Calibrated, calibration_batches, load, run_hooked, save_with_tokenizer
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import FractionGrid, as_list
 
 

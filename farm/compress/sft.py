@@ -25,7 +25,7 @@ from pydantic import Field, field_validator, model_validator
 
 from farm.compress.common import save_with_tokenizer
 from farm.compress.lora import TARGETS, dense_merge, load_nf4, logit_gap, nf4_only
-from farm.instructions import IGNORE
+from farm.inputs.instructions import IGNORE
 from farm.plugin import PositiveGrid, StepOptions
 
 
@@ -72,8 +72,8 @@ class Options(StepOptions):
         return super().label_of({**values, "source": source})
 
     def check(self, shape):
-        from farm import tasks
-        from farm.instructions import file_problems
+        from farm.inputs import taskdata as tasks
+        from farm.inputs.instructions import file_problems
 
         problems = [f"files[{i}]: {p}" for i, f in enumerate(self.files) for p in file_problems(f)]
         if self.task is not None and self.task not in tasks.TASKS:
@@ -141,8 +141,8 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from farm import instructions
-    from farm.models import load_model, load_tokenizer
+    from farm.inputs import instructions
+    from farm.inputs.models import load_model, load_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(opt.seed)

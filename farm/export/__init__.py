@@ -17,3 +17,6 @@ FORMATS = Registry("export format", {
     "openvino": "farm.export.openvino_export",
     "torch": "farm.export.torch_export",  # bitsandbytes levels; fp32 is the checkpoint itself
 }, base="farm.export.common:ExportOptions", key="format", needs=("export",), plugin_kind="format")
+
+# every sweep's reference cell: the base model in PyTorch, fp32 (its artifact is the checkpoint itself)
+BASELINE = {"format": "torch", "quant": "fp32"}

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import Options, Problems, as_list, group_problems
 from farm.registry import suggest
 

@@ -135,3 +135,21 @@ def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=No
     else:
         quantize(source, out, quant, threads)
     return out
+
+
+def orderings(levels: dict[str, dict], where: str) -> list[dict]:
+    """What the field knows of these levels, checked on one pipeline's cells (the report's ordering checks):
+    F16 ~ Q8_0 < Q4_K_M in perplexity and KL, and Q8_0 within 1 % of F16's perplexity. levels: quant -> row."""
+    out = []
+    f16, q8, q4 = levels.get("F16"), levels.get("Q8_0"), levels.get("Q4_K_M")
+    for metric in ("perplexity", "kl_div"):
+        if f16 and q8 and q4 and all(metric in r["metrics"] for r in (f16, q8, q4)):
+            a, b, c = (r["metrics"][metric] for r in (f16, q8, q4))
+            ok = b < c and (metric != "perplexity" or a < c)
+            out.append({"check": f"{metric}: F16 ~ Q8_0 < Q4_K_M", "cells": where, "ok": ok,
+                        "detail": f"F16 {a:.4g}, Q8_0 {b:.4g}, Q4_K_M {c:.4g}"})
+    if f16 and q8 and "perplexity" in f16["metrics"] and "perplexity" in q8["metrics"]:
+        a, b = f16["metrics"]["perplexity"], q8["metrics"]["perplexity"]
+        out.append({"check": "perplexity: Q8_0 within 1 % of F16", "cells": where, "ok": abs(b / a - 1) <= 0.01,
+                    "detail": f"Q8_0 / F16 = {b / a:.4f}"})
+    return out

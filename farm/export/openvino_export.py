@@ -23,7 +23,7 @@ from pydantic import Field, model_validator
 
 from farm.errors import ToolError
 from farm.export.common import BlockwiseExport, copy_side_files
-from farm.models import trust_remote_code
+from farm.inputs.models import trust_remote_code
 
 
 class Options(BlockwiseExport):

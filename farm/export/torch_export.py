@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from farm.export.common import ExportOptions
-from farm.models import save_with_tokenizer
+from farm.inputs.models import save_with_tokenizer
 
 
 class Options(ExportOptions):
@@ -35,8 +35,10 @@ def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=No
     import torch
     from transformers import AutoModelForCausalLM
 
-    from farm.models import trust_remote_code
+    from farm.inputs.models import trust_remote_code
 
+    if params["quant"] == "fp32":  # the Hugging Face directory itself is the artifact (the baseline)
+        return source
     torch.set_num_threads(threads)
     out = out_dir / f"torch-{params['quant']}"
     model = AutoModelForCausalLM.from_pretrained(source, quantization_config=config(params["quant"]),

@@ -30,7 +30,7 @@ class Runtime(Protocol):
 
 def greedy_generate(rt, prompt: str, max_tokens: int) -> str:
     """Greedy decoding through rt.prefill/rt.step, with the tokenizer saved beside the artifact."""
-    from farm.models import load_tokenizer
+    from farm.inputs.models import load_tokenizer
 
     if rt.tokenizer is None:
         rt.tokenizer = load_tokenizer(rt.path)

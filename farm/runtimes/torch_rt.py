@@ -21,7 +21,7 @@ class TorchRuntime:
     def __init__(self, path: Path, threads: int, n_ctx: int):
         import torch
 
-        from farm.models import load_model, load_tokenizer
+        from farm.inputs.models import load_model, load_tokenizer
 
         torch.set_num_threads(threads)
         self.torch = torch

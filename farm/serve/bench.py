@@ -19,10 +19,25 @@ import numpy as np
 
 from farm.serve import engine
 from farm.serve.loadgen import prompts_from_ids, run_level
-from farm.spec import SERVE_KEYS, serve_corpus_tokens, serve_requests
 
+# The figures of one level, and the direction in which each gets better (serve_output_tok_s_c4, ...)
+SERVE_KEYS = {"output_tok_s": "max", "requests_s": "max", "ttft_p50_ms": "min", "ttft_p90_ms": "min",
+              "itl_p50_ms": "min", "itl_p90_ms": "min", "e2e_p50_ms": "min", "e2e_p90_ms": "min"}
+SERVE_METRIC = rf"^serve_(prefix_)?({'|'.join(SERVE_KEYS)})_c([1-9][0-9]*)$"
 POLL_S = 0.1
 MODEL_ALIAS = "farm-cell"
+
+
+def serve_requests(serve: dict, concurrency: int) -> int:
+    return serve["requests"] or max(4, 2 * concurrency)
+
+
+def serve_corpus_tokens(serve: dict) -> int:
+    """Corpus tokens a serve benchmark consumes: a warm-up prompt per slot, then distinct prompts for every level
+    of both passes (the shared-prefix pass: a fresh prefix per level, then each prompt's own tokens)."""
+    p, s, levels = serve["prompt_tokens"], serve["shared_prefix_tokens"], serve["concurrency"]
+    n = sum(serve_requests(serve, c) for c in levels)
+    return max(levels) * p + n * p + ((len(levels) * s + n * (p - s)) if s else 0)
 
 
 def _delta(before: dict, after: dict) -> dict:

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from farm.errors import StageError
-from farm.isolate import RuntimeCrash, signal_name
+from farm.measure.isolate import RuntimeCrash, signal_name
 
 READY_TIMEOUT_S = 300
 PR_SET_PDEATHSIG = 1

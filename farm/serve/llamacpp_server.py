@@ -22,6 +22,7 @@ from farm.serve.common import Server, free_port, get_text, prometheus
 
 TITLE = "llama.cpp llama-server"
 RUNTIME = "llamacpp"
+ADAPTERS = True  # LoRA adapters unmerged (--lora), each request choosing its own
 
 
 def binary() -> Path:

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from farm.compress.common import load, save_with_tokenizer
-from farm.modelref import ModelShape
+from farm.inputs.modelref import ModelShape
 from farm.plugin import FractionGrid, StepOptions
 
 
