@@ -48,7 +48,7 @@ def cmd_submit(a) -> int:
 
 
 def cmd_status(a) -> int:
-    from farm.decide.report import status_report
+    from farm.decide.status import status_report
 
     print(status_report(a.name))
     return 0

@@ -487,6 +487,14 @@ def stage_kinds() -> str | None:
         sections.append(f"### stage: {n}\n")
         if doc:
             sections.append(text(doc) + "\n")
+        declared = [("one stage per", {"runtime": "runtime setting of each export", "target": "runtime setting "
+                     "and target of each export"}.get(getattr(value, "PER", None) or "", "")),
+                    ("inputs", ", ".join(getattr(value, "INPUTS", ()) or ())),
+                    ("owns its node", "yes (a benchmark)" if getattr(value, "EXCLUSIVE", False) else ""),
+                    ("phase", "after every cell's single-stream figures" if getattr(value, "AFTER", False) else "")]
+        lines = [f"- {k}: {v}" for k, v in declared if v]
+        if lines:
+            sections.append("\n".join(lines) + "\n")
         metrics = getattr(value, "METRICS", None) or ()
         if isinstance(metrics, dict):
             metrics = list(metrics.values())

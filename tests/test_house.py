@@ -130,10 +130,7 @@ PARTNERS = {
     ("runtimes/llamacpp_rt.py", "gguf"), ("runtimes/onnx_rt.py", "onnx"),
     ("stages/roofline.py", "bench"),  # a measurement reads the cell's benchmark (INPUTS)
 }
-# Known and not yet moved (docs/extending.md says where each goes): each format's reader of the bytes a decode
-# step reads, which the memory roofline dispatches on; the embedded reference model is run by the torch runtime.
-NOT_YET = {("measure/roofline.py", "gguf"), ("measure/roofline.py", "onnx"), ("measure/roofline.py", "torch"),
-           ("measure/roofline.py", "openvino"), ("measure/quality.py", "torch")}
+NOT_YET: set[tuple[str, str]] = set()  # known strays not yet moved: none
 
 
 def plugin_names() -> dict[str, set[str]]:

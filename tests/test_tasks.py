@@ -193,7 +193,7 @@ def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_s
 
 
 def test_the_reports_task_table_shows_each_cells_accuracy_and_its_paired_difference_from_the_base():
-    from farm.decide.report import _task_table
+    from farm.stages.tasks import _task_table
 
     rows = [{"target": "local", "label": "sft/gguf-F16@local",
              "metrics": {"acc.arc_easy": 0.55, "acc_stderr.arc_easy": 0.03, "acc_vs_base.arc_easy": 0.05,

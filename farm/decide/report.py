@@ -309,33 +309,3 @@ CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color
 table{border-collapse:collapse;font-size:12px;margin-bottom:1.5em}td,th{border:1px solid #ccc;padding:3px 6px}
 th{background:#f0f0f0;position:sticky;top:0}tr:nth-child(even){background:#fafafa}img{max-width:100%;
 border:1px solid #ddd;margin-bottom:1em}h2{margin-top:1.6em;font-size:1.15em}.foot{color:#888;font-size:11px}"""
-
-
-def status_report(name: str | None = None) -> str:
-    """`farm status [NAME]`: the latest submission of a sweep (or of every sweep): its state, its progress
-    line while it runs, and each logged cell with its key numbers or why it failed."""
-    lines = []
-    for exp, parent in queries.sweep_runs(name):
-        tags, params = parent.data.tags, parent.data.params
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(parent.info.start_time / 1000))
-        cells = queries.cell_runs(parent)
-        n_failed = sum(r.info.status == "FAILED" for r in cells)
-        lines.append(f"{exp.name}: {parent.info.status} (run {parent.info.run_id}, started {started}); "
-                     f"{len(cells)}/{params.get('sweep.cells', '?')} cells logged, {n_failed} failed")
-        if "farm.progress" in tags:
-            lines.append(f"  progress: {tags['farm.progress']}")
-        if "farm.stopped" in tags:
-            lines.append(f"  stopped: {tags['farm.stopped']}")
-        if not name:
-            continue
-        for r in cells:
-            label = r.data.tags.get("farm.label", r.info.run_name)
-            if r.info.status == "FAILED":
-                lines.append(f"  FAILED    {label}: {r.data.tags.get('farm.error', '').splitlines()[0][:300]}")
-                continue
-            m = r.data.metrics
-            flag = " *" if r.data.tags.get("farm.pareto") == "true" else ""
-            lines.append(f"  {r.info.status:<9} {label}: ppl {m.get('perplexity', float('nan')):.3f}  "
-                         f"decode {m.get('decode_tok_s', float('nan')):.1f} tok/s  "
-                         f"{m.get('size_mb', float('nan')):.1f} MB{flag}")
-    return "\n".join(lines) or "no sweep has been submitted to this MLflow server yet"

@@ -11,6 +11,7 @@ a list of those (each is measured).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,3 +185,32 @@ def copy_side_files(src: Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (src / name).is_file() and not (out / name).is_file():
             shutil.copy2(src / name, out / name)
+
+
+# ---- what a decode step reads (the memory roofline, farm/measure/roofline.py): shared by the formats' readers
+GATHERS = {"Gather", "GatherBlockQuantized"}  # ops that read one row of a table per token
+PASSES = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Cast",
+          "DequantizeLinear", "Mul", "Sub", "Identity")  # decompression ops between a stored weight and its user
+
+
+def terminal(start, consumers, op_type) -> set[str]:
+    """The op types that finally use a stored weight, looking through decompression ops."""
+    seen, todo, out = set(), [start], set()
+    while todo:
+        node = todo.pop()
+        for user in consumers(node):
+            t = op_type(user)
+            if t in PASSES and id(user) not in seen:
+                seen.add(id(user))
+                todo.append(user)
+            elif t not in PASSES:
+                out.add(t)
+    return out
+
+
+def hf_shape(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    heads = cfg.get("num_attention_heads")
+    return {"layers": cfg.get("num_hidden_layers"), "kv_heads": cfg.get("num_key_value_heads") or heads,
+            "head_dim": cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None),
+            "tied": bool(cfg.get("tie_word_embeddings"))}

@@ -153,3 +153,22 @@ def orderings(levels: dict[str, dict], where: str) -> list[dict]:
         out.append({"check": "perplexity: Q8_0 within 1 % of F16", "cells": where, "ok": abs(b / a - 1) <= 0.01,
                     "detail": f"Q8_0 / F16 = {b / a:.4f}"})
     return out
+
+
+def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
+    """The bytes a decode step reads (every tensor but an untied embedding table) and the KV cache's shape."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    tensors = {t.name: int(t.n_bytes) for t in r.tensors}
+    if "output.weight" in tensors:  # an untied lm_head: the embedding table is only gathered from
+        tensors.pop("token_embd.weight", None)
+    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8")
+
+    def field(name):
+        f = r.fields.get(f"{arch}.{name}")
+        return None if f is None else int(f.parts[-1][0])
+    heads, kv = field("attention.head_count"), field("attention.head_count_kv")
+    head_dim = field("attention.key_length") or (field("embedding_length") // heads if heads else None)
+    shape = {"layers": field("block_count"), "kv_heads": kv or heads, "head_dim": head_dim, "kv_bytes": 2}
+    return sum(tensors.values()), shape  # llama.cpp's default KV cache type is f16

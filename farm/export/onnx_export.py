@@ -30,7 +30,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from farm.errors import ToolError
-from farm.export.common import BlockwiseExport, copy_side_files
+from farm.export.common import GATHERS, BlockwiseExport, copy_side_files, hf_shape, terminal
 from farm.inputs.modelref import ModelShape
 from farm.inputs.models import trust_remote_code
 from farm.plugin import as_list
@@ -281,3 +281,35 @@ def build_genai(source: Path, params: dict, out_dir: Path, threads: int = 1) -> 
     copy_side_files(source, out)  # config.json beside genai_config.json, for completeness and generate()
     check_complete(out)
     return out
+
+
+def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
+    """The bytes a decode step reads (every initializer but a table only gathered from) and the KV cache's shape."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    by_input: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            by_input.setdefault(name, []).append(node)
+    total = 0
+    for init in model.graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        if "length" in ext:
+            size = int(ext["length"])
+        elif init.raw_data:
+            size = len(init.raw_data)
+        else:
+            size = int(np.prod(init.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+        users = terminal(init.name, lambda n: [u for o in ([n] if isinstance(n, str) else n.output)
+                                                for u in by_input.get(o, [])], lambda n: n.op_type)
+        if users and users <= GATHERS:
+            continue  # the embedding table: one row per token
+        total += size
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
+    shape = {**hf_shape(path), "kv_bytes": 4}
+    if past:
+        elem = past[0].type.tensor_type.elem_type
+        shape["kv_bytes"] = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
+    return total, shape

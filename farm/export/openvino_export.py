@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from farm.errors import ToolError
-from farm.export.common import BlockwiseExport, copy_side_files
+from farm.export.common import GATHERS, BlockwiseExport, copy_side_files, hf_shape, terminal
 from farm.inputs.models import trust_remote_code
 
 
@@ -116,3 +116,24 @@ def compress(src: Path, params: dict, out: Path, calib: np.ndarray | None) -> No
                                           **extra)
         ov.save_model(model, str(out / MODEL), compress_to_fp16=False)
     copy_side_files(src, out)
+
+
+def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
+    """The bytes a decode step reads (every constant but a table only gathered from) and the KV cache's shape, at
+    the KV precision the runtime ran with."""
+    kv_precision = settings.get("KV_CACHE_PRECISION")
+    import openvino as ov
+
+    model = ov.Core().read_model(str(path / "openvino_model.xml"))
+    total = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant":
+            continue
+        users = terminal(op, lambda n: [t.get_node() for o in n.outputs() for t in o.get_target_inputs()],
+                          lambda n: n.get_type_name())
+        if users and users <= GATHERS:
+            continue
+        total += int(op.get_byte_size())
+    shape = hf_shape(path)
+    shape["kv_bytes"] = {"u8": 1, "i8": 1, "f16": 2, "bf16": 2, "f32": 4}.get((kv_precision or "f16").lower(), 2)
+    return total, shape

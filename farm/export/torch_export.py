@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from farm.export.common import ExportOptions
+import numpy as np
+
+from farm.export.common import ExportOptions, hf_shape
 from farm.inputs.models import save_with_tokenizer
 
 
@@ -47,3 +49,19 @@ def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=No
     out.mkdir()
     save_with_tokenizer(model, source, out)
     return out
+
+
+def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
+    """The bytes a decode step reads (every weight but an untied embedding table) and the KV cache's shape."""
+    from safetensors import safe_open
+
+    total, shape = 0, hf_shape(path)
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for name in st.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                if "embed_tokens" in name and not shape.get("tied"):
+                    continue
+                sl = st.get_slice(name)
+                total += int(np.prod(sl.get_shape())) * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
+    shape["kv_bytes"] = 4
+    return total, shape

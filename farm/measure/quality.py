@@ -81,6 +81,13 @@ def corpus_tokens(reference: Path) -> tuple[list[int], np.ndarray]:
     return prefix, np.concatenate([evals.ravel(), np.load(reference / "calib_tokens.npy")])
 
 
+def reference_runtime() -> str:
+    """The runtime of the sweep's baseline (the base model in PyTorch, fp32), which the reference logits come from."""
+    from farm.export import BASELINE, FORMATS
+
+    return FORMATS.options(BASELINE["format"]).RUNTIME
+
+
 def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dict:
     """Write calib/eval token ids and the base model's log-probs (and the long-context probe's windows)."""
     from farm.inputs.models import load_tokenizer
@@ -90,7 +97,7 @@ def build_reference(model_dir: Path, data: dict, out: Path, threads: int) -> dic
     calib, evals = tokenize_data(tokenizer, data)
     longs = long_windows(tokenizer, data)
     np.save(out / "sequence_prefix.npy", np.array(sequence_prefix(tokenizer), dtype=np.int64))
-    rt = load("torch", model_dir, threads=threads, n_ctx=evals.shape[1])
+    rt = load(reference_runtime(), model_dir, threads=threads, n_ctx=evals.shape[1])
     logprobs = top1 = None
     for i, w in enumerate(evals):  # window by window into a file: memory O(window x vocab), not O(all)
         logits = rt.logits(w.tolist())[:-1]

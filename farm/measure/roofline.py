@@ -21,15 +21,10 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from farm import storage
 
 MIB = 1 << 20
-GATHERS = {"Gather", "GatherBlockQuantized"}  # ops that read one row of a table per token
 ARRAY_MB = 256
-PASSES = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Cast",
-          "DequantizeLinear", "Mul", "Sub", "Identity")  # decompression ops between a stored weight and its user
 
 
 def _stream(threads: int) -> dict:
@@ -79,120 +74,15 @@ def bandwidth(threads: int, cores: list[int], host: dict) -> dict:
     return {**result, "cached": False}
 
 
-# --- bytes a decode step reads, per format ---------------------------------------------------------------
-
-def _gguf(path: Path) -> tuple[int, dict]:
-    from gguf import GGUFReader
-
-    r = GGUFReader(str(path))
-    tensors = {t.name: int(t.n_bytes) for t in r.tensors}
-    if "output.weight" in tensors:  # an untied lm_head: the embedding table is only gathered from
-        tensors.pop("token_embd.weight", None)
-    arch = str(bytes(r.fields["general.architecture"].parts[-1]), "utf-8")
-
-    def field(name):
-        f = r.fields.get(f"{arch}.{name}")
-        return None if f is None else int(f.parts[-1][0])
-    heads, kv = field("attention.head_count"), field("attention.head_count_kv")
-    head_dim = field("attention.key_length") or (field("embedding_length") // heads if heads else None)
-    shape = {"layers": field("block_count"), "kv_heads": kv or heads, "head_dim": head_dim, "kv_bytes": 2}
-    return sum(tensors.values()), shape  # llama.cpp's default KV cache type is f16
-
-
-def _terminal(start, consumers, op_type) -> set[str]:
-    """The op types that finally use a stored weight, looking through decompression ops."""
-    seen, todo, out = set(), [start], set()
-    while todo:
-        node = todo.pop()
-        for user in consumers(node):
-            t = op_type(user)
-            if t in PASSES and id(user) not in seen:
-                seen.add(id(user))
-                todo.append(user)
-            elif t not in PASSES:
-                out.add(t)
-    return out
-
-
-def _onnx(path: Path) -> tuple[int, dict]:
-    import onnx
-    from onnx import helper
-
-    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    by_input: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            by_input.setdefault(name, []).append(node)
-    total = 0
-    for init in model.graph.initializer:
-        ext = {e.key: e.value for e in init.external_data}
-        if "length" in ext:
-            size = int(ext["length"])
-        elif init.raw_data:
-            size = len(init.raw_data)
-        else:
-            size = int(np.prod(init.dims)) * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        users = _terminal(init.name, lambda n: [u for o in ([n] if isinstance(n, str) else n.output)
-                                                for u in by_input.get(o, [])], lambda n: n.op_type)
-        if users and users <= GATHERS:
-            continue  # the embedding table: one row per token
-        total += size
-    past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
-    shape = {**_hf_shape(path), "kv_bytes": 4}
-    if past:
-        elem = past[0].type.tensor_type.elem_type
-        shape["kv_bytes"] = np.dtype(helper.tensor_dtype_to_np_dtype(elem)).itemsize
-    return total, shape
-
-
-def _openvino(path: Path, kv_precision: str | None) -> tuple[int, dict]:
-    import openvino as ov
-
-    model = ov.Core().read_model(str(path / "openvino_model.xml"))
-    total = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Constant":
-            continue
-        users = _terminal(op, lambda n: [t.get_node() for o in n.outputs() for t in o.get_target_inputs()],
-                          lambda n: n.get_type_name())
-        if users and users <= GATHERS:
-            continue
-        total += int(op.get_byte_size())
-    shape = _hf_shape(path)
-    shape["kv_bytes"] = {"u8": 1, "i8": 1, "f16": 2, "bf16": 2, "f32": 4}.get((kv_precision or "f16").lower(), 2)
-    return total, shape
-
-
-def _torch(path: Path) -> tuple[int, dict]:
-    from safetensors import safe_open
-
-    total, shape = 0, _hf_shape(path)
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), "np") as st:
-            for name in st.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                if "embed_tokens" in name and not shape.get("tied"):
-                    continue
-                sl = st.get_slice(name)
-                total += int(np.prod(sl.get_shape())) * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
-    shape["kv_bytes"] = 4
-    return total, shape
-
-
-def _hf_shape(path: Path) -> dict:
-    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    heads = cfg.get("num_attention_heads")
-    return {"layers": cfg.get("num_hidden_layers"), "kv_heads": cfg.get("num_key_value_heads") or heads,
-            "head_dim": cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None),
-            "tied": bool(cfg.get("tie_word_embeddings"))}
-
-
 def bytes_per_token(fmt: str, artifact: Path, context: float, settings: dict) -> dict | None:
-    """Weights + KV cache a decode step reads at `context` tokens; None for a format it cannot read."""
-    readers = {"gguf": _gguf, "onnx": _onnx, "torch": _torch,
-               "openvino": lambda p: _openvino(p, settings.get("KV_CACHE_PRECISION"))}
-    if fmt not in readers:
+    """Weights + KV cache a decode step reads at `context` tokens, as the format's own `decode_bytes` reads them
+    from the artifact (farm/export/<format>_export.py); None for a format without one."""
+    from farm.export import FORMATS
+
+    reader = getattr(FORMATS.get(fmt), "decode_bytes", None) if fmt in FORMATS else None
+    if reader is None:  # a format declares what a decode step reads beside its exporter (decode_bytes)
         return None
-    weights, shape = readers[fmt](Path(artifact))
+    weights, shape = reader(Path(artifact), settings)
     kv = 0
     if all(shape.get(k) for k in ("layers", "kv_heads", "head_dim")):
         kv = int(2 * shape["layers"] * shape["kv_heads"] * shape["head_dim"] * shape["kv_bytes"] * context)

@@ -166,7 +166,7 @@ def build(sweep: Sweep) -> Grid:
         export = g.add("export", variant.params, (src, *calib))
         roles = {"export": export, "reference": reference, "base": base}
         for runtime in entry.runtimes():  # the same exported file, measured by each runtime setting
-            ctx = {"sweep": sweep, "pipelines": pipelines, "data": data, "runtime": runtime}
+            ctx = {"sweep": sweep, "pipelines": pipelines, "data": data, "runtime": runtime, "export": variant.params}
             per_runtime = {k: STAGES.get(k).params(ctx) for k, per, _ in kinds if per == "runtime"}
             for target in sweep.targets:
                 tctx = {**ctx, "target": target.model_dump()}

@@ -27,12 +27,14 @@ METRICS = (
 
 def params(ctx: dict) -> dict:
     bench = ctx["sweep"].bench
-    return {"target": ctx["target"], "runtime": ctx["runtime"], "reuse": bench.reuse,
+    return {"format": ctx["export"]["format"], "target": ctx["target"], "runtime": ctx["runtime"], "reuse": bench.reuse,
             "context": bench.prompt_tokens + bench.decode_tokens / 2}  # the mean context of a decode step
 
 
 def code(params: dict) -> list[str]:
-    return ["farm.measure.roofline"]
+    from farm.export import FORMATS
+
+    return ["farm.measure.roofline", FORMATS.module_name(params["format"])]  # the format reads its own bytes
 
 
 def reuse(stage) -> str:
