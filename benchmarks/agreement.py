@@ -144,7 +144,7 @@ BARE = {"gguf": bare_llamacpp, "onnx": bare_onnx, "openvino": bare_openvino, "to
 
 
 def bare_child(a) -> None:
-    """In a fresh process: pin to the first --threads cores, time prefill and decode like farm.bench does."""
+    """In a fresh process: pin to the first --threads cores, time prefill and decode like farm.measure.speed does."""
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:a.threads])
     ids = json.loads(Path(a.prompt).read_text())
     prefill, step = BARE[a.fmt](a.path, a.threads, len(ids) + a.decode + 8)

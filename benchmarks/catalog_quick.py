@@ -8,7 +8,7 @@ Prints a markdown row per cell: perplexity, KL(base || cell), top-1 agreement, s
 seconds the cell's compression steps took (when they ran: a reused stage reports its first run). With
 --tasks, the cells' task-accuracy stages run too (the sweep's `tasks` section, through each cell's runtime)
 and each row gets every task's accuracy ± its standard error, and a compressed cell its paired difference from
-the uncompressed base exported the same way (farm.tasks.paired; the base's cell must be in the run too).
+the uncompressed base exported the same way (farm.measure.tasks.paired; the base's cell must be in the run too).
 """
 
 from __future__ import annotations

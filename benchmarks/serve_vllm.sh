@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export MLFLOW_TRACKING_URI=${MLFLOW_TRACKING_URI:-http://127.0.0.1:5000} FARM_HOME=${FARM_HOME:-$PWD/.farm}
 venv=$(scripts/setup-vllm.sh | tail -1)
-hf=$(.venv/bin/python -c "from farm.models import resolve; print(resolve('smollm2-135m-instruct'))")
+hf=$(.venv/bin/python -c "from farm.inputs.models import resolve; print(resolve('smollm2-135m-instruct'))")
 LOAD=(--concurrency 1,2,4 --prompt-tokens 128 --output-tokens 32 --shared-prefix-tokens 96 --experiment serve-engines)
 wait_health() {  # url pid: until it answers, or its process has ended
   for _ in $(seq 300); do curl -sf "$1/health" >/dev/null && return 0; kill -0 "$2" 2>/dev/null || return 1; sleep 1; done

@@ -3,7 +3,7 @@
 A compression method, an export format and a runtime each define an `Options` model beside their code
 (farm/compress/<method>.py, farm/export/<format>_export.py, farm/runtimes/<runtime>_rt.py); the spec builds
 its unions from the registries. Options are frozen pydantic models; a field whose name is in GRID may hold a
-list, which makes one variant per value. `check(shape)` sees the model entering the step (farm.modelref) and
+list, which makes one variant per value. `check(shape)` sees the model entering the step (farm.inputs.modelref) and
 returns the problems it finds, as 'field: what is wrong and what to do', before any task runs.
 """
 

@@ -75,7 +75,7 @@ def test_hub_ids_resolve_through_the_hub_cache(tiny_model_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    code = ("from farm.models import resolve\nfrom farm.errors import ModelError\nprint(resolve('acme/tiny-llama'))\n"
+    code = ("from farm.inputs.models import resolve\nfrom farm.errors import ModelError\nprint(resolve('acme/tiny-llama'))\n"
             "try:\n    resolve('acme/not-cached')\nexcept ModelError as e:\n    print('ERR', e)\n")
     out = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
                          timeout=120)
