@@ -42,9 +42,9 @@ def ray_token_auth() -> None:
 
 def cmd_submit(a) -> int:
     ray_token_auth()
-    from farm.run import driver
+    from farm.run.jobs import submit_job
 
-    return driver.submit_job(a.file, a.address, wait=not a.no_wait)
+    return submit_job(a.file, a.address, wait=not a.no_wait)
 
 
 def cmd_status(a) -> int:
