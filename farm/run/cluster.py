@@ -140,14 +140,15 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
 
 
 def strand(waiting: dict, stranded: dict) -> None:
-    """Cancel benchmarks whose target has lost every node it could run on (a node died): Ray would
-    keep them pending forever. Tasks on a lost node that another node can run are retried by Ray."""
+    """Cancel the node-owning stages (benchmarks, and what reads them) whose target has lost every node it could
+    run on (a node died): Ray would keep them pending forever. Every such stage of a cell is cancelled, not only
+    the first. Tasks on a lost node that another node can run are retried by Ray."""
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(BENCH_SLOT, 0) >= 1]
     for ref, cell in waiting.items():
         target = cell.spec["target"]
-        if cell.id not in stranded and not any(selector_matches(target["labels"], n.get("Labels", {})) for n in nodes):
-            stranded[cell.id] = (f"target '{target['name']}' lost every node that matches {target['labels']}; "
-                                 "its benchmark was cancelled")
+        if not any(selector_matches(target["labels"], n.get("Labels", {})) for n in nodes):
+            stranded.setdefault(cell.id, f"target '{target['name']}' lost every node that matches {target['labels']}; "
+                                         "its benchmark was cancelled")
             ray.cancel(ref)
 
 
