@@ -16,11 +16,12 @@ from typing import Any
 
 from farm.export import BASELINE, FORMATS
 from farm.plan import codeid
-from farm.stages import STAGES
+from farm.stages import CHAIN, STAGES
 from farm.stages.common import declared, measurements
 from farm.sweep.spec import Sweep, grid_fields, uses_teacher
 
 BASELINE_RUNTIME = {"name": FORMATS.options(BASELINE["format"]).RUNTIME}
+BASE, REFERENCE, COMPRESS, EXPORT = CHAIN
 
 
 def _file(module: str) -> str:
@@ -135,8 +136,8 @@ def build(sweep: Sweep) -> Grid:
     g = Grid()
     data = sweep.data.model_dump()
     base_params = sweep.base.model_dump()
-    base = g.add("base", base_params)
-    reference = g.add("reference", with_digests({"data": data}, data["files"]), (base,))
+    base = g.add(BASE, base_params)
+    reference = g.add(REFERENCE, with_digests({"data": data}, data["files"]), (base,))
 
     exports = [(e, v) for e in sweep.exports for v in e.variants()]
     pipelines = expand_pipelines(sweep)
@@ -156,15 +157,15 @@ def build(sweep: Sweep) -> Grid:
         model, chain = base, []
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
-            model = g.add("compress", with_digests({"step": step}, step.get("files") or []),
+            model = g.add(COMPRESS, with_digests({"step": step}, step.get("files") or []),
                           (model, reference, *teacher))
             chain.append(model)
         src = model
         if variant.source is not None:  # made from the format's shared base-level export
-            src = g.add("export", variant.source, (model,))
+            src = g.add(EXPORT, variant.source, (model,))
         calib = (reference,) if variant.calibrated else ()
-        export = g.add("export", variant.params, (src, *calib))
-        roles = {"export": export, "reference": reference, "base": base}
+        export = g.add(EXPORT, variant.params, (src, *calib))
+        roles = {EXPORT: export, REFERENCE: reference, BASE: base}
         for runtime in entry.runtimes():  # the same exported file, measured by each runtime setting
             ctx = {"sweep": sweep, "pipelines": pipelines, "data": data, "runtime": runtime, "export": variant.params}
             per_runtime = {k: STAGES.get(k).params(ctx) for k, per, _ in kinds if per == "runtime"}

@@ -10,8 +10,10 @@ import traceback
 from pathlib import Path
 
 from farm import storage
-from farm.stages import STAGES
+from farm.stages import CHAIN, STAGES
 from farm.sweep.spec import step_label
+
+EXPORT = CHAIN[-1]  # the stage whose artifact a cell's run points at
 
 
 def step_metrics(steps: list[dict | None]) -> tuple[dict[str, float], dict[str, list]]:
@@ -66,11 +68,11 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, r
                            ("farm.artifact_manifest", storage.stage_of(export["artifact"]))):
             if pins.get(stage):
                 tags[tag] = pins[stage]
-    for kind, result in (("export", export), *results.items()):
+    for kind, result in ((EXPORT, export), *results.items()):
         if result:  # reused from an earlier submission (same content id) rather than run again
             tags[f"farm.cached.{kind}"] = str(result.get("cached", False)).lower()
     files = {"cell_spec.json": {"id": cell.id, "baseline": cell.baseline, **cell.spec},
-             "stages.json": {k: v for k, v in (("export", export), *results.items()) if v}}
+             "stages.json": {k: v for k, v in ((EXPORT, export), *results.items()) if v}}
     for kind, result in results.items():
         hook = getattr(STAGES.get(kind), "record", None)
         if result and hook:

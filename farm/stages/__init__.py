@@ -30,3 +30,7 @@ STAGES = Registry("stage kind", {
     "tasks": "farm.stages.tasks",
     "serve": "farm.stages.serve",
 }, base=None, key=None, needs=("code", "run"), plugin_kind="stage")
+
+# The production chain every cell is made by, in order (a compress step per pipeline step): the grid builds it
+# from these kinds; every other kind measures what it made (PER, INPUTS).
+CHAIN = ("base", "reference", "compress", "export")
