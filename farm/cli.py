@@ -35,8 +35,10 @@ def ray_token_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
     from farm import storage
 
-    mode = storage.home() / "run" / "ray-mode"
-    if mode.is_file() and mode.read_text().strip() == "loopback":
+    homes = [storage.home()]
+    if "FARM_HOME" not in os.environ:  # typed in a checkout: `make up` keeps the cluster's state in its .farm/
+        homes.append(Path(".farm"))
+    if any((m := h / "run" / "ray-mode").is_file() and m.read_text().strip() == "loopback" for h in homes):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
