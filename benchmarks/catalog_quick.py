@@ -36,10 +36,10 @@ def main() -> int:
     os.environ.setdefault("FARM_HOME", str(ROOT / ".farm"))
     sys.path.insert(0, str(ROOT))
 
-    from farm.plan import grid
-    from farm.sweep import spec
-    from farm.stages.runner import run_stage
     from farm.measure.tasks import paired
+    from farm.plan import grid
+    from farm.stages.runner import run_stage
+    from farm.sweep import spec
 
     g = grid.build(spec.load(args.sweep))
     results: dict[str, dict] = {}

@@ -41,9 +41,8 @@ def decode_rate(generate, n: int, repeats: int) -> float:
 
 
 def farm_loop(fmt: str, path: Path, threads: int, ids: list[int]):
-    from farm.runtimes import load
-
     from farm.export import FORMATS
+    from farm.runtimes import load
 
     rt = load(FORMATS.options(fmt).RUNTIME, path, threads=threads, n_ctx=1024)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from farm.measure import tasks
 from farm.compress import run_method
 from farm.inputs.models import resolve
+from farm.measure import tasks
 from farm.nodes import facts
 
 

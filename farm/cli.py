@@ -132,8 +132,8 @@ def cmd_chat(a) -> int:
 
 
 def cmd_loadtest(a) -> int:
-    from farm.serve import bench as servebench
     from farm.decide.deploy import loadtest
+    from farm.serve import bench as servebench
 
     levels = [int(x) for x in a.concurrency.split(",")]
     r = loadtest(a.url, a.model, levels, a.requests, a.prompt_tokens, a.output_tokens, a.shared_prefix_tokens,

@@ -3,8 +3,8 @@
 import pytest
 
 from farm import storage
-from farm.inputs import data
 from farm.errors import FarmError
+from farm.inputs import data
 from farm.registry import Registry
 
 

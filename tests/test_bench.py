@@ -74,8 +74,8 @@ def test_thread_lists_are_validated():
 
 def test_benchmarks_are_reused_only_where_the_reuse_policy_allows(monkeypatch):
     from farm import nodes
-    from farm.stages import runner as stages
     from farm.plan.grid import Stage
+    from farm.stages import runner as stages
 
     host = {"hostname": "a", "model_name": "AMD EPYC", "logical_cpus": 2, "memory_gb": 24}
     monkeypatch.setattr(nodes, "facts", lambda: dict(host))

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from farm.plan import codeid
-from farm.plan import grid
+from farm.plan import codeid, grid
 from farm.stages import STAGES
 from farm.sweep import spec
 

@@ -108,8 +108,8 @@ def test_prune_heads_refuses_to_remove_nothing_or_everything(tiny_model_dir, tmp
 
 
 def test_spec_tracks_heads_through_the_pipeline():
-    from farm.sweep import spec
     from farm.errors import SpecError
+    from farm.sweep import spec
 
     def problems(pipeline):
         try:

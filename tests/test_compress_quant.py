@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from tiny_model import VOCAB
 
-from farm.sweep import spec
 from farm.compress import run_method
 from farm.errors import SpecError
+from farm.sweep import spec
 
 
 def calib_tokens(n: int = 1024) -> np.ndarray:

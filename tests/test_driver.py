@@ -1,5 +1,5 @@
-from farm.run.cluster import selector_matches, task_options
 from farm.plan.grid import Stage
+from farm.run.cluster import selector_matches, task_options
 
 LABELS = {"farm/isa": "amx", "farm/cpu-family": "sapphire-rapids", "farm/node": "a"}
 

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from farm.measure import quality as evaluate
 from farm.inputs.models import embedded_gguf
+from farm.measure import quality as evaluate
 
 pytestmark = pytest.mark.integration
 DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 256}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from farm.sweep import spec
 from farm.errors import FarmError, SpecError
 from farm.measure.quality import long_context, long_windows, quality, tokenize_data
+from farm.sweep import spec
 
 DATA = {"files": [], "calib_tokens": 256, "eval_windows": 2, "eval_window_tokens": 32, "long_window_tokens": 128,
         "long_windows": 2}

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from farm import storage
-from farm.plan import grid
-from farm.sweep import spec
-from farm.stages import runner as stages
 from farm.errors import ToolError
 from farm.export import FORMATS
+from farm.plan import grid
+from farm.stages import runner as stages
+from farm.sweep import spec
 
 pytestmark = pytest.mark.slow
 DATA = {"files": [], "calib_tokens": 1024, "eval_windows": 2, "eval_window_tokens": 64}

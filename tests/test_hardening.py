@@ -11,8 +11,8 @@ import yaml
 
 from farm.measure import speed as bench
 from farm.plan import grid
-from farm.sweep import spec
 from farm.record import cells
+from farm.sweep import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

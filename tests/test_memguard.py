@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from farm.run import memguard
 from farm.errors import StageError
+from farm.run import memguard
 
 pytestmark = pytest.mark.slow
 HOG = """

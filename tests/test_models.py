@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from farm.sweep import spec
 from farm.errors import ModelError, SpecError
 from farm.inputs.models import check_dir
+from farm.sweep import spec
 
 
 def sweep_for(d):

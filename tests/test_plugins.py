@@ -11,16 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm.plan import grid
-from farm.decide import report
-from farm.sweep import spec
-from farm.stages import runner as stages
-from farm.record import cells
-from farm.record import outbox
 from farm.compress import METHODS
+from farm.decide import report
 from farm.errors import FarmError, SpecError
 from farm.export import FORMATS
+from farm.plan import grid
+from farm.record import cells, outbox
 from farm.runtimes import RUNTIMES
+from farm.stages import runner as stages
+from farm.sweep import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = {METHODS: ("dummy_shrink", "tests.plugins.dummy_method"), FORMATS: ("dummy", "tests.plugins.dummy_format"),

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from farm.plan import grid
-from farm.sweep import spec
 from farm.record import outbox
+from farm.sweep import spec
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

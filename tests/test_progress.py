@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 
 from farm.plan import grid
-from farm.sweep import spec
 from farm.run.progress import Progress, duration
+from farm.sweep import spec
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 

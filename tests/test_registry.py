@@ -1,10 +1,10 @@
 """The registries, the spec's unions built from them and each format's tables agree."""
 
-from farm.sweep import spec
 from farm.compress import METHODS
 from farm.export import FORMATS
 from farm.plugin import RuntimeOptions, StepOptions
 from farm.runtimes import RUNTIMES, runtimes_for
+from farm.sweep import spec
 
 
 def test_every_registered_plug_in_loads_and_names_itself():

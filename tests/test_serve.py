@@ -14,10 +14,10 @@ import urllib.request
 import pytest
 
 from farm.plan import grid
-from farm.sweep import spec
-from farm.stages import runner as stages
 from farm.serve import engine
 from farm.serve.bench import mlflow_metrics, table
+from farm.stages import runner as stages
+from farm.sweep import spec
 
 pytestmark = pytest.mark.slow
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

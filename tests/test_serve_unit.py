@@ -183,8 +183,8 @@ def test_farm_serve_refuses_a_model_whose_file_is_not_what_was_measured(tmp_path
     from mlflow.tracking import MlflowClient
 
     from farm import storage
-    from farm.errors import FarmError
     from farm.decide.deploy import resolve
+    from farm.errors import FarmError
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
@@ -220,11 +220,10 @@ def test_an_sft_cells_adapter_reaches_its_run_and_farm_serve_lora_finds_it(tmp_p
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from farm.plan import grid as gridmod
-    from farm.record import cells
-    from farm.record import outbox
-    from farm.errors import FarmError
     from farm.decide.deploy import adapter
+    from farm.errors import FarmError
+    from farm.plan import grid as gridmod
+    from farm.record import cells, outbox
     from farm.sweep.spec import loads
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")

@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 
-from farm.plan import grid as gridmod
-from farm.inputs import instructions
-from farm.sweep import spec
-from farm.measure import tasks
 from farm.errors import SpecError
+from farm.inputs import instructions
+from farm.measure import tasks
+from farm.plan import grid as gridmod
 from farm.record.cells import step_metrics
+from farm.sweep import spec
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from farm.sweep import spec
 from farm.errors import SpecError
+from farm.sweep import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "jobs" / "demo.yaml"

@@ -8,10 +8,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from farm.sweep import spec
 from farm.compress import METHODS
 from farm.errors import SpecError
 from farm.export import FORMATS
+from farm.sweep import spec
 
 DEMO = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text())
 

@@ -9,8 +9,8 @@ import pytest
 
 from farm import storage
 from farm.plan import grid
-from farm.sweep import spec
 from farm.stages import runner as stages
+from farm.sweep import spec
 
 SPEED_METRICS = ("prefill_tok_s", "decode_tok_s", "ttft_ms", "token_latency_p50_ms", "token_latency_p90_ms",
                  "peak_rss_mb", "size_mb")

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 
-from farm.record.cells import cell_label
-from farm.stages import tasks as taskkind
-from farm.sweep.metrics import later
 from farm.decide import pareto
-from farm.sweep import spec
-from farm.plan import grid as gridmod
 from farm.errors import SpecError
 from farm.measure.tasks import TASKS, agreement, sample, split_size
+from farm.plan import grid as gridmod
+from farm.record.cells import cell_label
+from farm.stages import tasks as taskkind
+from farm.sweep import spec
+from farm.sweep.metrics import later
 
 BASE = "name: t\nbase: {model: smollm2-135m-instruct}\nexports: [{format: gguf, quant: [F16, Q4_0]}]\n"
 
@@ -115,10 +115,10 @@ def test_farm_lm_scores_as_lm_evals_own_hugging_face_model(tiny_model_dir):
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from farm.measure.quality import sequence_prefix
     from farm.inputs.models import load_tokenizer
-    from farm.runtimes import load
+    from farm.measure.quality import sequence_prefix
     from farm.measure.tasks import farm_lm, task_configs
+    from farm.runtimes import load
 
     tok = load_tokenizer(tiny_model_dir)
     assert sequence_prefix(tok) == [tok.bos_token_id]  # the tiny tokenizer adds a BOS, as Llama's does

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 
 from farm import storage
-from farm.measure.quality import quality, tokenize_data
 from farm.export import FORMATS
+from farm.measure.quality import quality, tokenize_data
 
 DATA = {"files": [], "calib_tokens": 512, "eval_windows": 2, "eval_window_tokens": 64}
 
 
 @pytest.mark.parametrize("quant", ["nf4", "llm_int8"])
 def test_bitsandbytes_level_is_saved_quantized_and_measured(tiny_model_dir, tmp_path, quant):
-    from farm.measure.quality import log_softmax
     from farm.inputs.models import load_tokenizer
+    from farm.measure.quality import log_softmax
     from farm.runtimes import load
 
     out = FORMATS.get("torch").export(tiny_model_dir, {"format": "torch", "quant": quant}, tmp_path, 1)

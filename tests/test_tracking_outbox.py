@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from farm.plan import grid
-from farm.sweep import spec
-from farm.record import cells
-from farm.record import outbox
 from farm.errors import FarmError
+from farm.plan import grid
+from farm.record import cells, outbox
+from farm.sweep import spec
 
 pytestmark = pytest.mark.slow  # a real MLflow server; the tiny model only
 VENV_BIN = Path(sys.executable).parent

@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from farm.plan import grid
+from farm.record import cells, outbox
 from farm.sweep import spec
-from farm.record import cells
-from farm.record import outbox
 
 ROOT = Path(__file__).resolve().parents[1]
 

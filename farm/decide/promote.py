@@ -15,9 +15,9 @@ import mlflow.pyfunc
 from mlflow.models import infer_signature
 
 from farm import storage
-from farm.record import outbox, queries
 from farm.errors import FarmError
 from farm.export import FORMATS
+from farm.record import outbox
 
 
 def requirements(runtime: str) -> list[str]:

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from farm.decide import pareto
-from farm.decide import plots
+from farm.decide import pareto, plots
 from farm.record import queries
 from farm.sweep.metrics import better, front_constraints, later
 

@@ -23,9 +23,19 @@ from pathlib import Path
 import numpy as np
 
 from farm.errors import StageError
-
 from farm.inputs.taskdata import (  # noqa: F401 (the task vocabulary, read through this module too)
-    TASKS, MULTIPLE_INPUT, NORMALISED, COLUMNS, DATA_PACKAGE, MAX_TOKENS, data_root, split_dir, split_size, halves, sample, task_configs,
+    COLUMNS,
+    DATA_PACKAGE,
+    MAX_TOKENS,
+    MULTIPLE_INPUT,
+    NORMALISED,
+    TASKS,
+    data_root,
+    halves,
+    sample,
+    split_dir,
+    split_size,
+    task_configs,
 )
 
 
@@ -107,8 +117,8 @@ def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict,
     os.environ.setdefault("TQDM_DISABLE", "1")
     from lm_eval import simple_evaluate
 
-    from farm.measure.quality import sequence_prefix
     from farm.inputs.models import load_tokenizer
+    from farm.measure.quality import sequence_prefix
     from farm.runtimes import load
 
     for name in ("lm_eval", "lm-eval", "datasets"):

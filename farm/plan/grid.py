@@ -153,7 +153,6 @@ def build(sweep: Sweep) -> Grid:
                 if declared(m, "SECTION") and not declared(m, "AFTER") and not declared(m, "OPTIONAL")}
     first = [k for k in measurements(after=False)]  # a cell's id: its single-stream measurements
     for steps, entry, variant in plan:
-        fmt = variant.params["format"]
         model, chain = base, []
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
