@@ -4,9 +4,7 @@ Reads the sweep's `bench` section."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Literal
@@ -157,10 +155,3 @@ def raw_json(result: dict) -> Path | None:
     if not path.is_file() and storage.url():
         path = storage.fetch(result["stage"], (result.get("pins") or {}).get(result["stage"])) / "bench.json"
     return path if path.is_file() else None
-
-
-def machine_key() -> str:
-    """This node as a benchmark's reuse policy 'same_host' sees it: host name, CPU model, cores, memory."""
-    f = nodes.facts()
-    key = [f["hostname"], f["model_name"], f["logical_cpus"], f["memory_gb"], sorted(os.sched_getaffinity(0))]
-    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:10]
