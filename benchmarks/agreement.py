@@ -193,7 +193,7 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
     spec = queries.sweep_spec(c, parent)
     wanted = {("torch", "fp32"), ("gguf", "F16"), ("gguf", "Q4_0"), ("onnx", "fp32"), ("onnx", "int4"),
               ("openvino", "fp32"), ("openvino", "int4_asym")}
-    cells, reference = [], None
+    cells, reference = [], sweep_reference(c, parent)
     for r in queries.cell_runs(parent):
         p, t = r.data.params, r.data.tags
         key = (p.get("export.format"), p.get("export.quant"))
@@ -203,11 +203,25 @@ def sweep_cells(name: str) -> tuple[list[tuple[str, str, str, dict]], Path, dict
         if json.loads(t.get("farm.artifact_runtime", "{}")).get("name") != RUNTIME[key[0]]["name"]:
             continue
         cells.append((t["farm.label"], key[0], str(local_path(t["farm.artifact_uri"])), dict(r.data.metrics)))
-    for d in (Path(os.environ.get("FARM_HOME", ".farm")) / "storage" / "stages").glob("reference-*"):
-        reference = d
-    if reference is None:
-        raise SystemExit("no reference stage in FARM_HOME's storage: run the sweep (make demo) first")
     return sorted(cells), reference, spec["bench"]
+
+
+def sweep_reference(c, parent) -> Path:
+    """The sweep's own reference stage (its prompt tokens), as the grid recorded on its run names it: a store
+    holds every swept model's reference-* stages, and another model's tokens would measure something else."""
+    from farm import storage
+    from farm.plan.grid import REFERENCE
+    from farm.stages.runner import stored_result
+
+    with tempfile.TemporaryDirectory() as d:
+        stages = json.loads(Path(c.download_artifacts(parent.info.run_id, "grid.json", d)).read_text())["stages"]
+    names = [f"{s['kind']}-{s['id']}" for s in stages if s["kind"] == REFERENCE]
+    result = stored_result(names[0]) if len(names) == 1 else None
+    if result is None:
+        raise SystemExit(f"the sweep's reference stage ({', '.join(names) or 'none recorded'}) is not in the store "
+                         f"{storage.url() or storage.root()}: set FARM_STORAGE (or FARM_HOME) to the store the sweep "
+                         "used, or run the sweep (make demo) first")
+    return Path(result["reference_dir"])
 
 
 def paired(ratios: list[float]) -> str:

@@ -9,9 +9,10 @@ a node-local cache ($FARM_HOME/cache/<store>), and publishing also uploads:
     <store>/stages/<name>/<payload-id>/<files>   every file of the stage, under a fresh id per writer
     <store>/stages/<name>/COMPLETE.json          {"payload": id, "files": {path: sha256}}, written last
 
-One PUT of COMPLETE.json makes a stage visible, so a reader sees a whole payload or none (object stores
-have no directory rename; a writer that lost a race leaves an unreferenced payload behind). A node
-that needs a stage it does not hold downloads the payload and checks every file's sha256 first.
+One PUT of COMPLETE.json makes a stage visible (object stores have no directory rename). The first writer
+wins (the first rename; the first COMPLETE.json, written only if absent): a loser discards its output and
+takes the winner's, so a caller gets what the store holds. A node fetching a stage checks every file's
+sha256. Stages are fsynced before their rename, a torn result.json is rebuilt, links out of a stage refused.
 
 The checksums sit in the same bucket, so they stop damage, not a deliberate writer. The driver is the
 authority: each stage result carries `pins`, the sha256 of every COMPLETE.json its stage and those it
@@ -30,7 +31,7 @@ import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path, PurePosixPath
 
 from farm.errors import FarmError
@@ -62,11 +63,35 @@ def stage_dir(name: str) -> Path:
 
 
 def read_result(name: str, pin: str | None = None) -> dict | None:
-    """A finished stage's result, fetched from the remote store first when this node lacks it."""
-    f = stage_dir(name) / "result.json"
-    if not f.is_file() and url() and _marker(name) is not None:
+    """A finished stage's result, fetched from the remote store first when this node lacks it. A torn or invalid
+    result.json (a crash, a full disk) counts as absent: said, set aside, and the stage fetched or rebuilt."""
+    final = stage_dir(name)
+    result, problem = _result(final, name)
+    if problem:
+        print(f"farm: WARNING: {final / 'result.json'} {problem}; setting the stage aside to rebuild it", flush=True)
+        _set_aside(final)
+    if result is None and url() and _marker(name) is not None:
         fetch(name, pin)
-    return json.loads(f.read_text()) if f.is_file() else None
+        result, problem = _result(final, name)
+        if problem:
+            _set_aside(final)
+            raise FarmError(f"{url()}/stages/{name}: its result.json {problem} — delete that stage there and rerun")
+    return result
+
+
+def _result(final: Path, name: str) -> tuple[dict | None, str | None]:
+    """(the result, None); (None, None) when the stage is absent; (None, what is wrong with it)."""
+    if not final.is_dir():
+        return None, None
+    try:
+        result = json.loads((final / "result.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None, "is missing"
+    except ValueError as e:  # UnicodeDecodeError too
+        return None, f"is torn or not JSON ({e})"
+    if not isinstance(result, dict) or result.get("stage") != name or "kind" not in result:
+        return None, f"does not name its stage {name} and kind"
+    return result, None
 
 
 def location(name: str, rel: str) -> str:
@@ -126,9 +151,23 @@ def local_path(uri: str, pin: str | None = None) -> Path:
 def _fs():
     import fsspec
 
-    options = json.loads(os.environ.get("FARM_STORAGE_OPTIONS") or "{}")
-    fs, path = fsspec.core.url_to_fs(url(), **options)
+    fs, path = fsspec.core.url_to_fs(url(), **_options())
     return fs, path.rstrip("/")
+
+
+OPTIONS_FILE = "storage-options.json"
+
+
+def _options() -> dict:
+    """$FARM_STORAGE_OPTIONS, else $FARM_HOME/storage-options.json, readable by its owner only: they may hold
+    credentials, so a Ray job is not sent them (its environment shows in the dashboard; farm/run/jobs.py)."""
+    raw, path = os.environ.get("FARM_STORAGE_OPTIONS"), home() / OPTIONS_FILE
+    if raw is None and path.is_file():
+        if path.stat().st_mode & 0o077:
+            raise FarmError(f"{path} holds the store's options, perhaps credentials, and others may read it: "
+                            f"chmod 600 {path}")
+        raw = path.read_text()
+    return json.loads(raw or "{}")
 
 
 def _marker_bytes(name: str) -> bytes | None:
@@ -151,15 +190,27 @@ def manifest_digest(name: str) -> str | None:
 
 
 def upload(name: str) -> str | None:
-    """Publish a finished local stage to the remote store: payload files first, COMPLETE.json last.
-    Returns the digest of the manifest the store holds for it (what the driver pins readers to)."""
+    """Publish a finished local stage to the remote store, unless another writer did first; either way this
+    node's copy is then the store's (its caller reads what the store holds). Returns the digest of the
+    manifest the store holds (what the driver pins readers to)."""
     if not url():
         return None
-    existing = _marker_bytes(name)
-    if existing is not None:
-        return hashlib.sha256(existing).hexdigest()
+    held = _marker_bytes(name)
+    held = _put(name) if held is None else held
+    local, files = stage_dir(name) / "result.json", json.loads(held).get("files")
+    if not (local.is_file() and isinstance(files, dict) and sha256(local) == files.get("result.json")):
+        _set_aside(stage_dir(name))  # not the store's copy (result.json differs with every run): take that
+        fetch(name, hashlib.sha256(held).hexdigest())
+    return hashlib.sha256(held).hexdigest()
+
+
+def _put(name: str) -> bytes:
+    """Upload this node's copy, a fresh payload id, then COMPLETE.json only if absent (If-None-Match: *, which
+    S3 honours) and read it back (a store ignoring the condition: the last writer's stands); returns the
+    manifest the store holds. If it is another writer's, this payload is deleted."""
     fs, base = _fs()
     local = stage_dir(name)
+    refuse_links_out(local)
     payload = f"{socket.gethostname()}-{uuid.uuid4().hex[:12]}"
     files = {}
     for f in sorted(p for p in local.rglob("*") if p.is_file()):
@@ -167,8 +218,15 @@ def upload(name: str) -> str | None:
         fs.put_file(str(f), f"{base}/stages/{name}/{payload}/{rel}")
         files[rel] = sha256(f)
     raw = json.dumps({"payload": payload, "files": files}).encode()
-    fs.pipe_file(f"{base}/stages/{name}/COMPLETE.json", raw)
-    return hashlib.sha256(raw).hexdigest()
+    try:
+        fs.pipe_file(f"{base}/stages/{name}/COMPLETE.json", raw, mode="create")
+    except OSError:  # FileExistsError: another writer's came first (409/412: one is being written right now)
+        if _marker_bytes(name) is None:
+            raise
+    held = _marker_bytes(name)
+    if held != raw:
+        fs.rm(f"{base}/stages/{name}/{payload}", recursive=True)
+    return held
 
 
 def fetch(name: str, pin: str | None = None) -> Path:
@@ -218,6 +276,48 @@ def manifest_problems(marker: dict) -> list[str]:
     return problems
 
 
+def refuse_links_out(tree: Path, within: Path | None = None) -> None:
+    """A symbolic link under `tree` must resolve inside `within` (default: the tree): one pointing out would put
+    what it points at into the store (a copy, an upload or a reader follows it). One inside is kept."""
+    root = Path(within or tree).resolve()
+    for d, dirs, files in os.walk(tree):
+        for p in (Path(d, n) for n in dirs + files):
+            if p.is_symlink() and not p.resolve().is_relative_to(root):
+                raise FarmError(f"{p} is a symbolic link to {os.readlink(p)}, outside {within or tree}: refusing to "
+                                "put what it points at into the store; copy the file in instead")
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a model directory into a stage: links in it as content, one out refused (a hub snapshot's blobs: in)."""
+    refuse_links_out(src, Path(src).parent.parent if Path(src).parent.name == "snapshots" else src)
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a stage away (readers see it whole or not at all) and delete it (if killed: _remove_stale)."""
+    aside = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-aside-{uuid.uuid4().hex[:8]}"
+    with suppress(FileNotFoundError):
+        os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync(path: str | Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(tree: Path) -> None:
+    """Every file and directory of a tree on disk (a crash then leaves a published stage whole, not empty)."""
+    for d, _, files in os.walk(tree):
+        for p in (os.path.join(d, n) for n in files):
+            if not os.path.islink(p):  # a link's target is a file of the tree (refuse_links_out), synced itself
+                _fsync(p)
+        _fsync(d, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def _remove_stale(final: Path) -> None:
     """Temporary directories left by a writer on this host that was killed (its pid is gone)."""
     host = socket.gethostname()
@@ -239,7 +339,8 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def publishing(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success rename it to `final` atomically.
+    """Yield a temporary directory beside `final`; on success fsync it and rename it to `final` atomically.
+    First writer wins: if `final` exists by then, this output is discarded and the caller reads theirs.
     The directory's name carries host and pid, so what a killed writer left is recognised and removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(final)
@@ -247,10 +348,16 @@ def publishing(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     try:
         yield tmp
-        if final.exists():  # someone else finished the same content first: theirs is as good
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        refuse_links_out(tmp)
+        if not final.exists():
+            _sync_tree(tmp)
+            try:
+                os.replace(tmp, final)
+                _fsync(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:  # ENOTEMPTY: another writer renamed theirs in just now
+                if not tmp.exists() or not final.is_dir():
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)  # what lost the race: theirs stands
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -261,6 +368,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

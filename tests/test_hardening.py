@@ -128,3 +128,125 @@ def test_lock_hashes_takes_only_the_pinned_releases_files(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert res.returncode == 1 and "no published file found for: farm-no-such-pkg-0x1==3.0" in res.stderr
     assert lock.read_text() == "farm-no-such-pkg-0x1==3.0\n"
+
+
+# ---- issue 35: a few doors
+
+
+def _agreement():
+    import importlib.util
+
+    spec_ = importlib.util.spec_from_file_location("agreement", ROOT / "benchmarks" / "agreement.py")
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    return module
+
+
+def test_agreement_benchmarks_with_the_sweeps_own_reference_stage(tmp_path, monkeypatch):
+    """`benchmarks/agreement.py --sweep NAME` took whichever reference-* stage the store listed last: with a second
+    model swept into the same store, another model's prompt tokens. It takes the one the sweep's recorded grid
+    names, and refuses when the store lacks it."""
+    import json
+    from types import SimpleNamespace
+
+    from farm.record import queries
+
+    monkeypatch.setenv("FARM_HOME", str(tmp_path))
+    monkeypatch.delenv("FARM_STORAGE", raising=False)
+    stages_dir = tmp_path / "storage" / "stages"
+    own, other = "reference-aaaaaaaaaaaa", "reference-bbbbbbbbbbbb"
+    recorded = {"stages": [{"id": "111111111111", "kind": "base", "params": {}, "deps": []},
+                           {"id": "aaaaaaaaaaaa", "kind": "reference", "params": {}, "deps": ["111111111111"]}],
+                "cells": []}
+
+    class Client:
+        def download_artifacts(self, run_id, path, dst):
+            (Path(dst) / path).write_text(json.dumps(recorded if path == "grid.json" else {}))
+            return str(Path(dst) / path)
+
+    parent = SimpleNamespace(info=SimpleNamespace(run_id="p", experiment_id="0"))
+    monkeypatch.setattr(queries, "latest_sweep_run", lambda name, run_id=None: (Client(), None, parent))
+    monkeypatch.setattr(queries, "sweep_spec", lambda c, p: {"bench": {"prompt_tokens": 16}})
+    monkeypatch.setattr(queries, "cell_runs", lambda p: [])
+
+    def stage(name):
+        (stages_dir / name).mkdir(parents=True)
+        (stages_dir / name / "result.json").write_text(json.dumps({"stage": name, "kind": "reference",
+                                                                   "reference_dir": "."}))
+    agreement = _agreement()
+    stage(other)  # another model's sweep in the same store
+    with pytest.raises(SystemExit, match=own):
+        agreement.sweep_cells("demo")
+    stage(own)
+    _, reference, _ = agreement.sweep_cells("demo")
+    assert reference.resolve() == (stages_dir / own).resolve()
+
+
+def test_promote_refuses_an_export_stage_tag_that_is_not_a_stage_name(tmp_path, monkeypatch):
+    """The run's farm.export_stage tag (editable by anyone who can edit tags) was joined into a storage path
+    unchecked: '../../x' read a result.json from outside the store."""
+    import json
+    from types import SimpleNamespace
+
+    from farm.decide import promote
+    from farm.errors import FarmError
+
+    monkeypatch.setenv("FARM_STORAGE", str(tmp_path / "store"))
+    (tmp_path / "store" / "stages").mkdir(parents=True)
+    for name, where in (("../../outside", tmp_path / "outside"), ("export-0123456789ab", None)):
+        d = where or tmp_path / "store" / "stages" / name
+        d.mkdir()
+        (d / "result.json").write_text(json.dumps({"stage": name, "kind": "export", "artifact": "model.gguf"}))
+
+    def run(stage):
+        tags = {"farm.export_stage": stage}
+        return SimpleNamespace(info=SimpleNamespace(run_id="r"), data=SimpleNamespace(tags=tags))
+    for bad in ("../../outside", "export-0123456789ab/../../../outside", "/etc", "export-0123456789ab\n"):
+        with pytest.raises(FarmError, match="not a stage name"):
+            promote._export_record(run(bad))
+    assert promote._export_record(run("export-0123456789ab"))["artifact"].endswith("model.gguf")
+
+
+def test_a_submitted_job_quotes_its_entrypoint_and_sends_no_storage_secrets(tmp_path, monkeypatch):
+    """`farm submit`: the job's entry point was one unquoted shell string (a sweep file's name could run a command),
+    and FARM_STORAGE_OPTIONS, which may hold the store's credentials, went into the job's runtime_env (shown by
+    the Ray dashboard). The options reach the job's nodes through $FARM_HOME/storage-options.json (0600)."""
+    import json
+    import shlex
+    import stat
+
+    import ray.job_submission
+
+    from farm import storage
+    from farm.run import jobs
+
+    sent = {}
+
+    class Client:
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, entrypoint, runtime_env):
+            sent.update(entrypoint=entrypoint, runtime_env=runtime_env)
+            return "job-1"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    path = tmp_path / "my sweep; touch pwned.yaml"
+    path.write_text((ROOT / "jobs" / "demo.yaml").read_text())
+    options = {"endpoint_url": "http://minio:9000", "key": "AKIAEXAMPLE", "secret": "s3cr3t-value"}
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FARM_STORAGE", "s3://bucket/farm")
+    monkeypatch.setenv("FARM_STORAGE_OPTIONS", json.dumps(options))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "token")
+    assert jobs.submit_job(str(path), "http://127.0.0.1:9", wait=False) == 0
+    assert shlex.split(sent["entrypoint"]) == ["python", "-m", "farm", "run", str(path)]
+    assert "s3cr3t" not in json.dumps(sent["runtime_env"])
+    assert "FARM_STORAGE_OPTIONS" not in sent["runtime_env"]["env_vars"]
+    assert sent["runtime_env"]["env_vars"]["FARM_STORAGE"] == "s3://bucket/farm"
+    kept = tmp_path / "home" / "storage-options.json"
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    monkeypatch.delenv("FARM_STORAGE_OPTIONS")  # what a node of the job reads
+    assert storage._options() == options
+    kept.chmod(0o644)
+    with pytest.raises(Exception, match="chmod 600"):
+        storage._options()

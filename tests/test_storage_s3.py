@@ -168,3 +168,63 @@ def test_a_stage_rewritten_in_the_store_is_refused_where_the_driver_pinned_it(st
         storage.local_path(uri, done["pins"][base_stage.name])
     # unpinned, the store's own record is all there is: it is consistent, so only the pin could tell
     assert json.loads(storage.local_path(uri).read_text())["model_type"] == "not what was measured"
+
+
+def test_two_writers_finishing_the_same_stage_agree_on_the_first(store, tmp_path, monkeypatch):
+    """Issue 35: two sweeps (nodes A and B) finish the same stage at once, each having found no COMPLETE.json.
+    The first manifest written stands (a conditional write); B discards its payload and returns A's result, and
+    every pin is the manifest the store holds (before: B's manifest replaced A's, and a reader pinned to A's
+    result failed with a false 'the store was rewritten')."""
+    import os
+
+    import farm.stages.base as base_kind
+    from farm.plan.grid import Stage
+
+    fs, base = store
+    stage = Stage("0123456789ab", "base", {}, ())
+
+    def run(st, deps, out):
+        (out / "by.txt").write_text(os.environ["FARM_HOME"])
+        return {"by": os.environ["FARM_HOME"]}
+
+    monkeypatch.setattr(base_kind, "run", run)
+    s3, _ = storage._fs()
+    real_put, first = s3.put_file, {}
+
+    def put_file(lpath, rpath, **kw):
+        if not first:  # B has looked for COMPLETE.json and found none: A finishes the stage now
+            first["a"], b_home = None, os.environ["FARM_HOME"]
+            os.environ["FARM_HOME"] = str(tmp_path / "node-a")
+            first["a"] = stages.run_stage(stage, [])
+            os.environ["FARM_HOME"] = b_home
+        return real_put(lpath, rpath, **kw)
+
+    monkeypatch.setattr(s3, "put_file", put_file)
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-b"))
+    b = stages.run_stage(stage, [])
+    a = first["a"]
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-c"))  # a reader given A's result (its pins)
+    assert storage.read_result(stage.name, a["pins"][stage.name])["by"] == str(tmp_path / "node-a")
+    assert a["pins"] == b["pins"] == {stage.name: storage.manifest_digest(stage.name)}
+    assert b["by"] == a["by"] == str(tmp_path / "node-a") and b["cached"] is True
+    monkeypatch.setenv("FARM_HOME", str(tmp_path / "node-b"))  # B's own copy is now A's
+    assert (storage.stage_dir(stage.name) / "by.txt").read_text() == str(tmp_path / "node-a")
+    marker = json.loads(fs.cat_file(f"{base}/stages/{stage.name}/COMPLETE.json"))
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{base}/stages/{stage.name}", refresh=True)) == \
+        sorted(["COMPLETE.json", marker["payload"]])  # B's payload is gone
+
+
+def test_an_upload_does_not_follow_a_symlink_out_of_the_stage(store, tmp_path):
+    """Issue 35: a stage directory holding a link to a file outside it (made before links were refused when
+    publishing) is not uploaded: the link is named, and nothing reaches the bucket."""
+    fs, base = store
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s3cr3t")
+    name = "base-0123456789ab"
+    local = storage.stage_dir(name)
+    local.mkdir(parents=True)
+    (local / "result.json").write_text(json.dumps({"stage": name, "kind": "base"}))
+    (local / "leak.txt").symlink_to(secret)
+    with pytest.raises(FarmError, match="leak.txt"):
+        storage.upload(name)
+    assert not fs.exists(f"{base}/stages/{name}")

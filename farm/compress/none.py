@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Literal
 
+from farm import storage
 from farm.plugin import StepOptions
 
 
@@ -14,5 +14,5 @@ class Options(StepOptions):
 
 
 def apply(model_dir: Path, opt: Options, calib, out: Path, threads: int) -> dict:
-    shutil.copytree(model_dir, out, dirs_exist_ok=True)
+    storage.copy_tree(model_dir, out)
     return {}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shlex
+import tempfile
 
+from farm import storage
 from farm.errors import StageError
 from farm.sweep import spec as specmod
 
@@ -26,8 +29,18 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
                          "for another cluster copy its token there, or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH")
     address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_DASHBOARD
     env = {k: v for k, v in os.environ.items() if k.startswith("FARM_") or k == "MLFLOW_TRACKING_URI"}
+    # FARM_STORAGE_OPTIONS may hold the store's credentials, and a job's runtime_env is shown to anyone who can
+    # reach the Ray dashboard (and its jobs API): it is not sent. The driver and the stage tasks need the options
+    # only to reach a remote store (farm.storage._fs); each reads them from its node's environment (the raylet's,
+    # set before `ray start`) or, failing that, from $FARM_HOME/storage-options.json, owner-only. They are kept
+    # there for this machine's FARM_HOME, which a local cluster's nodes share; on other clusters put them on the
+    # nodes (or give credentials the usual AWS way: instance profile, ~/.aws/credentials).
+    options = env.pop("FARM_STORAGE_OPTIONS", None)
+    if options is not None:
+        print(f"farm: FARM_STORAGE_OPTIONS is not sent with the job; kept in {keep_options(options)} (mode 0600) "
+              "for nodes that use this FARM_HOME", flush=True)
     client = JobSubmissionClient(address)
-    job = client.submit_job(entrypoint=f"python -m farm run {path}",
+    job = client.submit_job(entrypoint=shlex.join(["python", "-m", "farm", "run", path]),
                             runtime_env={"working_dir": working_dir, "env_vars": env})
     print(f"farm: submitted {path} as Ray job {job} to {address}; `ray job logs {job}` shows its log, "
           f"`farm status` its cells", flush=True)
@@ -48,3 +61,17 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
     if info.status == JobStatus.SUCCEEDED:
         return 0
     return int(code) if code else 1
+
+
+def keep_options(raw: str):
+    """Write storage options (JSON) to $FARM_HOME/storage-options.json, readable by this user only (mkstemp)."""
+    import json
+
+    json.loads(raw)  # a typo fails here, not on every node
+    path = storage.home() / storage.OPTIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(raw)
+    os.replace(tmp, path)
+    return path

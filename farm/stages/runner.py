@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from farm import nodes, storage
+from farm.errors import StageError
 from farm.stages import STAGES
 from farm.stages.common import path_keys
 
@@ -88,10 +89,9 @@ def run_stage(stage, deps: list[dict], node: dict | None = None) -> dict:
     final = storage.stage_dir(name)
     # the manifests of every stage this one reads from, as the driver holds them (a remote store only)
     pins = {k: v for d in deps for k, v in (d.get("pins") or {}).items()}
-    cached = storage.read_result(name)
-    if cached is not None:
+    if storage.read_result(name) is not None:
         digest = storage.upload(name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
-        return {**_absolute(cached, final), "cached": True, **_pins(pins, name, digest)}
+        return {**_absolute(_held(name), final), "cached": True, **_pins(pins, name, digest)}
     deps = [local(d) for d in deps]
     t0 = time.time()
     with storage.publishing(final) as tmp:
@@ -99,10 +99,20 @@ def run_stage(stage, deps: list[dict], node: dict | None = None) -> dict:
         # "stage": its name in storage (a benchmark's carries its machine)
         result.update({"stage": name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
                        "host": nodes.facts(), "versions": library_versions(), **(node or {})})
-        (tmp / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        (tmp / "result.json").write_text(text := json.dumps(result, indent=1, default=str))
     digest = storage.upload(name)
     _ledger(name, stage.kind, started, node)
-    return {**_absolute(result, final), "cached": False, **_pins(pins, name, digest)}
+    held, mine = _held(name), (final / "result.json").read_text() == text  # another writer's, if theirs came first
+    return {**_absolute(held, final), "cached": not mine, **_pins(pins, name, digest)}
+
+
+def _held(name: str) -> dict:
+    """What storage holds for a stage just published or found (after an upload: the store's copy). Publishing is
+    first-writer-wins, so a caller always gets what storage holds, not its own result if another came first."""
+    result = storage.read_result(name)
+    if result is None:
+        raise StageError(f"stage {name} vanished from storage ({storage.root()}) just after it was published")
+    return result
 
 
 def _ledger(name: str, kind: str, started: float, node: dict | None) -> None:
