@@ -1,12 +1,24 @@
 """A runtime that dies by a signal is reported as a crash: signal, runtime, what it was doing, the native
 frame (gdb), the Python frames (faulthandler) — in a real child process that really segfaults."""
 
+import os
 import pickle
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
-from farm.measure.isolate import ChildFailed, RuntimeCrash, first_fault_frame, frame_function, run_child
+from farm.measure.isolate import (
+    ChildFailed,
+    ChildTimeout,
+    RuntimeCrash,
+    first_fault_frame,
+    frame_function,
+    run_child,
+    timeout_for,
+)
 
 SEGFAULT = ["-c", "import ctypes; ctypes.string_at(0)"]  # strlen(NULL) inside libc
 
@@ -14,7 +26,7 @@ SEGFAULT = ["-c", "import ctypes; ctypes.string_at(0)"]  # strlen(NULL) inside l
 def test_a_segfault_names_signal_runtime_and_what_it_was_doing(monkeypatch):
     monkeypatch.setenv("FARM_CRASH_GDB", "0")
     with pytest.raises(RuntimeCrash) as e:
-        run_child(SEGFAULT, "llama.cpp", "evaluating gguf Q8_0")
+        run_child(SEGFAULT, "llama.cpp", "evaluating gguf Q8_0", 60)
     msg = str(e.value)
     assert msg.startswith("llama.cpp crashed (SIGSEGV") and "while evaluating gguf Q8_0; see error.txt" in msg
     assert "Fatal Python error: Segmentation fault" in e.value.report  # faulthandler's Python frames
@@ -27,19 +39,19 @@ def test_a_segfault_names_signal_runtime_and_what_it_was_doing(monkeypatch):
 def test_the_native_frame_comes_from_gdb(monkeypatch):
     monkeypatch.setenv("FARM_CRASH_GDB", "1")
     with pytest.raises(RuntimeCrash) as e:
-        run_child(SEGFAULT, "OpenVINO", "benchmarking openvino int8")
+        run_child(SEGFAULT, "OpenVINO", "benchmarking openvino int8", 60)
     assert "OpenVINO crashed (SIGSEGV in " in str(e.value) and "strlen" in str(e.value), str(e.value)
     assert "--- native stack (gdb, crashing thread) ---\n#0" in e.value.report
 
 
 def test_a_python_error_in_the_child_is_its_last_line():
     with pytest.raises(ChildFailed) as e:
-        run_child(["-c", "raise ValueError('amx: true but no AMX here')"], "llama.cpp", "evaluating gguf Q4_0")
+        run_child(["-c", "raise ValueError('amx: true but no AMX here')"], "llama.cpp", "evaluating gguf Q4_0", 60)
     assert "evaluating gguf Q4_0 failed (llama.cpp, exit 1): ValueError: amx: true but no AMX here" == str(e.value)
 
 
 def test_a_clean_child_returns_its_stdout():
-    assert run_child(["-c", "print('ok')"], "PyTorch", "evaluating torch fp32").strip() == "ok"
+    assert run_child(["-c", "print('ok')"], "PyTorch", "evaluating torch fp32", 60).strip() == "ok"
 
 
 def test_frames_are_read_past_the_signal_machinery():
@@ -52,3 +64,49 @@ def test_frames_are_read_past_the_signal_machinery():
     assert first_fault_frame(frames) == "ggml_backend_amx_mul_mat"
     assert frame_function("#0  0x0000 in ?? ()") == ""
     assert frame_function("#2  0x1 in (anonymous namespace)::tinyBLAS<16>::gemm(long) () from x.so") == "tinyBLAS<16>::gemm"
+
+
+def test_a_child_that_hangs_is_killed_at_its_time_limit_with_what_it_started():
+    hang = ["-c", "import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(600)']); print(p.pid, flush=True); time.sleep(600)"]
+    t0 = time.monotonic()
+    with pytest.raises(ChildTimeout, match="did not finish evaluating gguf Q8_0 within 2 s and was killed") as e:
+        run_child(hang, "llama.cpp", "evaluating gguf Q8_0", 2)
+    assert time.monotonic() - t0 < 30
+    assert "command:" in e.value.report
+
+
+def test_a_child_dies_with_its_parent(tmp_path):
+    """The stage's process killed (a cancelled task, an OOM kill): its runtime child goes with it."""
+    pidfile = tmp_path / "pid"
+    script = tmp_path / "stage.py"
+    script.write_text("import sys\nfrom farm.measure.isolate import run_child\n"
+                      "code = 'import os, sys, time; open(sys.argv[1], \"w\").write(str(os.getpid())); time.sleep(600)'\n"
+                      "run_child(['-c', code, sys.argv[1]], 'PyTorch', 'sleeping', 600)\n")
+    parent = subprocess.Popen([sys.executable, str(script), str(pidfile)])
+    for _ in range(300):
+        if pidfile.is_file() and pidfile.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pidfile.read_text())
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the runtime's child outlived its killed parent")
+
+
+def test_time_limits_grow_with_the_work_and_the_weights(tmp_path):
+    small, big = tmp_path / "small.gguf", tmp_path / "big"
+    small.write_bytes(bytes(1 << 20))
+    big.mkdir()
+    (big / "w.bin").write_bytes(bytes(8 << 20))
+    assert timeout_for(small) == timeout_for(big)  # the floor: start-up
+    assert timeout_for(big, decode=1000) > timeout_for(small, decode=1000) > timeout_for(small, decode=10)
+    assert timeout_for(small, prefill=1600) < timeout_for(small, decode=1600)

@@ -61,6 +61,41 @@ def test_custom_code_needs_an_explicit_opt_in(model_copy):
     assert spec.parse(opted).base.trust_remote_code
 
 
+def test_python_files_in_a_model_directory_need_the_opt_in_too(model_copy):
+    """llama.cpp's converter and ONNX Runtime GenAI's builder may import a directory's Python (AutoTokenizer with
+    trust_remote_code) without any auto_map in config.json: a tokenizer's auto_map or a bare *.py is code."""
+    (model_copy / "tokenization_evil.py").write_text("import os; os.system('touch /tmp/pwned')\n")
+    with pytest.raises(SpecError, match=r"ships its own Python code \(tokenization_evil.py\)"):
+        spec.parse(sweep_for(model_copy))
+    (model_copy / "tokenization_evil.py").unlink()
+    tok = json.loads((model_copy / "tokenizer_config.json").read_text())
+    (model_copy / "tokenizer_config.json").write_text(json.dumps({**tok, "auto_map": {"AutoTokenizer": ["x.Y", None]}}))
+    with pytest.raises(SpecError, match=r"ships its own Python code \(tokenizer_config.json\)"):
+        spec.parse(sweep_for(model_copy))
+
+
+def test_a_link_out_of_the_model_directory_is_refused(model_copy, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not a model file")
+    (model_copy / "notes.txt").symlink_to(secret)
+    with pytest.raises(SpecError, match=r"notes.txt' is a link out of the model directory"):
+        spec.parse(sweep_for(model_copy))
+    (model_copy / "notes.txt").unlink()
+    (model_copy / "inside.json").symlink_to(model_copy / "config.json")  # a link inside is fine
+    spec.parse(sweep_for(model_copy))
+
+
+def test_truncated_safetensors_are_refused_at_validation(model_copy):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a download cut short
+    with pytest.raises(SpecError, match=r"model.safetensors': truncated: \d+ bytes, its header needs \d+"):
+        spec.parse(sweep_for(model_copy))
+    weights.write_bytes(b"\x00" * 4)
+    with pytest.raises(SpecError, match="not a safetensors file"):
+        spec.parse(sweep_for(model_copy))
+
+
 def test_hub_ids_resolve_through_the_hub_cache(tiny_model_dir, tmp_path):
     """The hub path is real: snapshot_download, here answered offline from a Hugging Face cache laid out
     as the hub writes it (models--org--name/refs/main -> snapshots/<commit>/). Run in a fresh process:

@@ -79,6 +79,22 @@ def test_torch_bytes_match_the_loaded_model(tiny_model_dir):
     assert got["weight_bytes"] == want
 
 
+def test_bitsandbytes_weights_count_at_their_packed_size(tiny_model_dir, tmp_path):
+    """NF4 packs two weights in a U8 byte, LLM.int8 stores I8: each counted at 1 byte, not 4."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    d = tmp_path / "torch-nf4"
+    shutil.copytree(tiny_model_dir, d, ignore=shutil.ignore_patterns("*.safetensors"))
+    save_file({"model.layers.0.mlp.down_proj.weight": np.zeros((2048, 1), np.uint8),  # 4096 NF4 weights
+               "model.layers.0.mlp.down_proj.weight.absmax": np.zeros(64, np.uint8),
+               "model.layers.0.mlp.up_proj.weight": np.zeros((64, 64), np.int8),  # LLM.int8
+               "model.layers.0.mlp.up_proj.SCB": np.zeros(64, np.float32)}, str(d / "model.safetensors"))
+    got = roofline.bytes_per_token("torch", d, context=0, settings={})
+    assert got["weight_bytes"] == 2048 + 64 + 64 * 64 + 64 * 4
+
+
 def test_bandwidth_is_measured_once_per_node_and_threads(tmp_path, monkeypatch):
     from farm.measure import cpuload as bench
 

@@ -4,6 +4,10 @@ against lm-eval's own Hugging Face model on a tiny model whose tokenizer adds a 
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+
 import pytest
 
 from farm.decide import pareto
@@ -145,7 +149,9 @@ def test_scores_through_a_runtime_in_a_child_process(tiny_model_dir, tmp_path):
     m = out["metrics"]
     assert m["items.piqa"] == 4 and m["items.winogrande"] == 3 and 0 <= m["acc.piqa"] <= 1
     assert "acc_norm.piqa" in m and "acc_norm.winogrande" not in m
-    assert m["task_acc_mean"] == pytest.approx((m["acc.piqa"] + m["acc.winogrande"]) / 2)
+    assert m["task_acc_mean"] == pytest.approx((m["acc_norm.piqa"] + m["acc.winogrande"]) / 2)  # piqa's headline
+    it = out["items"]["piqa"]  # the per-item acc_norm picks agree with lm-eval's own acc_norm
+    assert np.mean(np.array(it["pick_norm"]) == np.array(it["target"])) == pytest.approx(m["acc_norm.piqa"])
     assert out["items"]["piqa"]["doc_ids"] == sample("piqa", 4, 0) and out["cost"]["requests"] == 4 * 2 + 3 * 2
 
 
@@ -160,6 +166,17 @@ def test_data_that_does_not_match_lm_evals_definition_fails_loudly(tiny_model_di
     monkeypatch.setattr(taskdata, "COLUMNS", {})  # where the task definitions read it
     with pytest.raises(StageError, match="boolq.*no valid target"):
         tasks.score({"name": "torch"}, tiny_model_dir, tiny_model_dir, {"boolq": 3}, 0, 1)
+
+
+def test_acc_norm_picks_divide_by_the_choice_without_its_delimiter_as_lm_eval_does():
+    """lm-eval's acc_norm divides each choice's log-likelihood by len(choice); the request's continuation is
+    " " + choice. Choices "a" and "bb" with log-likelihoods -1.0 and -1.9: -1.0/1 < -1.9/2, so "bb" wins;
+    dividing by the continuation's length (2 and 3) would pick "a"."""
+    from farm.measure.tasks import picks
+
+    sample_row = {"doc_id": 0, "target": 1, "filtered_resps": [[-1.0, False], [-1.9, False]],
+                  "arguments": [("ctx", " a"), ("ctx", " bb")]}
+    assert picks([sample_row])["pick_norm"] == [1]
 
 
 def test_a_compressed_cell_is_compared_item_by_item_with_the_base_exported_the_same_way():
@@ -206,3 +223,25 @@ def test_the_reports_task_table_shows_each_cells_accuracy_and_its_paired_differe
     assert head == ["cell", "arc_easy", "arc_easy − base (paired)"]
     assert body == [["base/gguf-F16@local", "0.500 ± 0.030", "-"],
                     ["sft/gguf-F16@local", "0.550 ± 0.030", "+0.050 ± 0.020"]]
+
+
+def test_the_consistency_gate_is_not_skipped_silently_when_a_runtimes_full_precision_cell_failed():
+    """The gguf F16 cell's scoring failed: the gate cannot check gguf, so every gguf cell is kept off the front
+    with that reason (before: no task_consistency, the constraint waited for a value that never came)."""
+    s = spec.loads("name: t\nbase: {model: smollm2-135m-instruct}\ntasks: {items: {piqa: 20}}\n"
+                   "exports: [{format: gguf, quant: [F16, Q4_0]}, {format: onnx, quant: [int4]}]")
+    g = gridmod.build(s)
+    truth = [i % 2 for i in range(20)]
+    outcome = {}
+    for c in g.cells:
+        failed = c.spec["export"]["quant"] == "F16"
+        outcome[c.stages["tasks"]] = ((None, RuntimeError("crashed")) if failed else
+                                      ({"metrics": {"acc.piqa": 0.5}, "items": items(truth)}, None))
+    share, lines = taskkind.consistency_of(g, outcome, cell_label)
+    q4 = next(c for c in g.cells if c.spec["export"]["quant"] == "Q4_0")
+    assert math.isnan(share[q4.id])
+    assert any("gguf-F16" in ln and "cannot check" in ln for ln in lines), lines
+    assert any("no full-precision base cell" in ln and '"onnx' in ln for ln in lines), lines  # onnx: none at all
+    row = {"id": q4.id, "metrics": {"task_consistency": share[q4.id]}}
+    ok, why = pareto.feasible(row, [{"metric": "task_consistency", "min": 0.9}], None, later())
+    assert not ok and why == "task_consistency could not be measured"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -111,3 +112,79 @@ def test_a_training_curve_lands_as_metric_histories_once_however_often_it_is_del
     assert hist == {"sft.train_loss": [(1, 2.0), (2, 1.5), (3, 1.2)], "sft.val_loss": [(0, 2.2), (3, 1.4)]}
     assert run.data.metrics["sft.train_seconds"] == 1.5 and run.data.metrics["sft.steps"] == 3
     assert run.data.metrics["sft_2.steps"] == 1 and not outbox.parked()
+
+
+def test_a_refused_record_does_not_leave_its_cell_run_running(mlflow_here):
+    sweep, g = mlflow_here
+    log = outbox.SweepLog(sweep, g, "name: demo")
+    record = cells.cell_record(log.experiment_id, log.run_id, g.cells[0], None, {}, None, None)
+    record["params"]["not a valid key!"] = "x"  # the run is created, then its batch is refused
+    log.seq += 1
+    log.outbox.mkdir(parents=True, exist_ok=True)
+    (log.outbox / f"{log.seq:06d}.json").write_text(json.dumps(record))
+    assert log.flush() == 0
+    [run] = outbox.client().search_runs([log.experiment_id], "tags.`farm.kind` = 'cell'")
+    assert run.info.status == "FAILED" and "not a valid key" in run.data.tags["farm.refused"]
+
+
+def test_failed_later_measurements_make_the_sweep_partial(mlflow_here):
+    from farm.run.driver import exit_code
+
+    sweep, g = mlflow_here
+    log = outbox.SweepLog(sweep, g, "name: demo")
+    assert log.outcome(0) == "complete" and exit_code(len(g.cells), 0, 0) == 0
+    for cell in g.cells[:2]:
+        log.log_cell(cell, None, {})
+    log.log_update(g.cells[0], "tasks", None, RuntimeError("lm-eval crashed"))
+    log.log_update(g.cells[1], "serve", None, RuntimeError("llama-server died"))
+    assert log.outcome(0) == ("partial: 1 serve measurement(s) failed, 1 tasks measurement(s) failed "
+                              "(`farm status` lists why)")
+    assert exit_code(len(g.cells), 0, sum(log.later_failed.values())) == 3
+    log.finish(0)
+    parent = outbox.client().get_run(log.run_id)
+    assert parent.data.tags["farm.outcome"].startswith("partial: 1 serve") and parent.data.metrics["later_failed"] == 2
+
+
+def test_a_job_stopped_by_an_error_marks_its_parent_run_killed_even_when_the_disk_is_full(mlflow_here, monkeypatch):
+    sweep, g = mlflow_here
+    log = outbox.SweepLog(sweep, g, "name: demo")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(outbox.storage, "atomic_write_text", full)
+    log.abort("OSError: [Errno 28] No space left on device")
+    parent = outbox.client().get_run(log.run_id)
+    assert parent.info.status == "KILLED" and "No space left" in parent.data.tags["farm.stopped"]
+
+
+def test_ctrl_c_of_farm_run_marks_its_parent_run_killed(mlflow_here, monkeypatch):
+    from farm.run import driver
+
+    monkeypatch.setattr(driver.ray, "init", lambda **k: None)
+    monkeypatch.setattr(driver, "submit", lambda g, s: {})
+    monkeypatch.setattr(driver.ray, "get_runtime_context", lambda: SimpleNamespace(get_job_id=lambda: "01000000"))
+
+    def interrupted(self, refs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver.Job, "sweep_phase", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        driver.run(str(ROOT / "jobs" / "demo.yaml"))
+    c = outbox.client()
+    [parent] = c.search_runs([c.get_experiment_by_name("demo").experiment_id], "tags.`farm.kind` = 'sweep'")
+    assert parent.info.status == "KILLED" and parent.data.tags["farm.stopped"] == "interrupted (Ctrl-C)"
+
+
+def test_farm_status_names_an_empty_error_and_the_later_phases_failures(mlflow_here):
+    from farm.decide.status import status_report
+
+    sweep, g = mlflow_here
+    log = outbox.SweepLog(sweep, g, "name: demo")
+    log.log_cell(g.cells[0], None, {}, error=MemoryError())  # an exception with no message
+    log.log_cell(g.cells[1], None, {})
+    log.log_update(g.cells[1], "serve", None, RuntimeError("llama-server died"))
+    log.finish(1)
+    text = status_report("demo")
+    assert f"FAILED    {cells.cell_label(g.cells[0])}: MemoryError" in text, text
+    assert "serve FAILED: llama-server died" in text and "outcome: partial: 1 of" in text, text

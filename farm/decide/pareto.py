@@ -22,7 +22,9 @@ def feasible(row: dict, constraints: list[dict], baseline: dict | None, later=No
     m = row["metrics"]
     for c in constraints:
         v = m.get(c["metric"])
-        if v is None or (isinstance(v, float) and math.isnan(v)):
+        if isinstance(v, float) and math.isnan(v):  # measured, or derived, and unknowable: nothing to check
+            return False, f"{c['metric']} could not be measured"
+        if v is None:
             kind = later(c["metric"]) if later is not None else None
             if kind and kind not in (row.get("failed_later") or ()):
                 continue

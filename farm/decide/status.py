@@ -23,16 +23,22 @@ def status_report(name: str | None = None) -> str:
             lines.append(f"  progress: {tags['farm.progress']}")
         if "farm.stopped" in tags:
             lines.append(f"  stopped: {tags['farm.stopped']}")
+        if "farm.outcome" in tags:
+            lines.append(f"  outcome: {tags['farm.outcome']}")
         if not name:
             continue
         for r in cells:
             label = r.data.tags.get("farm.label", r.info.run_name)
             if r.info.status == "FAILED":
-                lines.append(f"  FAILED    {label}: {(r.data.tags.get('farm.error', '').splitlines() or ['(no message)'])[0][:300]}")
+                why = r.data.tags.get("farm.error") or r.data.tags.get("farm.refused", "")
+                lines.append(f"  FAILED    {label}: {(why.splitlines() or ['(no message)'])[0][:300]}")
                 continue
             m = r.data.metrics
             flag = " *" if r.data.tags.get("farm.pareto") == "true" else ""
             lines.append(f"  {r.info.status:<9} {label}: ppl {m.get('perplexity', float('nan')):.3f}  "
                          f"decode {m.get('decode_tok_s', float('nan')):.1f} tok/s  "
                          f"{m.get('size_mb', float('nan')):.1f} MB{flag}")
+            for key, why in sorted(r.data.tags.items()):  # a later phase's measurement that failed (tasks, serve)
+                if key.startswith("farm.") and key.endswith(".error") and key != "farm.error":
+                    lines.append(f"            {key[5:-6]} FAILED: {(why.splitlines() or ['(no message)'])[0][:300]}")
     return "\n".join(lines) or "no sweep has been submitted to this MLflow server yet"

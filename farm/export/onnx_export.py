@@ -270,9 +270,11 @@ def build_genai(source: Path, params: dict, out_dir: Path, threads: int = 1) -> 
     cache = out_dir / "builder-cache"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(out),
            "-p", params["quant"], "-e", "cpu", "-c", str(cache)]
+    # the builder trusts a model directory's own Python unless told not to (hf_remote defaults to true)
+    extra = [f"hf_remote={'true' if trust_remote_code() else 'false'}"]
     if params["quant"] == "int4":
-        cmd += ["--extra_options", f"int4_block_size={params['group_size']}", "int4_accuracy_level=4",
-                "int4_tied_embeddings=true"]
+        extra += [f"int4_block_size={params['group_size']}", "int4_accuracy_level=4", "int4_tied_embeddings=true"]
+    cmd += ["--extra_options", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     shutil.rmtree(cache, ignore_errors=True)

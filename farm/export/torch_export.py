@@ -51,6 +51,11 @@ def export(source: Path, params: dict, out_dir: Path, threads: int = 1, calib=No
     return out
 
 
+# bytes per element of each safetensors dtype: bitsandbytes saves NF4 packed in U8 and LLM.int8 weights as I8
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+            "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
     """The bytes a decode step reads (every weight but an untied embedding table) and the KV cache's shape."""
     from safetensors import safe_open
@@ -62,6 +67,6 @@ def decode_bytes(path: Path, settings: dict) -> tuple[int, dict]:
                 if "embed_tokens" in name and not shape.get("tied"):
                     continue
                 sl = st.get_slice(name)
-                total += int(np.prod(sl.get_shape())) * {"F32": 4, "F16": 2, "BF16": 2}.get(sl.get_dtype(), 4)
+                total += int(np.prod(sl.get_shape())) * ITEMSIZE[sl.get_dtype()]
     shape["kv_bytes"] = 4
     return total, shape

@@ -4,6 +4,7 @@ Imports neither torch, ray nor mlflow."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass, replace
@@ -95,7 +96,110 @@ def model_dir_problems(d: Path, trust_remote_code: bool = False) -> list[str]:
         problems.append(f"'{d}' has no *.safetensors weights{hint}")
     if not ((d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()):
         problems.append(f"'{d}' has no tokenizer (tokenizer.json or tokenizer.model)")
-    if "auto_map" in json.loads((d / "config.json").read_text()) and not trust_remote_code:
-        problems.append(f"'{d}' ships its own Python code (auto_map in config.json); farm runs it only with "
+    code = [f for f in ("config.json", "tokenizer_config.json") if (d / f).is_file() and "auto_map" in _json(d / f)]
+    code += sorted(p.name for p in d.glob("*.py"))  # a converter or builder may import it whatever farm says
+    if code and not trust_remote_code:
+        problems.append(f"'{d}' ships its own Python code ({', '.join(code)}); farm runs it only with "
                         "base.trust_remote_code: true — set that if you trust its source")
+    # a hub snapshot links into its repository's blobs; anything else must stay inside the directory
+    inside = d.parent.parent if d.parent.name == "snapshots" else d
+    for p in sorted(d.rglob("*")):
+        if p.is_symlink() and not p.resolve().is_relative_to(inside.resolve()):
+            problems.append(f"'{p}' is a link out of the model directory (to '{p.resolve()}'); copy the file in")
+    problems += [f"'{f}': {why}" for f in sorted(d.glob("*.safetensors")) if (why := truncated(f))]
     return problems
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def truncated(path: Path) -> str:
+    """Why a safetensors file is not whole (its header names bytes past its end), or ''."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            return "not a safetensors file (no header) — re-save or re-download it"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "its safetensors header is not valid JSON — re-save or re-download it"
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError):
+        return "its safetensors header is malformed — re-save or re-download it"
+    return f"truncated: {size} bytes, its header needs {8 + n + end} — re-download or re-save it" if 8 + n + end > size else ""
+
+
+def contents(ref: str, revision: str | None = None) -> str:
+    """What the base model holds, as part of its stage id: a model overwritten in place, a new embedded package,
+    or a hub id that moved on gets a new id, so nothing built from the old weights is reused. A local directory:
+    every file's path, size and modification time, the small files' bytes and sampled blocks of the large ones
+    (hashing multi-GB weights in full at every submission would cost a minute); a hub id: the commit its revision
+    names now (the Hub, else the local cache's ref), refused when neither can say."""
+    kind = model_kind(ref)
+    if kind == "embedded":
+        from importlib.metadata import version
+        from importlib.util import find_spec
+
+        package, filename, _ = EMBEDDED_MODELS[ref]
+        spec = find_spec(package)
+        if spec is None or spec.origin is None:
+            return f"{package} absent"  # the base stage says what to install
+        return f"{package} {version(package.replace('_', '-'))} " + _file_digest(Path(spec.origin).parent / filename)
+    if kind == "local":
+        root = Path(ref).expanduser().resolve()
+        if not root.is_dir():
+            return "absent"  # the validator names the missing directory
+        h = hashlib.sha256()
+        files = (q for q in root.rglob("*") if q.is_file() and not any(x.startswith(".") for x in q.relative_to(root).parts))
+        for p in sorted(files):  # hidden ones (.git, a download tool's .cache) are not the model
+            h.update(f"{p.relative_to(root)}\0{_file_digest(p)}\0".encode())
+        return h.hexdigest()
+    if kind == "hub":
+        return _hub_commit(ref, revision)
+    return "unknown"
+
+
+SAMPLE = 64 << 10  # bytes per sampled block of a large file
+LARGE = 64 << 20  # files above this are sampled, not read whole
+
+
+def _file_digest(p: Path) -> str:
+    st = p.stat()
+    h = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    with open(p, "rb") as f:
+        if st.st_size <= LARGE:
+            h.update(f.read())
+        else:  # 64 blocks evenly spread, the first and last included: new weights change every one of them
+            for i in range(64):
+                f.seek((st.st_size - SAMPLE) * i // 63)
+                h.update(f.read(SAMPLE))
+    return h.hexdigest()
+
+
+def _hub_commit(ref: str, revision: str | None) -> str:
+    from farm.errors import ModelError
+
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().model_info(ref, revision=revision, timeout=10).sha
+    except Exception:  # offline, gated, unknown: the local cache may still know the commit
+        pass
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    refs = Path(HF_HUB_CACHE) / f"models--{ref.replace('/', '--')}" / "refs" / (revision or "main")
+    if refs.is_file():
+        return refs.read_text().strip()
+    raise ModelError(f"base.model: hub id '{ref}' at revision '{revision or 'main'}' could not be pinned to a "
+                     "commit (the Hub did not answer and the local cache does not hold it); set base.revision to "
+                     "a commit hash, or use a local directory, so that results are never reused from other weights")

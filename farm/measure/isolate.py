@@ -9,6 +9,10 @@ frames faulthandler printed. The message reads e.g.
     llama.cpp crashed (SIGSEGV in ggml_backend_amx_mul_mat) while evaluating gguf Q8_0; see error.txt
 
 and the whole report (stderr, both stacks) travels with the exception into the cell's error.txt.
+
+Every child has a time limit derived from its work (`timeout_for`: tokens through the artifact's bytes, at a
+floor far below any CPU's); one that outlives it is killed with everything it started and reported as a hang.
+A child dies with its parent (PR_SET_PDEATHSIG): a stage cancelled or a worker killed leaves no runtime behind.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from farm.errors import StageError
 
@@ -28,6 +33,9 @@ SIGNAL_FRAMES = re.compile(r"^(raise|abort|gsignal|__pthread_kill\w*|pthread_kil
 # what a runtime says before it aborts: a failed ggml assertion, an uncaught C++ exception
 ASSERTION = re.compile(r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\):")
 GDB_TIMEOUT_S = 600
+FLOOR_S = 600  # start-up (imports, loading, a tokenizer, lm-eval's task set-up) on the slowest node
+BYTES_TOKENS_PER_S = 1e9  # decode steps x artifact bytes per second: 10x below a decode on 2 slow cores
+PREFILL_TOKENS_PER_STEP = 16  # prompt tokens run in one batch cost far less each than a decode step (>16x here)
 
 
 class ChildError(StageError):
@@ -49,10 +57,51 @@ class ChildFailed(ChildError):
     """The runtime's process exited with an error (a Python exception in the child)."""
 
 
-def run_child(argv: list[str], runtime: str, what: str) -> str:
-    """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"."""
+class ChildTimeout(ChildError):
+    """The runtime's process did not finish within its time limit and was killed."""
+
+
+def artifact_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timeout_for(artifact: Path, decode: int = 0, prefill: int = 0) -> float:
+    """Seconds a child running `decode` steps and `prefill` prompt tokens through `artifact` may take (each step
+    reads the weights once); FARM_CHILD_TIMEOUT_SCALE multiplies it."""
+    scale = float(os.environ.get("FARM_CHILD_TIMEOUT_SCALE", "1"))
+    steps = decode + prefill / PREFILL_TOKENS_PER_STEP
+    return scale * (FLOOR_S + steps * artifact_bytes(artifact) / BYTES_TOKENS_PER_S)
+
+
+def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the parent thread exits
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(argv: list[str], runtime: str, what: str, timeout_s: float) -> str:
+    """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"; `timeout_s`:
+    its time limit (timeout_for), after which it and every process it started are killed."""
     cmd = [sys.executable, "-X", "faulthandler", *argv]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_die_with_parent)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise ChildTimeout(f"{runtime} did not finish {what} within {timeout_s:.0f} s and was killed (a hang, or a "
+                           "node far slower than expected: FARM_CHILD_TIMEOUT_SCALE raises the limit); see error.txt",
+                           f"command: {' '.join(cmd)}\n\n--- stderr ---\n{err[-8000:]}") from None
+    except BaseException:  # interrupted: nothing it started outlives this process
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
     if res.returncode == 0:
         return res.stdout
     if res.returncode < 0:

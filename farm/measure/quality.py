@@ -176,11 +176,16 @@ def evaluate_isolated(runtime: dict, artifact: Path, reference: Path, threads: i
     a crash, with its signal and native frame (farm.isolate), not as a lost Ray worker."""
     import json
 
-    from farm.measure.isolate import run_child
+    import numpy as np
+
+    from farm.measure.isolate import run_child, timeout_for
     from farm.runtimes import RUNTIMES
 
+    tokens = sum(np.load(reference / f, mmap_mode="r").size for f in ("eval_tokens.npy", "long_tokens.npy")
+                 if (reference / f).is_file())
     run_child(["-m", "farm.measure.quality", json.dumps(runtime), str(artifact), str(reference), str(threads),
-               str(out_json)], RUNTIMES.options(runtime["name"]).TITLE, f"evaluating {what or runtime['name']}")
+               str(out_json)], RUNTIMES.options(runtime["name"]).TITLE, f"evaluating {what or runtime['name']}",
+              timeout_for(artifact, prefill=tokens))
     return json.loads(out_json.read_text())
 
 

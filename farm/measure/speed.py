@@ -97,7 +97,7 @@ def run(runtime: dict, artifact: Path, reference: Path, bench: dict, threads: in
         what: str = "") -> dict:
     """Run one benchmark in a fresh process; return its metrics (raw JSON written to out_json). A crash
     of the runtime raises farm.measure.isolate.RuntimeCrash naming the signal and the native frame."""
-    from farm.measure.isolate import run_child
+    from farm.measure.isolate import run_child, timeout_for
     from farm.runtimes import RUNTIMES
 
     args = ["-m", "farm.measure.speed", "--runtime", json.dumps(runtime), "--artifact", str(artifact),
@@ -105,7 +105,10 @@ def run(runtime: dict, artifact: Path, reference: Path, bench: dict, threads: in
             str(bench["prompt_tokens"]), "--decode-tokens", str(bench["decode_tokens"]),
             "--warmup", str(bench["warmup"]), "--repeats", str(bench["repeats"]), "--out", str(out_json),
             "--pinning", bench.get("pinning", "compact")]
-    run_child(args, RUNTIMES.options(runtime["name"]).TITLE, f"benchmarking {what or runtime['name']}")
+    # a disturbed repeat is run again, up to 3x repeats runs in all
+    runs = bench["warmup"] + 3 * bench["repeats"]
+    run_child(args, RUNTIMES.options(runtime["name"]).TITLE, f"benchmarking {what or runtime['name']}",
+              timeout_for(artifact, runs * bench["decode_tokens"], runs * bench["prompt_tokens"]))
     return json.loads(out_json.read_text())
 
 

@@ -92,14 +92,21 @@ def farm_lm(rt, tokenizer, prefix: list[int]):
     return FarmLM()
 
 
+def headline(task: str, metrics: dict) -> str:
+    """A task's headline accuracy: acc_norm where the task has it (the length-normalised score lm-eval and the
+    leaderboards report for ARC, HellaSwag, PIQA, ...), acc otherwise."""
+    return f"acc_norm.{task}" if f"acc_norm.{task}" in metrics else f"acc.{task}"
+
+
 def picks(sample_rows: list[dict]) -> dict:
     """Per item, in doc order: the target and the choice each metric picked (argmax of the log-likelihood;
-    for acc_norm divided by the choice's length in characters, as lm-eval does)."""
+    for acc_norm divided by the choice's length in characters, as lm-eval does: the choice without the target
+    delimiter, " ", that its request's continuation starts with)."""
     rows = sorted(sample_rows, key=lambda s: int(s["doc_id"]))
     out = {"doc_ids": [int(s["doc_id"]) for s in rows], "target": [], "pick": [], "pick_norm": [], "choices": []}
     for s in rows:
         ll = np.array([r[0] for r in s["filtered_resps"]], dtype=np.float64)
-        lengths = np.array([max(len(a[1]), 1) for a in s["arguments"]], dtype=np.float64)
+        lengths = np.array([max(len(a[1].removeprefix(" ")), 1) for a in s["arguments"]], dtype=np.float64)
         target = str(s["target"])  # an index; for MULTIPLE_INPUT tasks the continuation (a non-empty string)
         out["target"].append(int(target) if target.lstrip("-").isdigit() else (-1 if target.strip() else -2))
         out["pick"].append(int(ll.argmax()))
@@ -156,7 +163,7 @@ def score(runtime: str | dict, artifact: Path, tokenizer_dir: Path, items: dict,
         if bad:  # the shipped data does not match what lm-eval's definition reads: it would score silently wrong
             raise StageError(f"task '{t}': {len(bad)} item(s) (doc ids {bad[:5]}) have no valid target among their "
                              f"choices: {DATA_PACKAGE}'s split does not match lm-eval's definition of the task")
-    metrics["task_acc_mean"] = float(np.mean([metrics[f"acc.{t}"] for t in tasks]))
+    metrics["task_acc_mean"] = float(np.mean([metrics[headline(t, metrics)] for t in tasks]))
     cost = {"seconds": seconds, "requests": lm.calls, "tokens": lm.tokens, "items": sum(map(len, docs.values())),
             "threads": threads}
     metrics["task_s_per_item"] = seconds / max(cost["items"], 1)
@@ -189,17 +196,21 @@ def paired(a: dict, b: dict) -> tuple[float, float, int] | None:
     return float(diff.mean()), se, len(diff)
 
 
+CHOICE_TOKENS = 5 * 160  # an item's choices (<= 5 in these tasks) x a typical context and continuation
+
+
 def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: dict, seed: int, threads: int,
                    out_json: Path, what: str = "", held_out: list[str] = (), chat: bool = False) -> dict:
     """`score` in a child process (farm.isolate): a runtime that crashes is reported as a crash."""
     import json
 
-    from farm.measure.isolate import run_child
+    from farm.measure.isolate import run_child, timeout_for
     from farm.runtimes import RUNTIMES
 
     run_child(["-m", "farm.measure.tasks", json.dumps(runtime), str(artifact), str(tokenizer_dir), json.dumps(items),
                str(seed), str(threads), str(out_json), json.dumps(list(held_out)), json.dumps(chat)],
-              RUNTIMES.options(runtime["name"]).TITLE, f"scoring tasks on {what or runtime['name']}")
+              RUNTIMES.options(runtime["name"]).TITLE, f"scoring tasks on {what or runtime['name']}",
+              timeout_for(artifact, prefill=sum(items.values()) * CHOICE_TOKENS))
     return json.loads(out_json.read_text())
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from farm.export import BASELINE, FORMATS
+from farm.inputs.modelref import contents
 from farm.plan import codeid
 from farm.stages import CHAIN, STAGES
 from farm.stages.common import declared, measurements
@@ -135,7 +136,7 @@ def build(sweep: Sweep) -> Grid:
     target, with the measurement stages that apply to it."""
     g = Grid()
     data = sweep.data.model_dump()
-    base_params = sweep.base.model_dump()
+    base_params = {**sweep.base.model_dump(), "contents": contents(sweep.base.model, sweep.base.revision)}
     base = g.add(BASE, base_params)
     reference = g.add(REFERENCE, with_digests({"data": data}, data["files"]), (base,))
 

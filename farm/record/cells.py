@@ -94,7 +94,8 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, r
         text = error_text or ((getattr(error, "report", "") or "") + "\n\n--- traceback ---\n"
                               + "".join(traceback.format_exception(error))).lstrip()
         files["error.txt"] = text
-        tags["farm.error"] = (str(error) if error else text.splitlines()[-1])[:4000]
+        tags["farm.error"] = ((str(error) or type(error).__name__) if error is not None
+                              else next((ln for ln in reversed(text.splitlines()) if ln.strip()), "failed"))[:4000]
     return {"op": "cell", "experiment_id": experiment_id, "parent_id": parent_id, "cell_id": cell.id,
             "run_name": label, "run_id": None, "attempts": 0, "tags": {k: str(v) for k, v in tags.items()},
             "params": {k: v[:6000] for k, v in cell.params().items()}, "metrics": metrics, "files": files,

@@ -82,6 +82,7 @@ class SweepLog:
         self.n_cells = len(grid.cells)
         self.outbox = storage.home() / "outbox" / self.run_id
         self.seq = 0
+        self.later_failed: dict[str, int] = {}  # later-phase kind -> its failed measurements (tasks, serve)
         self._queue({"op": "run", "run_id": self.run_id, "status": None,
                      "params": {"sweep.name": sweep.name, "sweep.cells": str(len(grid.cells)),
                                 "sweep.stages": str(len(grid.stages))},
@@ -105,6 +106,7 @@ class SweepLog:
         record = {"op": "update", "experiment_id": self.experiment_id, "parent_id": self.run_id,
                   "cell_id": cell.id, "label": cell_label(cell), "kind": kind}
         if error is not None:
+            self.later_failed[kind] = self.later_failed.get(kind, 0) + 1
             text = (str(error) or type(error).__name__)[:4000]
             report = getattr(error, "report", "") or "".join(traceback.format_exception(error))
             record.update(tags={f"farm.{kind}.error": text}, files={f"{kind}_error.txt": report or text})
@@ -125,18 +127,35 @@ class SweepLog:
             pass
 
     def abort(self, reason: str) -> None:
-        """The submission was stopped: its finished cells stay, the parent run says KILLED and why.
-        Resubmitting the sweep reuses every finished stage and logs a complete new parent run."""
-        self._queue({"op": "run", "run_id": self.run_id, "tags": {"farm.stopped": reason}, "status": "KILLED"})
+        """The submission was stopped (a signal, Ctrl-C, an error such as a full disk): its finished cells stay,
+        the parent run says KILLED and why. Resubmitting the sweep reuses every finished stage and logs a complete
+        new parent run. When not even the outbox can be written (the disk is full), MLflow is told directly."""
+        record = {"op": "run", "run_id": self.run_id, "tags": {"farm.stopped": reason[:4000]}, "status": "KILLED"}
+        try:
+            self._queue(record)
+        except OSError:
+            try:
+                _deliver(self.c, record, None)
+            except Exception as e:  # noqa: BLE001 (stopping anyway: say where it stands)
+                print(f"farm: could not mark MLflow run {self.run_id} KILLED ({e}); it stays RUNNING", flush=True)
+
+    def outcome(self, failed: int) -> str:
+        """farm.outcome: 'complete', 'failed' (no cell finished) or what is partial — failed cells, and failed
+        measurements of the later phases (tasks, serve) of cells that finished."""
+        total = self.n_cells
+        if failed >= total:
+            return "failed"
+        parts = [f"{failed} of {total} cells failed"] if failed else []
+        parts += [f"{n} {kind} measurement(s) failed" for kind, n in sorted(self.later_failed.items())]
+        return f"partial: {', '.join(parts)} (`farm status` lists why)" if parts else "complete"
 
     def finish(self, failed: int) -> None:
         """The parent run FINISHED when any cell finished (a partial sweep still has a front to show: farm.outcome
-        says how many failed), FAILED only when every cell failed."""
+        says what failed), FAILED only when every cell failed."""
         total = self.n_cells
-        outcome = "complete" if not failed else ("failed" if failed >= total else f"partial: {failed} of {total} "
-                                                 "cells failed (`farm status` lists why)")
-        self._queue({"op": "run", "run_id": self.run_id, "metrics": {"cells_failed": failed},
-                     "tags": {"farm.outcome": outcome}, "status": "FAILED" if failed >= total else "FINISHED"})
+        self._queue({"op": "run", "run_id": self.run_id,
+                     "metrics": {"cells_failed": failed, "later_failed": sum(self.later_failed.values())},
+                     "tags": {"farm.outcome": self.outcome(failed)}, "status": "FAILED" if failed >= total else "FINISHED"})
         deadline = time.time() + wait_limit()
         while (left := self.flush()) and time.time() < deadline:
             print(f"farm: MLflow unreachable; {left} record(s) wait in {self.outbox}", flush=True)
@@ -198,6 +217,7 @@ def deliver_outbox(c: MlflowClient, outbox: Path) -> int:
             if refused_for_good(e):
                 storage.atomic_write_text(outbox / "parked" / f.name, json.dumps(record, default=str))
                 f.unlink()
+                _close_refused(c, record)
                 print(f"farm: MLflow refused {record.get('run_name') or record['op']} for good "
                       f"({record['last_error'][:200]}); parked in {outbox / 'parked' / f.name}", flush=True)
                 continue
@@ -207,6 +227,17 @@ def deliver_outbox(c: MlflowClient, outbox: Path) -> int:
     if outbox.is_dir() and not any(outbox.iterdir()):
         outbox.rmdir()
     return 0
+
+
+def _close_refused(c: MlflowClient, record: dict) -> None:
+    """A refused record's run, if it was created, ends FAILED with why (farm.refused), not RUNNING for ever."""
+    if record["op"] == "update" or not record.get("run_id"):
+        return
+    try:
+        c.set_tag(record["run_id"], "farm.refused", record["last_error"][:4000])
+        c.set_terminated(record["run_id"], "FAILED")
+    except Exception:  # noqa: BLE001, S110 (parked with its reason; farm sync lists it)
+        pass
 
 
 def parked(home: Path | None = None) -> list[tuple[Path, str]]:
@@ -235,7 +266,7 @@ def _deliver_update(c: MlflowClient, record: dict) -> None:
             c.log_artifacts(rid, d)
 
 
-def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
+def _deliver(c: MlflowClient, record: dict, path: Path | None) -> None:
     """Write one record to MLflow. Every step may be repeated without harm."""
     if record["op"] == "update":
         _deliver_update(c, record)
@@ -247,12 +278,14 @@ def _deliver(c: MlflowClient, record: dict, path: Path) -> None:
                                   f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
                                   f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
         record["attempts"] += 1
-        storage.atomic_write_text(path, json.dumps(record, default=str))
+        if path is not None:
+            storage.atomic_write_text(path, json.dumps(record, default=str))
         run = found[0] if found else c.create_run(record["experiment_id"], run_name=record["run_name"],
                                                   tags={k: record["tags"][k] for k in
                                                         ("mlflow.parentRunId", "farm.kind", "farm.cell_id")})
         record["run_id"] = run.info.run_id
-        storage.atomic_write_text(path, json.dumps(record, default=str))
+        if path is not None:
+            storage.atomic_write_text(path, json.dumps(record, default=str))
     rid = record["run_id"]
     now = int(time.time() * 1000)
     c.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in (record.get("metrics") or {}).items()],

@@ -116,12 +116,12 @@ def running_tasks(job_id: str, grid) -> dict[str, str] | None:
     return out
 
 
-def exit_code(finished: int, failed: int) -> int:
-    """0: every cell finished; 3: some failed but others finished (a partial sweep, still reported and
-    promotable); 1: no cell finished."""
-    if not failed:
-        return 0
-    return 3 if finished else 1
+def exit_code(finished: int, failed: int, later_failed: int = 0) -> int:
+    """0: every cell and every later measurement (tasks, serve) finished; 3: some failed but cells finished (a
+    partial sweep, still reported and promotable); 1: no cell finished."""
+    if not finished:
+        return 1
+    return 3 if failed or later_failed else 0
 
 
 PROGRESS_EVERY_S = 30  # FARM_PROGRESS_S overrides
@@ -334,27 +334,32 @@ def run(path: str) -> int:
     refs = submit(grid, sweep)  # check_targets may raise: still nothing written to MLflow
     log = outbox.SweepLog(sweep, grid, text)
 
-    def stopped(signum, frame):  # `ray job stop` sends SIGTERM: say so in MLflow, then go
-        log.abort(f"stopped by signal {signum}")
+    def stopped(signum, frame):  # `ray job stop` sends SIGTERM, Ctrl-C SIGINT
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stopped)
     print(f"farm: sweep '{sweep.name}': {len(grid.cells)} cells, {len(grid.stages)} stages; "
           f"MLflow run {log.run_id}", flush=True)
     job = Job(sweep, grid, log, t0)
-    failed = job.sweep_phase(refs)
-    job.later_phases()
+    try:
+        failed = job.sweep_phase(refs)
+        job.later_phases()
+    except BaseException as e:  # stopped, or an error (a full disk): the parent run says so, never RUNNING
+        why = f"stopped by signal {e.code - 128}" if isinstance(e, SystemExit) and isinstance(e.code, int) else (
+            "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+        log.abort(why)
+        raise
     log.finish(failed)
     release_nodes()
     report = outbox.while_unreachable("the Pareto front", pareto_report, sweep.name, log.run_id)
     print("\nPareto front (* = on the front, x = violates a constraint):\n" + report["table"], flush=True)
     write_report(sweep.name, log.run_id, report)
     finished = len(grid.cells) - failed
-    code = exit_code(finished, failed)
+    later_failed = sum(log.later_failed.values())
+    code = exit_code(finished, failed, later_failed)
     print(f"\nfarm: {finished} cells finished, {failed} failed, in {time.time() - t0:.0f} s", flush=True)
-    if failed:
-        print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
-              f"the failed cells and why (exit status {code})", flush=True)
+    if failed or later_failed:
+        print(f"farm: {log.outcome(failed)}; exit status {code}", flush=True)
     return code
 
 

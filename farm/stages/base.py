@@ -34,12 +34,18 @@ def code(params: dict) -> list[str]:
 
 
 def run(stage, deps: list[dict], out: Path) -> dict:
-    import shutil
-
+    from farm.errors import ModelError
+    from farm.inputs.modelref import contents, model_kind
     from farm.inputs.models import resolve
 
-    model_dir = resolve(stage.params["model"], stage.params.get("revision"))
+    ref, revision = stage.params["model"], stage.params.get("revision")
+    # a hub id is fetched at the commit the sweep's id holds, whatever its revision names by now
+    model_dir = resolve(ref, stage.params["contents"] if model_kind(ref) == "hub" else revision)
+    if contents(ref, revision) != stage.params["contents"]:
+        raise ModelError(f"base.model '{stage.params['model']}' changed after the sweep was submitted (its files or "
+                         "the commit its revision names); submit the sweep again so that every stage is built from "
+                         "what it holds now")
     if storage.url():  # other nodes may lack the model (a local path, this node's hub cache): it travels
-        shutil.copytree(model_dir, out / "model")
+        storage.copy_tree(model_dir, out / "model")
         return {"model_dir": "model", "source": str(model_dir)}
     return {"model_dir": str(model_dir)}

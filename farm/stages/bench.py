@@ -48,7 +48,8 @@ class BenchSpec(Strict):
         "compact", description="Which cores a benchmark's threads are pinned to: 'compact' neighbouring cores "
         "(shared caches), 'spread' one per physical core round-robin over sockets, 'none' no pinning.")
     reuse: Literal["always", "same_host", "never"] = Field(
-        "same_host", description="When a resubmitted sweep reuses an earlier benchmark of the same cell and "
+        "same_host", description="When a resubmitted sweep reuses an earlier benchmark (single-stream, roofline "
+        "and serve) of the same cell and "
         "target: 'same_host' only if it was measured on this very machine (host name, CPU model, cores, "
         "memory), 'always' wherever it was measured, 'never' (measure again in every job). A front then never "
         "mixes machines silently; each cell records when and where it was measured.")

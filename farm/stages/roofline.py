@@ -42,7 +42,7 @@ def reuse(stage) -> str:
 
 
 def run(stage, deps: list[dict], out: Path) -> dict:
-    from farm.measure.isolate import run_child
+    from farm.measure.isolate import run_child, timeout_for
 
     export, bench = deps
     raw = json.loads(Path(bench["bench_json"]).read_text())
@@ -51,6 +51,7 @@ def run(stage, deps: list[dict], out: Path) -> dict:
             "--threads", str(raw["threads"]), "--cores", json.dumps(raw.get("cores") or []),
             "--pinning", raw.get("pinning", "compact"), "--settings", json.dumps(raw.get("runtime_settings") or {}),
             "--out", str(out / "roofline.json")]
-    run_child(args, "the memory roofline", f"reading the bytes a decode step of {describe(export, stage.params['runtime'])} reads")
+    run_child(args, "the memory roofline", f"reading the bytes a decode step of {describe(export, stage.params['runtime'])} reads",
+              timeout_for(export["artifact"], 64))  # the artifact read a few times, a bandwidth probe
     result = json.loads((out / "roofline.json").read_text())
     return {"metrics": {m.name: result[m.name] for m in METRICS if m.name in result}, "roofline_json": "roofline.json"}

@@ -90,7 +90,12 @@ def params(ctx: dict) -> dict | None:
 
     if ctx["sweep"].serve is None or ctx["runtime"]["name"] not in ENGINES:
         return None
-    return {"serve": ctx["sweep"].serve.model_dump(), "target": ctx["target"], "runtime": ctx["runtime"]}
+    return {"serve": ctx["sweep"].serve.model_dump(), "target": ctx["target"], "runtime": ctx["runtime"],
+            "reuse": ctx["sweep"].bench.reuse}
+
+
+def reuse(stage) -> str:
+    return stage.params["reuse"]  # a machine's serving curves stand for that machine only, as bench.reuse says
 
 
 def code(params: dict) -> list[str]:

@@ -6,6 +6,7 @@ model exported the same way."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,7 +24,7 @@ INPUTS = ("export", "base")  # the base model's tokenizer
 AFTER = True
 METRICS = (
     Metric(rf"(acc|acc_norm)\.({'|'.join(TASKS)})", "max", label="task accuracy (lm-eval)", pattern=True),
-    Metric("task_acc_mean", "max", label="mean task accuracy (lm-eval)"),
+    Metric("task_acc_mean", "max", label="mean task accuracy (lm-eval; acc_norm where a task has it)"),
     Metric("task_consistency", "max", label="agreement of the runtime's base cell with PyTorch's answers"),
     Metric(rf"(acc|acc_norm)_stderr\.({'|'.join(TASKS)})", "min", pattern=True),
     Metric(rf"acc_vs_base(_stderr)?\.({'|'.join(TASKS)})", "max", pattern=True),
@@ -139,12 +140,23 @@ def consistency_of(grid, outcome: dict, label) -> tuple[dict[str, float], list[s
     for c in gate_cells(grid):
         mine = result_of(outcome, c)
         if mine is None:
+            if not c.baseline and c.stages[KIND] in outcome:  # it failed: its runtime setting cannot be checked
+                share[setting(c)] = math.nan
+                lines.append(f"farm: tasks: {label(c)} has no task scores (its tasks stage failed): the consistency "
+                             "gate cannot check its runtime setting, whose cells are kept off the front")
             continue
         value, n = agreement(mine["items"], baseline["items"])
-        share[setting(c)] = min(value, share.get(setting(c), 1.0))
+        if not math.isnan(share.get(setting(c), 1.0)):
+            share[setting(c)] = min(value, share.get(setting(c), 1.0))
         if not c.baseline:
             lines.append(f"farm: tasks: {label(c)} picks the PyTorch baseline's answer on {100 * value:.1f} % "
                          f"of {n} items")
+    gated = {setting(c) for c in gate_cells(grid)}
+    for s in [s for s in dict.fromkeys(setting(c) for c in grid.cells if c.stages.get(KIND) in outcome)
+              if s not in gated]:
+        lines.append(f"farm: tasks: WARNING: the sweep has no full-precision base cell of runtime setting {s}: its "
+                     "cells' answers are not checked against PyTorch's (export the base model at the format's "
+                     "full-precision level to gate them)")
     return {c.id: share[setting(c)] for c in grid.cells
             if c.stages.get(KIND) in outcome and setting(c) in share}, lines
 
