@@ -14,11 +14,8 @@ wins (the first rename; the first COMPLETE.json, written only if absent): a lose
 takes the winner's, so a caller gets what the store holds. A node fetching a stage checks every file's
 sha256. Stages are fsynced before their rename, a torn result.json is rebuilt, links out of a stage refused.
 
-The checksums sit in the same bucket, so they stop damage, not a deliberate writer. The driver is the
-authority: each stage result carries `pins`, the sha256 of every COMPLETE.json its stage and those it
-reads from had when the driver first learned of them, and a node fetches a pinned stage only if the
-store's manifest is still that one (`fetch(name, pin)`); promote is pinned by the cell's MLflow record.
-"""
+Checksums in the bucket stop damage, not a deliberate writer: the driver pins (`pins`: sha256 of each COMPLETE.json
+it first saw) what nodes fetch (`fetch(name, pin)`); promote is pinned by the cell's MLflow record."""
 
 from __future__ import annotations
 
@@ -293,6 +290,15 @@ def copy_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
+def discard(name: str) -> None:
+    """Remove a stage here and from the remote store: a result that must not stand (the next run replaces it)."""
+    _set_aside(stage_dir(name))
+    if url():
+        fs, base = _fs()
+        with suppress(FileNotFoundError):
+            fs.rm(f"{base}/stages/{name}", recursive=True)
+
+
 def _set_aside(path: Path) -> None:
     """Rename a stage away (readers see it whole or not at all) and delete it (if killed: _remove_stale)."""
     aside = path.parent / f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-aside-{uuid.uuid4().hex[:8]}"
@@ -328,13 +334,7 @@ def _remove_stale(final: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return Path(f"/proc/{pid}").exists()  # Linux, as every node is
 
 
 @contextmanager

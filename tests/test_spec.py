@@ -234,3 +234,21 @@ def test_a_step_that_would_get_fewer_calibration_samples_than_it_asks_for_is_ref
     d["pipelines"] = [[{"method": "prune_layers", "drop": 2}], [{"method": "gptq", "calib_samples": 4, "seq_len": 256}]]
     [p] = problems(d)  # prune_layers: 8 x 256 > 1024; gptq: 4 x 256 = 1024 fits
     assert p.startswith("pipelines[0][0].calib_samples: 8 x seq_len 256 = 2048") and "data.calib_tokens" in p
+
+
+def test_a_misspelt_metric_a_duplicate_target_and_a_too_deep_prune_are_reported_together():
+    """Before: the duplicate target and the prune depth came only after every other error was fixed, and the
+    metric's message carried pydantic's '[key]' and the families as regular expressions."""
+    with pytest.raises(SpecError) as e:
+        spec.parse({"name": "bad", "base": {"model": "smollm2-135m-instruct"},
+                    "pipelines": [[{"method": "prune_layers", "drop": 40}]],
+                    "exports": [{"format": "gguf", "quant": "Q8_0"}],
+                    "targets": [{"name": "a"}, {"name": "a"}],
+                    "objectives": {"perplexity": "min", "decode_sped": "max"}})
+    problems = e.value.problems
+    assert len(problems) == 3, problems
+    assert any(p.startswith("targets: target names must be unique, repeated: a") for p in problems)
+    assert any("drop: [40] would leave no decoder block" in p for p in problems)
+    [metric] = [p for p in problems if "decode_sped" in p]
+    assert metric.startswith("objectives.decode_sped: unknown metric 'decode_sped' — did you mean 'decode_tok_s'?")
+    assert "serve_[prefix_]output_tok_s_c<N>" in metric and not any(c in metric for c in ("^", "\\", "?:", "[1-9]"))

@@ -102,3 +102,73 @@ def test_every_generator_reaches_the_parser(monkeypatch):
         monkeypatch.undo()
     assert all(tried.get(t.__name__, 0) >= 20 for t in tests), tried  # of 30 to 60 examples each
     print(f"\n{sum(tried.values())} generated bad sweeps tried, all rejected with the field named: {tried}")
+
+
+DEMO_TEXT = (Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml").read_text()
+TRIED = {"mutated": 0, "generated": 0}
+
+
+def named_or_valid(text: str) -> None:
+    """The parser's whole contract with hostile text: a valid sweep, or SpecError naming what is wrong — never
+    another exception (a traceback) and never a hang (an alarm after 20 s fails the example)."""
+    import signal
+
+    def hang(*_):
+        raise AssertionError("the parser took over 20 s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        spec.loads(text, "fuzz.yaml")
+    except SpecError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+edits = st.lists(st.tuples(st.sampled_from(["delete", "insert", "duplicate", "swap"]), st.integers(0, 10**6),
+                           st.integers(1, 40), st.text(max_size=12)), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=edits)
+def test_mutated_sweep_files_get_a_named_error_never_a_traceback(edits):
+    text = DEMO_TEXT
+    for op, at, n, s in edits:
+        at %= max(len(text), 1)
+        if op == "delete":
+            text = text[:at] + text[at + n:]
+        elif op == "insert":
+            text = text[:at] + s + text[at:]
+        elif op == "duplicate":
+            text = text[:at] + text[at:at + n] + text[at:]
+        else:
+            lines = text.splitlines(keepends=True)
+            i, j = at % len(lines), (at + n) % len(lines)
+            lines[i], lines[j] = lines[j], lines[i]
+            text = "".join(lines)
+    TRIED["mutated"] += 1
+    named_or_valid(text)
+
+
+yaml_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
+                                     st.text(max_size=10)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                   st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+                           max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=st.one_of(yaml_values, st.dictionaries(st.sampled_from(list(DEMO) + ["x"]), yaml_values, max_size=6)))
+def test_generated_documents_get_a_named_error_never_a_traceback(doc):
+    TRIED["generated"] += 1
+    named_or_valid(yaml.safe_dump(doc))
+
+
+def test_pathological_yaml_gets_a_named_error():
+    laughs = "".join(f"{c}: &{c} [{', '.join([f'*{p}' if p else repr('x')] * 9)}]\n"
+                     for p, c in zip([None, *"abcdefg"], "abcdefgh"))
+    for text in (laughs + "name: x\nexports: *h\n", "[" * 5000 + "]" * 5000, "{a: " * 3000 + "1" + "}" * 3000,
+                 "name: " + "x" * 1_000_000, "\x00\xff binary", "- - - -\n" * 100, "name: &a [*a]\n"):
+        named_or_valid(text)

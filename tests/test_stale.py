@@ -91,3 +91,24 @@ def test_serve_benchmarks_honour_the_bench_reuse_policy(tiny_model_dir):
     never = serve_stage("never")
     assert runner.storage_name(never, "job-1") != runner.storage_name(never, "job-2")
     assert runner.storage_name(serve_stage("always")) == serve_stage("always").name
+
+
+def test_a_disturbed_benchmark_is_measured_again_by_the_next_job_not_reused(storage_root, monkeypatch):
+    from farm.plan.grid import Stage
+    from farm.stages import bench
+
+    runs = []
+
+    def measure(stage, deps, out):
+        runs.append(stage.name)
+        return {"metrics": {"decode_tok_s": 10.0}, "contaminated": len(runs) == 1}  # the first one disturbed
+
+    monkeypatch.setattr(bench, "run", measure)
+    stage = Stage("bench-0123456789ab", "bench", {"bench": {"reuse": "always"}, "nonce": str(storage_root)}, ())
+    first = runner.run_stage(stage, [], {"job_id": "job-1"})
+    assert first["contaminated"] and not first["cached"]
+    assert runner.run_stage(stage, [], {"job_id": "job-1"})["cached"]  # its own job: never measured twice
+    second = runner.run_stage(stage, [], {"job_id": "job-2"})
+    assert not second["cached"] and not second["contaminated"] and len(runs) == 2
+    third = runner.run_stage(stage, [], {"job_id": "job-3"})  # a clean figure stands
+    assert third["cached"] and len(runs) == 2

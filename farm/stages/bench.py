@@ -118,6 +118,12 @@ def reuse(stage) -> str:
     return stage.params["bench"].get("reuse", "same_host")
 
 
+def stands(result: dict) -> bool:
+    """A benchmark disturbed by other load (contaminated) is never reused: the next job measures it again, so that
+    the cell can re-qualify on that machine."""
+    return not result.get("contaminated")
+
+
 def record(result: dict, label: str) -> dict:
     """What the cell's run gets from its benchmark: where and when it ran, under what load, with which library
     versions and runtime settings (tags), and the raw repeats (bench.json) the medians come from."""

@@ -89,7 +89,13 @@ def run_stage(stage, deps: list[dict], node: dict | None = None) -> dict:
     final = storage.stage_dir(name)
     # the manifests of every stage this one reads from, as the driver holds them (a remote store only)
     pins = {k: v for d in deps for k, v in (d.get("pins") or {}).items()}
-    if storage.read_result(name) is not None:
+    found = storage.read_result(name)
+    if found is not None and not _stands(stage, found, (node or {}).get("job_id") or _process()):
+        print(f"farm: {name}: the stored result was disturbed (its kind says it does not stand); measuring again",
+              flush=True)
+        storage.discard(name)
+        found = None
+    if found is not None:
         digest = storage.upload(name)  # a no-op unless a remote store missed it (a writer killed mid-upload)
         return {**_absolute(_held(name), final), "cached": True, **_pins(pins, name, digest)}
     deps = [local(d) for d in deps]
@@ -98,12 +104,20 @@ def run_stage(stage, deps: list[dict], node: dict | None = None) -> dict:
         result = STAGES.get(stage.kind).run(stage, deps, tmp)
         # "stage": its name in storage (a benchmark's carries its machine)
         result.update({"stage": name, "kind": stage.kind, "params": stage.params, "seconds": time.time() - t0,
-                       "host": nodes.facts(), "versions": library_versions(), **(node or {})})
+                       "host": nodes.facts(), "versions": library_versions(), **(node or {}),
+                       "job": (node or {}).get("job_id") or _process()})
         (tmp / "result.json").write_text(text := json.dumps(result, indent=1, default=str))
     digest = storage.upload(name)
     _ledger(name, stage.kind, started, node)
     held, mine = _held(name), (final / "result.json").read_text() == text  # another writer's, if theirs came first
     return {**_absolute(held, final), "cached": not mine, **_pins(pins, name, digest)}
+
+
+def _stands(stage, result: dict, job: str) -> bool:
+    """Whether a stored result may stand for this run: its kind's `stands(result)` (a benchmark disturbed by other
+    load does not), unless it is this very job's own (a job never measures a stage twice)."""
+    stands = getattr(STAGES.get(stage.kind), "stands", None)
+    return stands is None or stands(result) or result.get("job") == job
 
 
 def _held(name: str) -> dict:

@@ -36,7 +36,7 @@ def _loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _branch_names() or str(part).startswith(("function-", "list[", "int", "str", "bool")):
+        elif part in _branch_names() or part == "[key]" or str(part).startswith(("function-", "list[", "int", "str", "bool")):
             continue  # pydantic's union branch names are noise for a user
         else:
             out += ("." if out else "") + str(part)
@@ -63,5 +63,14 @@ def _format_error(err: dict) -> str:
         if field:
             return f"{where}.{field.group(1)}: {msg[field.end():]}"
         return f"{where}: {msg}"
-    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-    return f"{where}: {msg} (got {shown[:120]})"
+    return f"{where}: {msg} (got {_shown(value)})"
+
+
+def _shown(value) -> str:
+    """A bad value as the message quotes it: short, and whatever it holds (an alias containing itself)."""
+    if isinstance(value, dict):
+        return "{...}"
+    try:
+        return json.dumps(value, default=str)[:120]
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__} that contains itself"

@@ -5,6 +5,7 @@ better, its axis label, and which kind (and so which phase of the job) measures 
 from __future__ import annotations
 
 import difflib
+import re
 import functools
 from typing import Annotated
 
@@ -57,10 +58,17 @@ def _known(metric: str) -> str:
     if find(metric) is None:
         names = [m.name for _, m in vocabulary() if not m.pattern]
         close = difflib.get_close_matches(metric, names, n=1, cutoff=0.6)
-        families = ", ".join(m.name for _, m in vocabulary() if m.pattern)
+        families = ", ".join(readable(m.name) for _, m in vocabulary() if m.pattern)
         raise ValueError(f"unknown metric '{metric}'" + (f" — did you mean '{close[0]}'?" if close else "")
                          + f" (allowed: {', '.join(names)}; and the families {families})")
     return metric
+
+
+def readable(pattern: str) -> str:
+    """A metric family's pattern as a user reads it: 'serve_[prefix_]output_tok_s_c<N>', 'acc.{arc_easy,...}'."""
+    p = pattern.replace("\\.", ".").replace("[1-9][0-9]*", "<N>")
+    p = re.sub(r"\(([^()|]*)\)\?", r"[\1]", p)
+    return re.sub(r"\(([^()]*\|[^()]*)\)", lambda m: "{" + m.group(1).replace("|", ",") + "}", p)
 
 
 MetricName = Annotated[str, AfterValidator(_known)]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from farm.compress import METHODS
 from farm.errors import SpecError
@@ -87,13 +87,14 @@ class Sweep(Strict):
                 check(self)
         return self
 
-    @model_validator(mode="after")
-    def _unique_targets(self) -> Sweep:
-        names = [t.name for t in self.targets]
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, targets: list[Target]) -> list[Target]:  # with the other fields' errors, not after
+        names = [t.name for t in targets]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"target names must be unique, repeated: {', '.join(dupes)}")
-        return self
+        return targets
 
     @property
     def model_name(self) -> str:
@@ -157,9 +158,12 @@ def load(path: str | Path) -> Sweep:
 def loads(text: str, source: str = "sweep") -> Sweep:
     try:
         data = yaml.safe_load(text)
+        return parse(data, source)
     except yaml.YAMLError as e:
         raise SpecError([f"not valid YAML: {e}"], source) from None
-    return parse(data, source)
+    except RecursionError:  # "[[[[..." thousands deep, or an alias that contains itself
+        raise SpecError(["the file nests lists or mappings too deeply (or an alias contains itself); a sweep "
+                         "is a few levels deep — see jobs/demo.yaml"], source) from None
 
 
 def json_schema() -> dict:
