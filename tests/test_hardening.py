@@ -250,3 +250,54 @@ def test_a_submitted_job_quotes_its_entrypoint_and_sends_no_storage_secrets(tmp_
     kept.chmod(0o644)
     with pytest.raises(Exception, match="chmod 600"):
         storage._options()
+
+
+def test_farm_submit_follows_a_job_whose_log_stream_drops_until_it_ends(capsys):
+    """The dashboard's log websocket drops mid-job: farm submit polls the log (printing only what is new) until
+    the job ends, and returns the job's own exit status; before, it returned 1 while the job still ran."""
+    from types import SimpleNamespace
+
+    from ray.job_submission import JobStatus
+
+    from farm.run import jobs
+
+    log = "line 1\nline 2\n"
+    states = iter([JobStatus.RUNNING, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.SUCCEEDED])
+
+    class Client:
+        def __init__(self):
+            self.log = "line 1\n"
+
+        async def tail_job_logs(self, job):
+            yield "line 1\n"
+            raise ConnectionError("websocket closed")
+
+        def get_job_info(self, job):
+            status = next(states)
+            if status == JobStatus.SUCCEEDED:
+                self.log = log + "line 3\n"
+            elif self.log == "line 1\n":
+                self.log = log
+            return SimpleNamespace(status=status, driver_exit_code=0)
+
+        def get_job_logs(self, job):
+            return self.log
+
+    jobs.follow(Client(), "raysubmit_1", poll_s=0)
+    out = capsys.readouterr().out
+    assert out.count("line 1") == 1 and out.count("line 2") == 1 and out.count("line 3") == 1
+    assert "log stream dropped (ConnectionError" in out
+
+
+def test_the_torch_baseline_prefills_like_a_serving_engine_last_logits_only(tiny_model_dir):
+    """llama.cpp's prefill computes the last position's logits only; PyTorch computed every position's, which
+    slowed its prefill and TTFT against llama.cpp's. Now it keeps the last (the same numbers), and every runtime
+    says which it does (farm.runtime.prefill_logits)."""
+    import numpy as np
+
+    from farm.runtimes import load
+
+    rt = load({"name": "torch"}, tiny_model_dir, threads=1, n_ctx=64)
+    tokens = list(range(5, 25))
+    assert np.allclose(rt.prefill(tokens), rt.logits(tokens)[-1], atol=1e-4)
+    assert rt.settings["prefill_logits"] == "last"

@@ -18,7 +18,6 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
     the working directory and the farm's environment (FARM_*, MLFLOW_TRACKING_URI), follow its log, and
     return its exit status (0, or 3 for a partial sweep, see exit_code). What `ray job submit
     --address ... --working-dir . --runtime-env-json ... -- python -m farm run FILE` does by hand."""
-    import asyncio
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -47,12 +46,8 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
     if not wait:
         return 0
 
-    async def follow():
-        async for lines in client.tail_job_logs(job):
-            print(lines, end="", flush=True)
-
     try:
-        asyncio.run(follow())
+        follow(client, job)
     except KeyboardInterrupt:
         print(f"\nfarm: stopped following; the job goes on (`ray job stop {job}` stops it)", flush=True)
         return 130
@@ -61,6 +56,47 @@ def submit_job(path: str, address: str | None = None, wait: bool = True, working
     if info.status == JobStatus.SUCCEEDED:
         return 0
     return int(code) if code else 1
+
+
+def follow(client, job: str, poll_s: float = 2.0, patience_s: float = 600.0) -> None:
+    """Print the job's log until the job ends. The log stream (a websocket through the dashboard) may drop while
+    the job goes on — a dashboard restart, a proxy's idle timeout: then the log is polled, printing only what
+    was not printed yet, until the job is in a terminal state. A dashboard that stays unreachable for
+    `patience_s` ends the wait with a message (the job's fate unknown here, `farm status` knows)."""
+    import asyncio
+    import time
+
+    printed = 0
+
+    async def tail():
+        nonlocal printed
+        async for lines in client.tail_job_logs(job):
+            print(lines, end="", flush=True)
+            printed += len(lines)
+
+    try:
+        asyncio.run(tail())
+    except Exception as e:  # noqa: BLE001 (a dropped stream; the job's state decides what follows)
+        print(f"\nfarm: the job's log stream dropped ({type(e).__name__}: {str(e)[:200]}); following by polling",
+              flush=True)
+    last_contact = time.monotonic()
+    while True:
+        try:
+            done = client.get_job_info(job).status.is_terminal()
+            text = client.get_job_logs(job)
+            last_contact = time.monotonic()
+        except Exception as e:  # noqa: BLE001
+            if time.monotonic() - last_contact > patience_s:
+                raise StageError(f"the Ray dashboard stopped answering ({e}); job {job} may still run: "
+                                 "`ray job status` / `farm status` tell") from None
+            time.sleep(poll_s)
+            continue
+        if len(text) > printed:
+            print(text[printed:], end="", flush=True)
+            printed = len(text)
+        if done:
+            return
+        time.sleep(poll_s)
 
 
 def keep_options(raw: str):

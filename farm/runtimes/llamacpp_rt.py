@@ -76,7 +76,8 @@ class LlamaCppRuntime:
             )
         self.llm._logits_all = False
         self.vocab = self.llm.n_vocab()
-        self.settings = {"runtime": "llama.cpp", "threads": threads, **ggml_cpu.settings(amx, extra_bufts)}
+        self.settings = {"runtime": "llama.cpp", "threads": threads, "prefill_logits": "last",
+                         **ggml_cpu.settings(amx, extra_bufts)}
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         self.llm.reset()

@@ -49,7 +49,8 @@ class OnnxRuntime:
         self.out_names = [o.name for o in self.session.get_outputs()]  # logits, then present.* in past order
         self.past: dict = {}  # past input name -> OrtValue (the previous step's present output)
         self.length = 0
-        self.settings = {"runtime": f"onnxruntime {ort.__version__}", "threads": threads}
+        self.settings = {"runtime": f"onnxruntime {ort.__version__}", "threads": threads,
+                         "prefill_logits": "all"}  # the exported graph computes every position's logits
         self.tokenizer = None
 
     def _forward(self, ids: list[int], past: dict, length: int) -> np.ndarray:

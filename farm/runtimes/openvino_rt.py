@@ -36,7 +36,8 @@ class OpenVinoRuntime:
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(self.path / "openvino_model.xml")), "CPU", config)
         self.request = self.compiled.create_infer_request()
-        self.settings = {"runtime": f"openvino {ov.__version__}"}
+        self.settings = {"runtime": f"openvino {ov.__version__}",
+                         "prefill_logits": "all"}  # the exported graph computes every position's logits
         for key in ("INFERENCE_PRECISION_HINT", "KV_CACHE_PRECISION", "INFERENCE_NUM_THREADS"):
             try:
                 self.settings[key] = str(self.compiled.get_property(key))

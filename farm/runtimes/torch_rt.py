@@ -29,10 +29,12 @@ class TorchRuntime:
         self.tokenizer = load_tokenizer(path)
         self.n_ctx = n_ctx
         self.past = None
+        self.settings = {"runtime": f"torch {torch.__version__}", "threads": threads, "prefill_logits": "last"}
 
-    def _forward(self, ids: list[int], past=None):
+    def _forward(self, ids: list[int], past=None, last_only: bool = False):
+        kw = {"logits_to_keep": 1} if last_only else {}  # a prefill computes the last position's logits only
         with self.torch.inference_mode():
-            out = self.model(self.torch.tensor([ids]), past_key_values=past, use_cache=True)
+            out = self.model(self.torch.tensor([ids]), past_key_values=past, use_cache=True, **kw)
         return out.logits[0].float().numpy(), out.past_key_values
 
     def logits(self, tokens: list[int]) -> np.ndarray:
@@ -40,7 +42,7 @@ class TorchRuntime:
         return logits
 
     def prefill(self, tokens: list[int]) -> np.ndarray:
-        logits, self.past = self._forward(list(tokens))
+        logits, self.past = self._forward(list(tokens), last_only=True)
         return logits[-1]
 
     def step(self, token: int) -> np.ndarray:
