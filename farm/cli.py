@@ -102,33 +102,25 @@ def cmd_generate(a) -> int:
 
 def cmd_serve(a) -> int:
     """A registered model behind its serving engine (llama-server for GGUF, OpenVINO GenAI continuous batching
-    for OpenVINO IR) with an OpenAI-compatible API on 127.0.0.1; with --mlflow, MLflow's own scoring server
-    (POST /invocations with {"inputs": ["a prompt", ...], "params": {"max_tokens": 32}}), for any format."""
-    import shutil
+    for OpenVINO IR) with an OpenAI-compatible API on 127.0.0.1 (another --host: behind an API key); with
+    --mlflow, MLflow's own scoring server (POST /invocations with {"inputs": ["a prompt", ...], "params":
+    {"max_tokens": 32}}), for any format, on loopback only."""
+    from farm.decide import deploy
 
     if a.mlflow and a.lora:
         raise FarmError("--lora: adapters are served by llama-server (farm serve without --mlflow); MLflow's "
                         "scoring server serves the promoted model alone")
-    if not a.mlflow:
-        from farm.decide.deploy import serve
-
-        return serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads, a.lora)
-
-    from farm.record.outbox import client
-
-    client()  # MLFLOW_TRACKING_URI, for resolving models:/ URIs
-    mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
-    cmd = [mlflow_bin, "models", "serve", "-m", a.uri, "--env-manager", "local", "-h", a.host, "-p", str(a.port or 5001),
-           "-w", "1"]
-    os.execv(mlflow_bin, cmd)
-    return 0
+    if a.mlflow:
+        return deploy.serve_mlflow(a.uri, a.host, a.port or 5001)
+    return deploy.serve(a.uri, a.host, a.port or 8000, a.parallel, a.n_ctx, a.threads, a.lora,
+                        api_key=a.api_key or os.environ.get("FARM_API_KEY"))
 
 
 def cmd_chat(a) -> int:
     from farm.decide.deploy import chat
 
     return chat(a.uri if not a.uri.startswith("http") else None, a.uri if a.uri.startswith("http") else None,
-                a.system, a.max_tokens)
+                a.system, a.max_tokens, api_key=a.api_key or os.environ.get("FARM_API_KEY"))
 
 
 def cmd_loadtest(a) -> int:
@@ -137,7 +129,7 @@ def cmd_loadtest(a) -> int:
 
     levels = [int(x) for x in a.concurrency.split(",")]
     r = loadtest(a.url, a.model, levels, a.requests, a.prompt_tokens, a.output_tokens, a.shared_prefix_tokens,
-                 a.registered, a.experiment)
+                 a.registered, a.experiment, api_key=a.api_key or os.environ.get("FARM_API_KEY"))
     print(servebench.table(r["result"]))
     print(f"\nlogged to MLflow ({r['tracking_uri']}): experiment '{r['experiment']}', run {r['run_id']}")
     return 0
@@ -236,13 +228,17 @@ def main(argv: list[str] | None = None) -> int:
                    "of that cell logged) or models:/NAME@ALIAS (that of the cell promoted as it); repeat for several "
                    "(per-user assistants on one base); a request picks one with \"lora\": [{\"id\": N, "
                    "\"scale\": 1.0}] in its body")
-    s.add_argument("--mlflow", action="store_true", help="MLflow's pyfunc scoring server instead (/invocations)")
+    s.add_argument("--mlflow", action="store_true", help="MLflow's pyfunc scoring server instead (/invocations; "
+                   "127.0.0.1 only: it checks no key)")
+    s.add_argument("--api-key", metavar="KEY", help="clients must send `Authorization: Bearer KEY` (default "
+                   "$FARM_API_KEY; on a --host other than loopback, a new key is made and printed if none is given)")
     s.set_defaults(fn=cmd_serve)
     s = sub.add_parser("chat", help="chat in the terminal with a registered model (models:/NAME@ALIAS, started "
                        "here) or a running OpenAI-compatible endpoint (http://127.0.0.1:8000)")
     s.add_argument("uri")
     s.add_argument("--system", help="a system message")
     s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--api-key", metavar="KEY", help="the endpoint's API key (default $FARM_API_KEY)")
     s.set_defaults(fn=cmd_chat)
     s = sub.add_parser("loadtest", help="the serve benchmark's load against an OpenAI-compatible endpoint, "
                        "logged to MLflow")
@@ -255,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--shared-prefix-tokens", type=int, default=96, help="0: no shared-prefix pass")
     s.add_argument("--registered", help="log against this model version: models:/NAME@ALIAS or models:/NAME/V")
     s.add_argument("--experiment", default="loadtest", help="MLflow experiment (default 'loadtest')")
+    s.add_argument("--api-key", metavar="KEY", help="the endpoint's API key (default $FARM_API_KEY)")
     s.set_defaults(fn=cmd_loadtest)
     s = sub.add_parser("schema", help="JSON schema of sweep files, for editors")
     s.add_argument("-o", "--output")

@@ -120,6 +120,7 @@ NOT_THE_PLUGIN = {
     ("inputs/models.py", "gguf"): "the embedded model ships as a GGUF file",
     ("decide/deploy.py", "lora"): "a field of the request body (llama-server's per-request adapters)",
     ("cli.py", "serve"): "the `farm serve` command",
+    ("decide/deploy.py", "serve"): "the `mlflow models serve` command",
     ("decide/report.py", "roofline"): "a column's heading",
     ("measure/roofline.py", "roofline"): "the folder of the bandwidth cache",
 }

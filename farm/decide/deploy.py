@@ -2,13 +2,18 @@
 
 `farm serve models:/demo@champion` downloads the registered version, checks its artifact against the
 checksum recorded when it was measured, and starts the engine of the runtime it was measured with (its
-options, its benchmark's threads) with an OpenAI-compatible API on 127.0.0.1. `farm chat` talks to it.
+options, its benchmark's threads) with an OpenAI-compatible API on 127.0.0.1. On a host other machines reach,
+the API wants a key (`--api-key`, FARM_API_KEY, or one made up and printed). `farm chat` talks to it.
 `farm loadtest URL` puts the serve benchmark's load on any OpenAI-compatible endpoint and logs it to MLflow.
+`farm serve --mlflow` and `farm generate` load the pyfunc model (MLflow unpickles it) only once its files match
+the checksum promote recorded (farm.model_sha256).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import sys
 import tempfile
 import time
@@ -16,12 +21,26 @@ from pathlib import Path
 
 from farm.errors import FarmError
 
+MODEL_SHA256 = "farm.model_sha256"  # a registered version's tag: the checksum of its files, recorded by promote
+
+
+def loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return False
+
+
+def api_key_for(host: str, given: str | None) -> str | None:
+    """The key the API will want: the one given; else, on a host other machines reach, a new one."""
+    import secrets
+
+    return given or (None if loopback(host) else secrets.token_urlsafe(32))
+
 
 def resolve(uri: str, dest: Path) -> dict:
     """models:/NAME@ALIAS or models:/NAME/VERSION -> {"artifact", "runtime", "threads", "name", "version"},
     the artifact downloaded into dest and checked against the version's farm.artifact_sha256."""
-    import os
-
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file, dozens of files
     import mlflow
 
@@ -59,6 +78,39 @@ def _version(uri: str):
     except Exception as e:  # noqa: BLE001 (MLflow's not-found and unreachable errors alike)
         raise FarmError(f"{uri}: no such registered model version on {mlflow.get_tracking_uri()} "
                         f"({str(e).splitlines()[0][:200]})") from None
+
+
+def _download(model_uri: str, dest: Path) -> Path:
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest)))
+
+
+def files_sha256(model_uri: str, dest: Path) -> str:
+    """The checksum of a registered version's files (models:/NAME/VERSION) as verified_model downloads them."""
+    from farm import storage
+
+    return storage.sha256(_download(model_uri, dest))
+
+
+def verified_model(uri: str, dest: Path) -> Path:
+    """A registered version (models:/NAME@ALIAS or models:/NAME/VERSION) downloaded into dest, its files checked
+    against the checksum promote recorded before anything of them is loaded (MLflow unpickles python_model.pkl)."""
+    from farm import storage
+
+    name, version = _version(uri)
+    what = f"{uri} ({name} v{version.version})"
+    want = version.tags.get(MODEL_SHA256)
+    again = f"register it again with `farm promote` (which records {MODEL_SHA256})"
+    if not want:
+        raise FarmError(f"{what} records no checksum of its files ({MODEL_SHA256}), so they cannot be shown to be "
+                        f"what was promoted; not loading them — {again}")
+    local = _download(f"models:/{name}/{version.version}", dest)
+    if storage.sha256(local) != want:
+        raise FarmError(f"{what}: its files changed since it was promoted (they do not match {MODEL_SHA256}); not "
+                        f"loading them — find out who wrote to the MLflow artifact store, then {again}")
+    return local
 
 
 def adapter(ref: str, dest: Path) -> Path:
@@ -110,7 +162,7 @@ def _artifacts(local: Path) -> dict[str, Path]:
 
 
 def engine_server(model: dict, workdir: Path, host: str, port: int | None, parallel: int, n_ctx: int,
-                  threads: int | None = None, lora: list[Path] = ()):
+                  threads: int | None = None, lora: list[Path] = (), api_key: str | None = None):
     from farm.serve import ENGINES, engine
 
     runtime = dict(model["runtime"])
@@ -127,27 +179,38 @@ def engine_server(model: dict, workdir: Path, host: str, port: int | None, paral
             raise FarmError(f"--lora: adapters are served unmerged by the {', '.join(able)} engine(s); "
                             f"{model['name']} v{model['version']} runs on '{name}'")
         extra = {"lora": [Path(p).resolve() for p in lora], "lora_applied": False}
+    if api_key:
+        extra["api_key"] = api_key
     return eng.server(model["artifact"], workdir, threads or model["threads"], parallel, n_ctx, host=host,
                       port=port, alias=model["name"], **runtime, **extra)
 
 
+def _interrupt(signum, frame):  # `kill` or a service manager: stop the engine and clean up, as Ctrl-C does
+    raise KeyboardInterrupt
+
+
 def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, threads: int | None,
-          lora: list[str] = ()) -> int:
+          lora: list[str] = (), api_key: str | None = None) -> int:
     import signal
 
-    def stop(signum, frame):  # `kill` or a service manager: stop the engine and clean up, as Ctrl-C does
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, _interrupt)
+    key = api_key_for(host, api_key)
     with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
         model = resolve(uri, Path(d) / "model")
         adapters = [adapter(str(ref), Path(d) / f"adapter-{i}") for i, ref in enumerate(lora)]
         srv = engine_server(model, Path(d) / "engine", host, port, parallel, n_ctx or 4096 * parallel, threads,
-                            adapters)
+                            adapters, api_key=key)
         with srv:
             print(f"farm: {model['name']} v{model['version']} ({model['runtime']['name']}) on {srv.url}/v1 "
                   f"(OpenAI API: /v1/completions, /v1/chat/completions, /v1/models; /health); {parallel} parallel "
                   f"slots; log {srv.log}; Ctrl-C stops it", flush=True)
+            if key and not api_key:
+                print(f"farm: {host} is reachable from other machines, so the API wants a key, made up for this run "
+                      f"(choose one with --api-key or FARM_API_KEY); clients send\n\n    Authorization: Bearer {key}\n",
+                      flush=True)
+            elif key:
+                print("farm: the API wants the key given (--api-key or FARM_API_KEY) as `Authorization: Bearer KEY`",
+                      flush=True)
             for i, (ref, p) in enumerate(zip(lora, adapters)):
                 print(f"farm: adapter {i}: {ref} ({p.name}) — off unless a request asks for it: "
                       f"\"lora\": [{{\"id\": {i}, \"scale\": 1.0}}]", flush=True)
@@ -160,8 +223,34 @@ def serve(uri: str, host: str, port: int, parallel: int, n_ctx: int | None, thre
     return 0
 
 
-def chat(uri: str | None, url: str | None, system: str | None, max_tokens: int, stdin=None, stdout=None) -> int:
-    """A terminal chat (streaming, with history) against `url`, or against `uri` started here on a free port."""
+def serve_mlflow(uri: str, host: str, port: int) -> int:
+    """MLflow's pyfunc scoring server for a registered version, given a local copy checked by verified_model."""
+    import shutil
+    import signal
+    import subprocess
+
+    if not loopback(host):
+        raise FarmError(f"--mlflow --host {host}: MLflow's scoring server checks no API key, so it serves on this "
+                        "machine only; serve on another host without --mlflow (the engine checks a key)")
+    signal.signal(signal.SIGTERM, _interrupt)
+    mlflow_bin = shutil.which("mlflow") or os.path.join(os.path.dirname(sys.executable), "mlflow")
+    with tempfile.TemporaryDirectory(prefix="farm-serve-") as d:
+        local = verified_model(uri, Path(d) / "model")
+        cmd = [mlflow_bin, "models", "serve", "-m", str(local), "--env-manager", "local", "-h", host, "-p",
+               str(port), "-w", "1"]  # (one string: MLflow's command, not the plug-in name test_house guards)
+        proc = subprocess.Popen(cmd, start_new_session=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGTERM)  # MLflow's CLI and the server it started
+            proc.wait(30)
+            return 0
+
+
+def chat(uri: str | None, url: str | None, system: str | None, max_tokens: int, stdin=None, stdout=None,
+         api_key: str | None = None) -> int:
+    """A terminal chat (streaming, with history) against `url` (sending `api_key`, if any), or against `uri`
+    started here on a free port of 127.0.0.1."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     with tempfile.TemporaryDirectory(prefix="farm-chat-") as d:
         srv = None
@@ -171,16 +260,16 @@ def chat(uri: str | None, url: str | None, system: str | None, max_tokens: int, 
             srv.start()
             url = srv.url
         try:
-            return _chat_loop(url.rstrip("/"), system, max_tokens, stdin, stdout)
+            return _chat_loop(url.rstrip("/"), system, max_tokens, stdin, stdout, api_key if srv is None else None)
         finally:
             if srv is not None:
                 srv.stop()
 
 
-def _chat_loop(url: str, system: str | None, max_tokens: int, stdin, stdout) -> int:
+def _chat_loop(url: str, system: str | None, max_tokens: int, stdin, stdout, api_key: str | None = None) -> int:
     from openai import OpenAI
 
-    client = OpenAI(base_url=f"{url}/v1", api_key="farm")  # the local engines ask for no key
+    client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "farm")  # an engine started without a key wants none
     model = client.models.list().data[0].id
     history = [{"role": "system", "content": system}] if system else []
     stdout.write(f"farm chat with {model} at {url} (empty line or Ctrl-D ends)\n")
@@ -221,11 +310,10 @@ def corpus_prompts(n: int, words: int, shared_words: int, offset: int) -> list[s
 
 
 def loadtest(url: str, model: str | None, levels: list[int], requests: int | None, prompt_tokens: int,
-             output_tokens: int, shared_prefix_tokens: int, registered: str | None, experiment: str) -> dict:
-    """The serve benchmark's load against any OpenAI-compatible endpoint, logged to MLflow (against a
-    registered model version when given as models:/NAME@ALIAS or models:/NAME/VERSION)."""
-    import os
-
+             output_tokens: int, shared_prefix_tokens: int, registered: str | None, experiment: str,
+             api_key: str | None = None) -> dict:
+    """The serve benchmark's load against any OpenAI-compatible endpoint (sending `api_key`, if any), logged to
+    MLflow (against a registered model version when given as models:/NAME@ALIAS or models:/NAME/VERSION)."""
     import mlflow
 
     from farm.record import outbox as tracking
@@ -238,7 +326,7 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
             not os.environ.get("FARM_LOADTEST_REMOTE"):
         raise FarmError(f"loadtest: {url} is not on this machine; set FARM_LOADTEST_REMOTE=1 to load a remote "
                         "endpoint you are allowed to load")
-    model = model or json.loads(get_text(f"{url}/v1/models"))["data"][0]["id"]
+    model = model or json.loads(get_text(f"{url}/v1/models", api_key=api_key))["data"][0]["id"]
     words = int(prompt_tokens * 0.75)
     shared_words = int(shared_prefix_tokens * 0.75)
     result = {"levels": {"distinct": []}, "engine": url, "threads": "?", "parallel": max(levels),
@@ -253,7 +341,7 @@ def loadtest(url: str, model: str | None, levels: list[int], requests: int | Non
             n = requests or max(4, 2 * c)
             prompts = corpus_prompts(n, words, shared, offset)
             offset += shared + n * (words - shared)
-            level = run_level(url, model, prompts, c, output_tokens)
+            level = run_level(url, model, prompts, c, output_tokens, api_key=api_key)
             level.update({"engine_seqs_per_decode": float("nan"), "shared_prefix_tokens": shared_prefix_tokens
                           if shared else 0})
             result["levels"][name].append(level)

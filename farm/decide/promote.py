@@ -3,11 +3,15 @@ new version of a registered model, and point an alias (default `champion`) at th
 
 `mlflow.pyfunc.load_model("models:/demo@champion").predict(["Once upon a time"])` then generates
 text with the runtime that was measured (llama.cpp, ONNX Runtime, OpenVINO, or PyTorch for the baseline).
+The version's files (its pickled model among them) get a checksum, farm.model_sha256, which `farm generate`
+and `farm serve --mlflow` check before MLflow unpickles anything.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -15,9 +19,14 @@ import mlflow.pyfunc
 from mlflow.models import infer_signature
 
 from farm import storage
+from farm.decide.deploy import MODEL_SHA256, files_sha256, verified_model
 from farm.errors import FarmError
 from farm.export import FORMATS
 from farm.record import outbox
+
+# a stage's name in storage: farm.plan.grid.Stage.name (<kind>-<content id>), with a machine's or job's key after
+# '@' for a benchmark (farm.stages.runner.storage_name)
+STAGE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*-[0-9a-f]{12}(@[0-9a-f]{10})?")
 
 
 def requirements(runtime: str) -> list[str]:
@@ -90,7 +99,8 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
            "table": report["table"]}
     identity = {"farm.artifact_uri": run.data.tags["farm.artifact_uri"], "farm.artifact_sha256": want or ""}
     current = _version_by_alias(c, model_name, alias)
-    if current is not None and all(current.tags.get(k) == v for k, v in identity.items()):
+    if current is not None and current.tags.get(MODEL_SHA256) and \
+            all(current.tags.get(k) == v for k, v in identity.items()):
         # a resubmitted sweep picked the very same artifact: the alias already points at it
         return {**out, "version": current.version, "unchanged": True}
     meta = storage.home() / "promote" / f"{run_id}.json"
@@ -106,6 +116,9 @@ def promote(name: str, run_id: str | None = None, model_name: str | None = None,
             signature=infer_signature(["a prompt"], ["a completion"], params={"max_tokens": 48}),
         )
     version = mlflow.register_model(info.model_uri, model_name, tags={**identity, "farm.label": out["label"]})
+    with tempfile.TemporaryDirectory(prefix="farm-promote-") as d:  # what `farm serve --mlflow`/`generate` check
+        c.set_model_version_tag(model_name, version.version, MODEL_SHA256,
+                                files_sha256(f"models:/{model_name}/{version.version}", Path(d)))
     c.update_model_version(model_name, version.version, description=provenance(name, run, report))
     c.set_registered_model_alias(model_name, alias, version.version)
     c.set_tag(run_id, "farm.promoted", f"{model_name}@{alias} v{version.version}")
@@ -135,6 +148,9 @@ def _export_record(run) -> dict:
     from farm.stages.runner import stored_result
 
     stage = run.data.tags.get("farm.export_stage", "")
+    if stage and not STAGE_NAME.fullmatch(stage):  # it becomes a path component in storage: a plain name only
+        raise FarmError(f"run {run.info.run_id}'s tag farm.export_stage {stage!r} is not a stage name "
+                        "(<kind>-<12 hex digits>); not promoting")
     result = stored_result(stage, run.data.tags.get("farm.export_manifest") or None) if stage else None
     if result is None:
         raise FarmError(f"run {run.info.run_id} names no export stage in this storage ({storage.root()}); set "
@@ -152,6 +168,8 @@ def _version_by_alias(c, model_name: str, alias: str):
 
 
 def generate(uri: str, prompts: list[str], max_tokens: int = 48) -> list[str]:
+    """Text from a registered version, loaded only once its files match the checksum recorded at promotion."""
     outbox.client()
-    model = mlflow.pyfunc.load_model(uri)
-    return model.predict(prompts, params={"max_tokens": max_tokens})
+    with tempfile.TemporaryDirectory(prefix="farm-generate-") as d:
+        model = mlflow.pyfunc.load_model(str(verified_model(uri, Path(d) / "model")))
+        return model.predict(prompts, params={"max_tokens": max_tokens})

@@ -1,5 +1,6 @@
-"""A serving engine as a child process on 127.0.0.1: started, waited for, stopped — and, when it dies, reported
-as what it was (the engine, the signal, its last log lines), never as a connection error of the client."""
+"""A serving engine as a child process (on 127.0.0.1 unless told otherwise): started, waited for, stopped — and,
+when it dies, reported as what it was (the engine, the signal, its last log lines), never as a connection error
+of the client."""
 
 from __future__ import annotations
 
@@ -38,12 +39,13 @@ class EngineDied(RuntimeCrash):
 
 class Server:
     """`with Server(cmd, title, log, ...) as srv:` runs cmd in its own process group, its output in `log`;
-    srv.url is ready (GET /health answered 200) on entry; the group is stopped on exit."""
+    srv.url is ready (GET /health answered 200) on entry; the group is stopped on exit. `api_key`: what its
+    clients send as `Authorization: Bearer KEY` (the engine takes it from `env`)."""
 
     def __init__(self, cmd: list[str], title: str, log: Path, host: str, port: int, env: dict | None = None,
-                 cwd: Path | None = None, ready_timeout: float = READY_TIMEOUT_S):
+                 cwd: Path | None = None, ready_timeout: float = READY_TIMEOUT_S, api_key: str | None = None):
         self.cmd, self.title, self.log, self.host, self.port = cmd, title, Path(log), host, port
-        self.env, self.cwd, self.ready_timeout = env, cwd, ready_timeout
+        self.env, self.cwd, self.ready_timeout, self.api_key = env, cwd, ready_timeout, api_key
         self.proc: subprocess.Popen | None = None
         self.url = f"http://{host}:{port}"
 
@@ -103,8 +105,13 @@ class Server:
             pass
 
 
-def get_text(url: str, timeout: float = 5) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+def auth(api_key: str | None) -> dict[str, str]:
+    """The header a server started with `api_key` wants (none without one)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def get_text(url: str, timeout: float = 5, api_key: str | None = None) -> str:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth(api_key)), timeout=timeout) as r:
         return r.read().decode()
 
 

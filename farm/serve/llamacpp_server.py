@@ -23,6 +23,7 @@ from farm.serve.common import Server, free_port, get_text, prometheus
 TITLE = "llama.cpp llama-server"
 RUNTIME = "llamacpp"
 ADAPTERS = True  # LoRA adapters unmerged (--lora), each request choosing its own
+TIMEOUT_S = 10  # llama-server's socket read/write timeout (its default, an hour, lets idle connections lock it up)
 
 
 def binary() -> Path:
@@ -55,18 +56,25 @@ def variant_links(workdir: Path, amx: bool) -> list[str]:
 
 def server(gguf: Path, workdir: Path, threads: int, parallel: int, n_ctx: int, amx: bool = False,
            repack: bool = True, host: str = "127.0.0.1", port: int | None = None, alias: str | None = None,
-           ready_timeout: float | None = None, lora: list[Path] = (), lora_applied: bool = True) -> Server:
-    """A llama-server for `gguf` with `parallel` slots sharing one KV cache of n_ctx tokens (unified: a slot
-    may use what the others leave), `threads` threads for decode and prompt batches. `lora`: GGUF adapters
-    loaded beside the model (ids 0, 1, ... in this order); a request picks its own with the body field
-    "lora": [{"id": 0, "scale": 1.0}], else every adapter applies at scale 1 (`lora_applied`) or none."""
+           ready_timeout: float | None = None, lora: list[Path] = (), lora_applied: bool = True,
+           api_key: str | None = None) -> Server:
+    """A llama-server for `gguf` with `parallel` slots sharing one KV cache of n_ctx tokens (unified: the cells
+    one slot leaves, another may use), each request at most n_ctx / parallel tokens (prompt and output: a longer
+    prompt is refused with 400, an output stops there), `threads` threads for decode and prompt batches.
+    Without the per-slot bound a slot may grow to the model's training context, and requests that together
+    outgrow the cache all fail (HTTP 500). Connections idle for TIMEOUT_S let go of their HTTP thread; there is
+    no /slots (every user's prompt). `api_key`: wanted on every route but /health and /v1/models (passed in
+    the environment, never on a command line). `lora`: GGUF adapters loaded beside the model (ids 0, 1, ... in
+    this order); a request picks its own with the body field "lora": [{"id": 0, "scale": 1.0}], else every
+    adapter applies at scale 1 (`lora_applied`) or none."""
     workdir.mkdir(parents=True, exist_ok=True)
     variant_links(workdir, amx)
     gguf, lora = Path(gguf).resolve(), [Path(p).resolve() for p in lora]  # the server runs in workdir (str or Path)
     port = port or free_port(host)
     cmd = [str(binary()), "-m", str(gguf), "--host", host, "--port", str(port), "-t", str(threads),
-           "-tb", str(threads), "--parallel", str(parallel), "-c", str(n_ctx), "--kv-unified", "--metrics",
-           "--slots", "--no-webui", "--jinja", "-a", alias or gguf.stem]
+           "-tb", str(threads), "--parallel", str(parallel), "-c", str(n_ctx), "--kv-unified",
+           "--kv-unified-per-slot", str(n_ctx // parallel), "--timeout", str(TIMEOUT_S), "--metrics", "--no-slots",
+           "--no-webui", "--jinja", "-a", alias or gguf.stem]
     if not repack:
         cmd.append("--no-repack")
     if lora:  # off by default: scale 0, which llama.cpp leaves out of the graph (a request without "lora" uses these)
@@ -76,7 +84,8 @@ def server(gguf: Path, workdir: Path, threads: int, parallel: int, n_ctx: int, a
         cmd += ["--lora-scaled", ",".join(f"{p}:{1.0 if lora_applied else 0.0}" for p in lora)]
     cmd += os.environ.get("FARM_LLAMA_SERVER_ARGS", "").split()  # more llama-server flags, for experiments
     kw = {"ready_timeout": ready_timeout} if ready_timeout else {}
-    return Server(cmd, TITLE, workdir / "llama-server.log", host, port, cwd=workdir, **kw)
+    return Server(cmd, TITLE, workdir / "llama-server.log", host, port, cwd=workdir, api_key=api_key,
+                  env={"LLAMA_API_KEY": api_key} if api_key else None, **kw)
 
 
 def settings(srv: Server) -> dict[str, str]:

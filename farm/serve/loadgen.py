@@ -61,8 +61,10 @@ async def one_request(session, url: str, body: dict, timeout: float) -> dict:
 
 
 async def _level(url: str, model: str, prompts: list[str], concurrency: int, output_tokens: int,
-                 timeout: float, watch=None, extra=None) -> dict:
+                 timeout: float, watch=None, extra=None, api_key: str | None = None) -> dict:
     import aiohttp
+
+    from farm.serve.common import auth
 
     queue = list(enumerate(prompts))
     results: list[dict] = []
@@ -84,7 +86,7 @@ async def _level(url: str, model: str, prompts: list[str], concurrency: int, out
 
     # a fresh connection per request: llama-server closes a streamed response's connection, and reusing it fails
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=auth(api_key)) as session:
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(client(session)) for _ in range(concurrency)]
         watcher = asyncio.create_task(watch()) if watch else None
@@ -129,11 +131,12 @@ def summarize(results: list[dict], wall: float, concurrency: int, client_peak: i
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, output_tokens: int,
-              timeout: float = LEVEL_TIMEOUT_S, watch=None, extra=None) -> dict:
+              timeout: float = LEVEL_TIMEOUT_S, watch=None, extra=None, api_key: str | None = None) -> dict:
     """One level of load; `watch`: an async callable polled alongside (the engine's own counters), whose
     return value (a dict) joins the summary as engine_*; `extra(i)`: more body fields for prompt i (e.g. the
-    LoRA adapter a user's request asks llama-server for)."""
-    return asyncio.run(_level(url.rstrip("/"), model, prompts, concurrency, output_tokens, timeout, watch, extra))
+    LoRA adapter a user's request asks llama-server for); `api_key`: sent as `Authorization: Bearer KEY`."""
+    return asyncio.run(_level(url.rstrip("/"), model, prompts, concurrency, output_tokens, timeout, watch, extra,
+                              api_key))
 
 
 def prompts_from_ids(ids: np.ndarray, decode, n: int, prompt_tokens: int, shared_prefix_tokens: int = 0,
