@@ -51,6 +51,8 @@ class ExportOptions(Options):
     LEVELS: ClassVar[tuple[str, ...]] = ()
     DIRECT: ClassVar[tuple[str, ...]] = ()
     BASE_LEVEL: ClassVar[str | None] = None
+    # levels converted without quantizing: checked against their checkpoint's logits (farm/measure/fidelity.py)
+    FULL_PRECISION: ClassVar[tuple[str, ...]] = ()
     RUNTIME: ClassVar[str] = ""
     quant: str | list[str] = Field(..., description="Quantization level(s) of this format; a list is a grid.")
     runtime: Any = Field(None, description="The runtime(s) that run this export: a name, {name: ..., options}, "

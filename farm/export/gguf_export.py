@@ -40,6 +40,7 @@ class Options(ExportOptions):
     LEVELS = tuple(FTYPES)
     DIRECT = ("F32", "F16", "BF16")
     BASE_LEVEL = "F16"
+    FULL_PRECISION = ("F32", "F16", "BF16")
     RUNTIME = "llamacpp"
     format: Literal["gguf"]
 

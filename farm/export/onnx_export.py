@@ -45,6 +45,7 @@ class Options(BlockwiseExport):
     LEVELS = ("fp32", "int8_dynamic", "int8", "int4")
     DIRECT = ("fp32",)
     BASE_LEVEL = "fp32"
+    FULL_PRECISION = ("fp32",)
     RUNTIME = "onnxruntime"
     GROUPED = ("int8", "int4")
     ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")

@@ -30,6 +30,7 @@ class Options(BlockwiseExport):
     LEVELS = ("fp32", "fp16", "int8", "int4_sym", "int4_asym")
     DIRECT = ("fp32",)
     BASE_LEVEL = "fp32"
+    FULL_PRECISION = ("fp32",)
     RUNTIME = "openvino"
     GROUPED = ("int4_sym", "int4_asym")
     ALGORITHMS = ("rtn", "awq", "scale_estimation", "awq_se", "gptq")

@@ -162,8 +162,8 @@ def build(sweep: Sweep) -> Grid:
             chain.append(model)
         src = model
         if variant.source is not None:  # made from the format's shared base-level export
-            src = g.add(EXPORT, variant.source, (model,))
-        calib = (reference,) if variant.calibrated else ()
+            src = g.add(EXPORT, variant.source, (model, *checked(variant.source, reference)))
+        calib = (reference,) if variant.calibrated else checked(variant.params, reference)
         export = g.add(EXPORT, variant.params, (src, *calib))
         roles = {EXPORT: export, REFERENCE: reference, BASE: base}
         for runtime in entry.runtimes():  # the same exported file, measured by each runtime setting
@@ -182,6 +182,11 @@ def build(sweep: Sweep) -> Grid:
                 g.cells.append(Cell(content_id([measured[k] for k in first if k in measured]), spec, export,
                                     measured, is_baseline, tuple(chain)))
     return g
+
+
+def checked(params: dict, reference: str) -> tuple[str, ...]:
+    """A full-precision level is checked against its checkpoint on the reference's tokens (farm.measure.fidelity)."""
+    return (reference,) if params["quant"] in FORMATS.options(params["format"]).FULL_PRECISION else ()
 
 
 def flatten_cell(spec: dict) -> dict[str, str]:

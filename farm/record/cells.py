@@ -63,6 +63,9 @@ def cell_record(experiment_id: str, parent_id: str, cell, export: dict | None, r
                      "farm.artifact_format": export["format"], "farm.artifact_sha256": export.get("sha256", ""),
                      "farm.artifact_runtime": json.dumps(cell.spec["export"]["runtime"], sort_keys=True),
                      "farm.export_stage": export.get("stage", "")})
+        # a full-precision export checked against its checkpoint (farm/measure/fidelity.py)
+        tags.update({f"farm.{k}": f"{export[k]:.3g}" for k in ("fidelity_rel_err", "fidelity_kl", "fidelity_top1")
+                     if k in export})
         pins = export.get("pins") or {}  # a remote store: the manifests promote fetches against
         for tag, stage in (("farm.export_manifest", export.get("stage")),
                            ("farm.artifact_manifest", storage.stage_of(export["artifact"]))):

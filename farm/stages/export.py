@@ -27,10 +27,17 @@ def run(stage, deps: list[dict], out: Path) -> dict:
     params, src = stage.params, deps[0]
     source = Path(src["artifact"]) if "artifact" in src else model_dir(src)
     calib = np.load(Path(deps[1]["reference_dir"]) / "calib_tokens.npy") if len(deps) > 1 else None
+    options = FORMATS.options(params["format"])
     path = FORMATS.get(params["format"]).export(source, params, out, threads_here(), calib)
+    fidelity = {}
+    if params["quant"] in options.FULL_PRECISION and "artifact" not in src:  # made from a checkpoint: the same model?
+        from farm.measure.fidelity import check
+
+        fidelity = check(source, {"name": options.RUNTIME}, path, Path(deps[1]["reference_dir"]), threads_here(), out,
+                         f"{params['format']} {params['quant']}")
     inside = path.resolve().parent == out.resolve()
     return {**params, "artifact": path.name if inside else str(path), "size_mb": storage.size_mb(path),
-            "sha256": storage.sha256(path)}
+            "sha256": storage.sha256(path), **fidelity}
 
 
 def label(params: dict) -> str:
