@@ -78,12 +78,13 @@ def test_prompts_share_exactly_the_prefix_and_never_repeat():
 
 class ScriptedStream:
     """An OpenAI-style streaming /v1/completions whose first token comes after `first` s and each next one
-    `gap` s later, on 127.0.0.1."""
+    `gap` s later, on 127.0.0.1; with `close`, a closing chunk (finish_reason, no text) `close` s after the last."""
 
-    def __init__(self, first: float, gap: float):
+    def __init__(self, first: float, gap: float, close: float | None = None):
         from aiohttp import web
 
         self.first, self.gap, self.port, self.active, self.peak = first, gap, free_port(), 0, 0
+        self.close_after = close
         app = web.Application()
         app.router.add_post("/v1/completions", self.completions)
         self.runner = web.AppRunner(app)
@@ -115,6 +116,10 @@ class ScriptedStream:
                 await asyncio.sleep(self.gap)
             chunk = {"choices": [{"index": 0, "text": f" t{i}"}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if self.close_after is not None:
+            await asyncio.sleep(self.close_after)
+            done = {"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}
+            await resp.write(f"data: {json.dumps(done)}\n\n".encode())
         usage = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"]}}
         await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
         self.active -= 1
@@ -139,6 +144,18 @@ def test_load_client_times_what_the_stream_does():
     assert e2e * 0.95 <= level["e2e_p50_ms"] <= e2e * 1.6, level
     assert level["output_tok_s"] == pytest.approx(24 / level["wall_s"])
     assert 2 * e2e / 1e3 * 0.95 <= level["wall_s"] <= 2 * e2e / 1e3 * 1.6
+
+
+def test_the_closing_chunk_of_a_stream_is_not_timed_as_a_token():
+    """Both engines end a stream with a chunk that has a finish_reason and no text; timing it as a token put a
+    fake inter-token gap (the engine's wrap-up) into every request's ITL."""
+    srv = ScriptedStream(first=0.05, gap=0.05, close=0.4)
+    try:
+        level = run_level(f"http://127.0.0.1:{srv.port}", "m", ["a", "b"], 1, 4)
+    finally:
+        srv.close()
+    assert level["itl_p90_ms"] < 200, level  # the 400 ms wrap-up is not an inter-token latency
+    assert level["output_tokens"] == 8
 
 
 HEALTHY = ("import http.server, sys\n"

@@ -43,9 +43,10 @@ async def one_request(session, url: str, body: dict, timeout: float) -> dict:
                 break
             chunk = json.loads(data)
             now = time.perf_counter()
-            if chunk.get("choices"):
+            piece = (chunk.get("choices") or [{}])[0].get("text")
+            if piece:  # a token's text; the closing chunk (finish_reason, no text) is not a token
                 times.append(now)
-                text.append(chunk["choices"][0].get("text") or "")
+                text.append(piece)
             if chunk.get("usage"):
                 usage = chunk["usage"]
             if chunk.get("timings"):  # llama-server: prompt tokens served from its cache
