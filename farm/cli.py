@@ -88,7 +88,8 @@ def cmd_promote(a) -> int:
     print(r["table"] + "\n")
     what = "already is" if r["unchanged"] else "promoted:"
     print(f"{r['model_name']}@{r['alias']} {what} {r['label']} (run {r['run_id']}), version {r['version']}; "
-          f"load it with mlflow.pyfunc.load_model('{r['uri']}') (tracking server {r['tracking_uri']})")
+          f"`farm serve {r['uri']}` serves it, `farm generate {r['uri']} PROMPT` runs it (each checks its files first; a bare "
+          f"mlflow.pyfunc.load_model does not) (tracking server {r['tracking_uri']})")
     return 0
 
 
