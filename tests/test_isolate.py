@@ -76,6 +76,18 @@ def test_a_child_that_hangs_is_killed_at_its_time_limit_with_what_it_started():
     assert "command:" in e.value.report
 
 
+def test_a_tool_that_hangs_is_killed_at_its_time_limit():
+    """A converter or model builder (llama.cpp's convert_hf_to_gguf.py, ONNX Runtime GenAI's builder) runs under
+    the same limit as a runtime's child: before, an export stage could wait for ever."""
+    from farm.procs import run_tool
+
+    t0 = time.monotonic()
+    with pytest.raises(ChildTimeout, match="the converter did not finish within 1 s"):
+        run_tool([sys.executable, "-c", "import time; time.sleep(600)"], "the converter", 1)
+    assert time.monotonic() - t0 < 30
+    assert run_tool([sys.executable, "-c", "print('done')"], "the converter", 60).stdout.strip() == "done"
+
+
 def test_a_child_dies_with_its_parent(tmp_path):
     """The stage's process killed (a cancelled task, an OOM kill): its runtime child goes with it."""
     pidfile = tmp_path / "pid"

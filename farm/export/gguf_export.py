@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -18,6 +17,7 @@ from typing import Literal
 from farm import storage
 from farm.errors import ToolError
 from farm.export.common import ExportOptions
+from farm.procs import run_tool, timeout_for_conversion
 
 # spec quant level -> llama.cpp ftype name
 FTYPES = {
@@ -76,7 +76,7 @@ def converter_dir() -> Path:
     with tempfile.TemporaryDirectory() as dl:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", dl,
                f"llama-cpp-python=={ver}"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = run_tool(cmd, "pip download of the llama-cpp-python sdist", 1800)
         sdists = list(Path(dl).glob("*.tar.gz"))
         if res.returncode != 0 or not sdists:
             raise ToolError(f"could not download the llama-cpp-python {ver} sdist for its converter:\n{res.stderr}")
@@ -97,7 +97,7 @@ def convert(model_dir: Path, out: Path, outtype: str) -> None:
            "NO_LOCAL_GGUF": ""}
     cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
            "--outtype", outtype.lower()]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = run_tool(cmd, "llama.cpp's convert_hf_to_gguf.py", timeout_for_conversion(model_dir), env)
     if res.returncode != 0 or not out.is_file():
         raise ToolError(f"convert_hf_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
 
@@ -111,7 +111,7 @@ def convert_adapter(adapter_dir: Path, base_dir: Path, out: Path, outtype: str =
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(conv / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
            "--outfile", str(out), "--outtype", outtype]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    res = run_tool(cmd, "llama.cpp's convert_lora_to_gguf.py", timeout_for_conversion(adapter_dir), env)
     if res.returncode != 0 or not out.is_file():
         raise ToolError(f"convert_lora_to_gguf.py failed ({res.returncode}):\n{res.stderr[-3000:]}")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Literal
@@ -33,6 +32,7 @@ from farm.errors import ToolError
 from farm.export.common import GATHERS, BlockwiseExport, copy_side_files, hf_shape, terminal
 from farm.inputs.modelref import ModelShape
 from farm.inputs.models import trust_remote_code
+from farm.procs import run_tool, timeout_for_conversion
 from farm.plugin import as_list
 
 MODEL = "model.onnx"
@@ -277,7 +277,7 @@ def build_genai(source: Path, params: dict, out_dir: Path, threads: int = 1) -> 
         extra += [f"int4_block_size={params['group_size']}", "int4_accuracy_level=4", "int4_tied_embeddings=true"]
     cmd += ["--extra_options", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    res = run_tool(cmd, "ONNX Runtime GenAI's model builder", timeout_for_conversion(source), env)
     shutil.rmtree(cache, ignore_errors=True)
     if res.returncode != 0 or not (out / "model.onnx").is_file():
         raise ToolError(f"onnxruntime-genai's model builder failed ({res.returncode}):\n{res.stderr[-3000:]}")

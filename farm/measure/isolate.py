@@ -23,9 +23,14 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-from farm.errors import StageError
+from farm.procs import (  # noqa: F401 (a stage's child errors, read through this module too)
+    ChildError,
+    ChildTimeout,
+    artifact_bytes,
+    die_with_parent,
+    timeout_for,
+)
 
 # frames of the signal machinery itself, not where the fault is
 SIGNAL_FRAMES = re.compile(r"^(raise|abort|gsignal|__pthread_kill\w*|pthread_kill|__GI_\w+|__restore_rt|"
@@ -33,20 +38,6 @@ SIGNAL_FRAMES = re.compile(r"^(raise|abort|gsignal|__pthread_kill\w*|pthread_kil
 # what a runtime says before it aborts: a failed ggml assertion, an uncaught C++ exception
 ASSERTION = re.compile(r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\):")
 GDB_TIMEOUT_S = 600
-FLOOR_S = 600  # start-up (imports, loading, a tokenizer, lm-eval's task set-up) on the slowest node
-BYTES_TOKENS_PER_S = 1e9  # decode steps x artifact bytes per second: 10x below a decode on 2 slow cores
-PREFILL_TOKENS_PER_STEP = 16  # prompt tokens run in one batch cost far less each than a decode step (>16x here)
-
-
-class ChildError(StageError):
-    """A runtime's child process failed; `report` (stderr, stacks) becomes the cell's error.txt."""
-
-    def __init__(self, message: str, report: str = ""):
-        super().__init__(message)
-        self.report = report
-
-    def __reduce__(self):  # crosses Ray's process boundary intact
-        return (type(self), (str(self), self.report))
 
 
 class RuntimeCrash(ChildError):
@@ -57,38 +48,12 @@ class ChildFailed(ChildError):
     """The runtime's process exited with an error (a Python exception in the child)."""
 
 
-class ChildTimeout(ChildError):
-    """The runtime's process did not finish within its time limit and was killed."""
-
-
-def artifact_bytes(path: Path) -> int:
-    path = Path(path)
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def timeout_for(artifact: Path, decode: int = 0, prefill: int = 0) -> float:
-    """Seconds a child running `decode` steps and `prefill` prompt tokens through `artifact` may take (each step
-    reads the weights once); FARM_CHILD_TIMEOUT_SCALE multiplies it."""
-    scale = float(os.environ.get("FARM_CHILD_TIMEOUT_SCALE", "1"))
-    steps = decode + prefill / PREFILL_TOKENS_PER_STEP
-    return scale * (FLOOR_S + steps * artifact_bytes(artifact) / BYTES_TOKENS_PER_S)
-
-
-def _die_with_parent() -> None:  # in the child, before exec: SIGKILL when the parent thread exits
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def run_child(argv: list[str], runtime: str, what: str, timeout_s: float) -> str:
     """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"; `timeout_s`:
     its time limit (timeout_for), after which it and every process it started are killed."""
     cmd = [sys.executable, "-X", "faulthandler", *argv]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=die_with_parent)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

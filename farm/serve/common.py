@@ -14,17 +14,9 @@ from pathlib import Path
 
 from farm.errors import StageError
 from farm.measure.isolate import RuntimeCrash, signal_name
+from farm.procs import die_with_parent
 
 READY_TIMEOUT_S = 300
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the engine's process, before exec: the kernel sends it SIGTERM when the process that started it
-    ends, however that ends (a killed `farm serve`, a cancelled Ray task), so no engine outlives its owner."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -61,7 +53,7 @@ class Server:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.cwd,
                                          env={**os.environ, **(self.env or {})}, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=lambda: die_with_parent(signal.SIGTERM))  # an engine may shut down
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:
             self.check_alive("starting")
