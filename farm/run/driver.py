@@ -359,7 +359,8 @@ def run(path: str) -> int:
     code = exit_code(finished, failed, later_failed)
     print(f"\nfarm: {finished} cells finished, {failed} failed, in {time.time() - t0:.0f} s", flush=True)
     if failed or later_failed:
-        print(f"farm: {log.outcome(failed)}; exit status {code}", flush=True)
+        print(f"farm: {'a partial sweep' if finished else 'nothing finished'}: `farm status {sweep.name}` lists "
+              f"what failed and why ({log.outcome(failed)}; exit status {code})", flush=True)
     return code
 
 
