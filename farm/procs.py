@@ -59,18 +59,20 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def run_tool(cmd: list[str], what: str, timeout_s: float, env: dict | None = None) -> subprocess.CompletedProcess:
-    """A tool's process (a converter, a model builder), its output captured: killed with everything it started
-    after `timeout_s` (ChildTimeout), and with its parent."""
+def run_tool(cmd: list[str], what: str, timeout_s: float, env: dict | None = None,
+             late: str | None = None) -> subprocess.CompletedProcess:
+    """A tool's process (a converter, a model builder, a runtime's child), its output captured: killed with
+    everything it started after `timeout_s` (ChildTimeout, `late` its message if given), and with its parent."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True, preexec_fn=die_with_parent)
     try:
         out, err = proc.communicate(timeout=timeout_s)
-    except BaseException as e:
+    except BaseException as e:  # late, or interrupted: nothing it started outlives this process
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         if isinstance(e, subprocess.TimeoutExpired):
-            raise ChildTimeout(f"{what} did not finish within {timeout_s:.0f} s and was killed "
-                               "(FARM_CHILD_TIMEOUT_SCALE raises the limit)", err[-8000:]) from None
+            raise ChildTimeout(late or f"{what} did not finish within {timeout_s:.0f} s and was killed "
+                               "(FARM_CHILD_TIMEOUT_SCALE raises the limit)",
+                               f"command: {' '.join(cmd)}\n\n--- stderr ---\n{err[-8000:]}") from None
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

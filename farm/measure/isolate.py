@@ -29,6 +29,7 @@ from farm.procs import (  # noqa: F401 (a stage's child errors, read through thi
     ChildTimeout,
     artifact_bytes,
     die_with_parent,
+    run_tool,
     timeout_for,
 )
 
@@ -52,21 +53,9 @@ def run_child(argv: list[str], runtime: str, what: str, timeout_s: float) -> str
     """Run `python -X faulthandler *argv`; return its stdout. `what`: e.g. "evaluating gguf Q8_0"; `timeout_s`:
     its time limit (timeout_for), after which it and every process it started are killed."""
     cmd = [sys.executable, "-X", "faulthandler", *argv]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=die_with_parent)
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise ChildTimeout(f"{runtime} did not finish {what} within {timeout_s:.0f} s and was killed (a hang, or a "
-                           "node far slower than expected: FARM_CHILD_TIMEOUT_SCALE raises the limit); see error.txt",
-                           f"command: {' '.join(cmd)}\n\n--- stderr ---\n{err[-8000:]}") from None
-    except BaseException:  # interrupted: nothing it started outlives this process
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    res = subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    res = run_tool(cmd, what, timeout_s, late=f"{runtime} did not finish {what} within {timeout_s:.0f} s and was "
+                   "killed (a hang, or a node far slower than expected: FARM_CHILD_TIMEOUT_SCALE raises the limit); "
+                   "see error.txt")
     if res.returncode == 0:
         return res.stdout
     if res.returncode < 0:
