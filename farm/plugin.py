@@ -93,6 +93,13 @@ class StepOptions(Options):
         step (for a grid: the largest it can be)."""
         return [], shape
 
+    @classmethod
+    def with_scored(cls, step: dict, scored: dict[str, str]) -> dict:
+        """The step's data as the sweep runs it, given what the sweep scores (task -> 'held_out' | 'split';
+        farm.stages.common.scored_tasks): a step that learns from data keeps those items out of it and records
+        them in its options, so its stage id follows them. Default: the step unchanged (and its id)."""
+        return step
+
 
 class Calibrated(StepOptions):
     """A step that reads calibration sequences."""

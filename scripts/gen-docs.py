@@ -236,10 +236,16 @@ def sweep_fields(schema: dict) -> str:
                 section_of[name] = field
     anchors = {d: f"#{f}" for d, f in section_of.items()}
     labels = {d: "object" for d in section_of}
+    nested: dict[str, list[tuple[str, str]]] = {}  # plug-in def -> its fields that are objects of their own
     for d, value in plugin_names.items():
         key, _ = plugin_kind[d]
         anchors[d] = f"#{key}-{value}"
         labels[d] = f"`{value}`"
+        for f, fs in defs.get(d, {}).get("properties", {}).items():
+            for inner in _refs(fs, []):
+                if inner in defs and inner not in plugin_names and inner not in section_of and inner not in anchors:
+                    nested.setdefault(d, []).append((f, inner))
+                    anchors[inner], labels[inner] = f"#{value}-{f}", "object"
     st = SchemaText(defs, anchors, labels)
 
     out = [banner("jobs/sweep.schema.json"), "# Sweep file fields\n", VISIBLE,
@@ -275,6 +281,11 @@ def sweep_fields(schema: dict) -> str:
                     if body.get("description"):
                         out.append(text(body["description"]) + "\n")
                     out.append(st.table(body, skip=(key,)))
+                    for f, inner in nested.get(d, []):  # e.g. sft's curate: its own table, under the method's
+                        out.append(f"#### {value}: {f}\n")
+                        if defs[inner].get("description"):
+                            out.append(text(defs[inner]["description"]) + "\n")
+                        out.append(st.table(defs[inner]))
             if field == "exports":
                 out.append("Each format's runtimes and their options (`runtime: {name: ..., ...}`): "
                            "[Plug-ins → Runtimes](plugins.md#runtimes).\n")

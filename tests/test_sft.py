@@ -138,11 +138,13 @@ def test_sft_learns_the_answers_and_merges(trained_tiny_dir, tmp_path, base_bits
 
     base = with_chat_template(trained_tiny_dir, tmp_path / "base")  # a model that has learnt some text
     step = {"method": "sft", "files": [str(chats_file(tmp_path / "chats.jsonl"))], "val_examples": 16, "rank": 8,
-            "lr": 1e-2, "epochs": 3, "batch": 8, "eval_every": 10, "base_bits": base_bits}
+            "lr": 1e-2, "epochs": 3, "batch": 8, "eval_every": 10, "base_bits": base_bits,
+            "curate": {"dedupe": False}}  # the file repeats its 8 chats on purpose
     out = tmp_path / "stage" / "model"
     out.mkdir(parents=True)
     info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)
     assert info["examples"] == 144 and info["val_examples"] == 16 and info["steps"] == 54
+    assert info["curate.read"] == info["curate.kept"] == 160 and info["curate.exact_dups"] == 0  # curation's counts
     curve = info["curve"]
     assert len(curve["train_loss"]) == 54 and [s for s, _ in curve["val_loss"]] == [0, 10, 20, 30, 40, 50, 54]
     # the held-out chats' answers became far more likely
@@ -180,7 +182,7 @@ def test_keep_best_returns_to_the_lowest_validation_loss(trained_tiny_dir, tmp_p
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
     step = {"method": "sft", "files": [str(chats)], "val_examples": n_val, "rank": 8, "lr": 1e-2, "epochs": 30,
-            "batch": 8, "eval_every": 10, "keep": "best"}
+            "batch": 8, "eval_every": 10, "keep": "best", "curate": {"dedupe": False}}  # repeats on purpose
     out = tmp_path / "stage" / "model"
     out.mkdir(parents=True)
     info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)
@@ -227,7 +229,7 @@ def test_the_adapter_as_gguf_is_served_by_llama_server_like_the_merged_model(tra
 
     base = with_chat_template(trained_tiny_dir, tmp_path / "base")
     step = {"method": "sft", "files": [str(chats_file(tmp_path / "chats.jsonl"))], "val_examples": 16, "rank": 8,
-            "lr": 1e-2, "epochs": 3, "batch": 8}
+            "lr": 1e-2, "epochs": 3, "batch": 8, "curate": {"dedupe": False}}
     out = tmp_path / "stage" / "model"
     out.mkdir(parents=True)
     info = run_method("sft", base, step, np.zeros(1, dtype=np.int64), out, 1)

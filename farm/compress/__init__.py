@@ -25,6 +25,7 @@ METHODS = Registry("compression method", {
     "awq": "farm.compress.awq",
     "autoround": "farm.compress.autoround",
     "smoothquant": "farm.compress.smoothquant",
+    "movement_pruning": "farm.compress.movement_pruning",
 }, base="farm.plugin:StepOptions", key="method", needs=("apply",), plugin_kind="method")
 
 

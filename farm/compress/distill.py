@@ -11,6 +11,11 @@ Two optional additions: `teacher_continuations` windows whose second half the te
 calibration prompt (sequence-level KD) join the training windows; `attention_weight` adds the KL
 between the attention maps of each student block and the teacher block it was initialised from
 (MiniLM), which runs both models with eager attention during training.
+
+`divergence: reverse` trains on-policy instead (MiniLLM's single-step term, farm/compress/reverse_kl.py):
+the student continues each step's calibration prompts itself and learns KL(student || teacher) on them,
+mode-seeking where forward KL spreads the student's mass. It takes the same steps, batch, seq_len and lr,
+so the two are comparable at equal steps; the additions above are forward-KL terms and are refused with it.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pydantic import Field, model_validator
 
 from farm.compress.common import Training, drop_layers, load, save_with_tokenizer
 from farm.compress.kd import continuations, train
+from farm.compress.reverse_kl import OnPolicy
 from farm.inputs.modelref import ModelShape
 from farm.plugin import PositiveGrid, as_list
 
@@ -31,7 +37,7 @@ class Options(Training):
     LABEL = "L{student_layers}{teacher_tag}"
     GRID = ("student_layers",)
     TAGS = {"teacher_continuations": "seq{teacher_continuations}", "attention_weight": "attn{attention_weight}",
-            "kd_weight": "kd{kd_weight}"}
+            "kd_weight": "kd{kd_weight}", "divergence": "{divergence}", "rollout_temperature": "rt{rollout_temperature}"}
     method: Literal["distill"]
     student_layers: PositiveGrid = Field(
         ..., description="Decoder blocks of the student (fewer than the teacher's); a list is a grid.")
@@ -45,12 +51,40 @@ class Options(Training):
         "calibration prompt, added to the training windows.")
     continuation_temperature: float = Field(
         0.0, ge=0, le=10, description="0: the teacher continues greedily; > 0: sampled at this temperature (seed).")
+    divergence: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: KL(teacher || student) on the calibration windows; reverse: "
+        "KL(student || teacher) on continuations the student samples from their prompts at each step "
+        "(on-policy, MiniLLM's single-step term; kd_weight < 1 adds cross-entropy on the windows).")
+    rollout_temperature: float = Field(
+        1.0, ge=0, le=10, description="divergence: reverse: the temperature the student samples its continuations "
+        "at (seed); 0: greedy.")
 
     @model_validator(mode="after")
     def _teacher_terms_need_a_teacher(self):
         for name in ("attention_weight", "teacher_continuations"):
             if getattr(self, name) and not self.teacher:
                 raise ValueError(f"{name}: needs teacher: true (teacher: false is the control on the text alone)")
+        return self
+
+    @model_validator(mode="after")
+    def _reverse_takes_only_its_own_terms(self):
+        default = type(self).model_fields
+        if self.divergence == "forward":
+            if self.rollout_temperature != default["rollout_temperature"].default:
+                raise ValueError("rollout_temperature: only divergence: reverse samples from the student; "
+                                 "set divergence: reverse or remove rollout_temperature")
+            return self
+        if not self.teacher:
+            raise ValueError("divergence: reverse needs teacher: true (the teacher scores the student's samples); "
+                             "remove one of them")
+        for name in ("hidden_weight", "attention_weight", "teacher_continuations"):
+            if getattr(self, name):
+                raise ValueError(f"{name}: a forward-KL addition that divergence: reverse does not combine with; "
+                                 f"remove {name} or use divergence: forward")
+        if self.temperature != default["temperature"].default:
+            raise ValueError("temperature: softens the forward KL only; divergence: reverse compares the "
+                             "unsoftened distributions (MiniLLM) — remove temperature; rollout_temperature sets "
+                             "how the student samples")
         return self
 
     def check(self, shape: ModelShape):
@@ -90,8 +124,10 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
         extra = continuations(teacher, calib, n_cont, opt.seq_len, opt.continuation_temperature,
                               seed=opt.seed)
         extra_info = {"teacher_continuations": len(extra), "continuation_tokens": opt.seq_len - opt.seq_len // 2}
+    on_policy = OnPolicy(teacher, opt.seq_len, opt.rollout_temperature, opt.kd_weight, opt.seed) \
+        if opt.divergence == "reverse" else None
     info = train(student, teacher if use_teacher else None, calib, opt, list(student.parameters()), layer_map=keep,
-                 extra=extra)
+                 extra=extra, on_policy=on_policy)
     if attention:
         student.set_attn_implementation("sdpa")
     save_with_tokenizer(student, model_dir, out)

@@ -9,6 +9,9 @@ Without a teacher (`teacher: false`, the control run) the loss is the cross-entr
 
 Sequence-level KD (Kim & Rush, 2016): `continuations` lets the teacher write text of its own from
 calibration prompts; those windows join the calibration windows the loop samples from.
+
+On-policy reverse KL (MiniLLM, farm/compress/reverse_kl.py) replaces the whole loss by its own: `train`
+takes it as `on_policy`, an object whose loss(student, ids) a step calls in place of the terms above.
 """
 
 from __future__ import annotations
@@ -56,17 +59,25 @@ def continuations(teacher, calib: np.ndarray, n: int, seq_len: int, temperature:
     with torch.inference_mode():
         for b in range(0, n, batch):
             ids = torch.tensor(np.stack([calib[s:s + prompt_len] for s in starts[b:b + batch]]), dtype=torch.long)
-            res = teacher(ids, use_cache=True)
-            for _ in range(seq_len - prompt_len):
-                logits = res.logits[:, -1].float()
-                if temperature > 0:
-                    nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen)
-                else:
-                    nxt = logits.argmax(-1, keepdim=True)
-                ids = torch.cat([ids, nxt], 1)
-                res = teacher(nxt, past_key_values=res.past_key_values, use_cache=True)
-            out.append(ids.numpy())
+            out.append(sample(teacher, ids, seq_len - prompt_len, temperature, gen).numpy())
     return np.concatenate(out).astype(np.int64)
+
+
+def sample(model, ids, new_tokens: int, temperature: float, generator):
+    """ids [batch, p] -> [batch, p + new_tokens], continued by `model` with its KV cache: sampled at
+    `temperature` (seeded by `generator`), greedy at 0. The caller chooses the grad mode."""
+    import torch
+
+    res = model(ids, use_cache=True)
+    for _ in range(new_tokens):
+        logits = res.logits[:, -1].float()
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
+        else:
+            nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        res = model(nxt, past_key_values=res.past_key_values, use_cache=True)
+    return ids
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float):
@@ -97,11 +108,34 @@ def ce_loss(logits, ids):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def kd_step(student, teacher, ids, opt, kd_w: float, hidden_w: float, attn_w: float, layer_map,
+            attn_terms: list):
+    """One batch's forward-KL loss (the terms in the module docstring); appends the attention term to attn_terms."""
+    import torch
+
+    out = student(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
+    loss = (1 - kd_w) * ce_loss(out.logits, ids) if kd_w < 1 else 0.0
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        ref = teacher(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
+    loss = loss + kd_w * kd_loss(out.logits, ref.logits, opt.temperature)
+    if hidden_w > 0:  # hidden_states[0] is the embedding output; layer j's output is [j + 1]
+        pairs = [(out.hidden_states[j + 1], ref.hidden_states[t + 1]) for j, t in enumerate(layer_map)]
+        loss = loss + hidden_w * sum(((s - h) ** 2).mean() / (h ** 2).mean() for s, h in pairs) / len(pairs)
+    if attn_w > 0:  # attentions[j] is layer j's map
+        term = attention_kl(out.attentions, [ref.attentions[t] for t in layer_map])
+        attn_terms.append(float(term))
+        loss = loss + attn_w * term
+    return loss
+
+
 def train(student, teacher, calib: np.ndarray, opt, params, layer_map: list[int] | None = None,
-          extra: np.ndarray | None = None) -> dict:
+          extra: np.ndarray | None = None, on_policy=None) -> dict:
     """Train `params` of `student` for opt.steps batches; return the loss curve's summary.
     `extra`: more training windows (see `windows`). The attention term needs both models in eager
-    attention (the only implementation that returns the maps)."""
+    attention (the only implementation that returns the maps). `on_policy`: a step's loss is
+    on_policy.loss(student, ids) on the same windows, and its info(seconds, batch) joins the summary."""
     import torch
 
     hidden_w = float(getattr(opt, "hidden_weight", 0.0)) if teacher is not None and layer_map else 0.0
@@ -112,29 +146,22 @@ def train(student, teacher, calib: np.ndarray, opt, params, layer_map: list[int]
     student.train()
     losses, attn_terms, t0 = [], [], time.time()
     for ids in windows(calib, opt.seq_len, opt.batch, opt.steps, seed=getattr(opt, "seed", 0), extra=extra):
-        out = student(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
-        loss = (1 - kd_w) * ce_loss(out.logits, ids) if kd_w < 1 else 0.0
-        if teacher is not None:
-            with torch.no_grad():
-                ref = teacher(ids, use_cache=False, output_hidden_states=hidden_w > 0, output_attentions=attn_w > 0)
-            loss = loss + kd_w * kd_loss(out.logits, ref.logits, opt.temperature)
-            if hidden_w > 0:  # hidden_states[0] is the embedding output; layer j's output is [j + 1]
-                pairs = [(out.hidden_states[j + 1], ref.hidden_states[t + 1]) for j, t in enumerate(layer_map)]
-                loss = loss + hidden_w * sum(((s - h) ** 2).mean() / (h ** 2).mean() for s, h in pairs) / len(pairs)
-            if attn_w > 0:  # attentions[j] is layer j's map
-                term = attention_kl(out.attentions, [ref.attentions[t] for t in layer_map])
-                attn_terms.append(float(term))
-                loss = loss + attn_w * term
+        if on_policy is not None:  # its own loss, on the student's continuations of these windows' prompts
+            loss = on_policy.loss(student, ids)
+        else:
+            loss = kd_step(student, teacher, ids, opt, kd_w, hidden_w, attn_w, layer_map, attn_terms)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optim.step()
         sched.step()
         optim.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     student.eval()
     tail = max(1, len(losses) // 10)
     info = {"steps": len(losses), "loss_first": round(losses[0], 4), "loss_last": round(float(np.mean(losses[-tail:])), 4),
             "train_seconds": round(time.time() - t0, 1), "objective": "kd" if teacher is not None else "ce"}
+    if on_policy is not None:
+        info.update(on_policy.info(time.time() - t0, opt.batch))
     if attn_terms:
         info.update(attention_kl_first=round(attn_terms[0], 6), attention_kl_last=round(float(np.mean(attn_terms[-tail:])), 6))
     return info

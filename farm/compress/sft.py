@@ -8,6 +8,11 @@ every exporter reads; the unmerged adapter is kept beside it (`adapter/`, peft's
 `adapter/adapter-f16.gguf` for llama.cpp: llama-server serves one base with several such adapters, `farm serve
 --lora`).
 
+The chats are curated first (farm/inputs/curate.py, the `curate:` options): duplicates, near duplicates and
+malformed chats dropped, and every chat that shares a 13-word span with an item the sweep scores (its tasks
+section) dropped too — the step refused when too many of the files' chats do, at the sweep's validation already.
+The counts are the step's info (`curate.*`).
+
 Unlike `lora` (healing towards the base model on the calibration text), nothing here reads the calibration
 text or a teacher.
 """
@@ -25,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 
 from farm.compress.common import save_with_tokenizer
 from farm.compress.lora import TARGETS, dense_merge, load_nf4, logit_gap, nf4_only
+from farm.inputs import curate as curation
 from farm.inputs.instructions import IGNORE
 from farm.plugin import PositiveGrid, StepOptions
 
@@ -57,6 +63,8 @@ class Options(StepOptions):
                                           "held-out chats; kept_step in the step's info says which).")
     base_bits: int | None = Field(None, description="4: QLoRA (the base frozen in bitsandbytes NF4); null: LoRA.")
     seed: int = Field(0, ge=0)
+    curate: curation.Curate = Field(default_factory=curation.Curate, description="Curation of the chats before "
+                                  "training: duplicates, malformed chats, and chats holding items the sweep scores.")
 
     _nf4 = field_validator("base_bits")(lambda v: nf4_only(v))
 
@@ -71,11 +79,21 @@ class Options(StepOptions):
         source = values.get("task") or Path((values.get("files") or ["chats"])[0]).stem
         return super().label_of({**values, "source": source})
 
+    @classmethod
+    def with_scored(cls, step: dict, scored: dict[str, str]) -> dict:
+        return curation.with_scored(step, scored)  # curate.scored: the items its chats must not hold
+
     def check(self, shape):
+        from farm.errors import FarmError
         from farm.inputs import taskdata as tasks
         from farm.inputs.instructions import file_problems
 
         problems = [f"files[{i}]: {p}" for i, f in enumerate(self.files) for p in file_problems(f)]
+        if not problems:
+            try:
+                problems += curation.file_problems(self.files, self.curate)
+            except FarmError:  # the task data is not installed: the tasks stage reports it
+                pass
         if self.task is not None and self.task not in tasks.TASKS:
             problems.append(f"task: '{self.task}' is not one of {', '.join(tasks.TASKS)}")
         elif self.task in tasks.MULTIPLE_INPUT:
@@ -148,11 +166,13 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
     torch.manual_seed(opt.seed)
     rng = random.Random(opt.seed)
     tok = load_tokenizer(model_dir)
-    chats = (instructions.from_task(opt.task) if opt.task else []) + instructions.from_files(opt.files)
+    own = instructions.from_task(opt.task) if opt.task else []
+    chats, curated = curation.curate(own, instructions.from_files(opt.files), opt.curate,
+                                   f"sft step '{Options.label_of(opt.model_dump())}'")
     rng.shuffle(chats)
     if len(chats) <= opt.val_examples:
-        raise ValueError(f"sft: {len(chats)} chats, but val_examples holds out {opt.val_examples}; give more data "
-                         "or lower val_examples")
+        raise ValueError(f"sft: {len(chats)} chats (of {curated['read']} read: curation counted {curated}), but "
+                         f"val_examples holds out {opt.val_examples}; give more data or lower val_examples")
     val_chats, train_chats = chats[:opt.val_examples], chats[opt.val_examples:]
     if opt.examples:
         train_chats = train_chats[:opt.examples]
@@ -217,7 +237,7 @@ def apply(model_dir: Path, opt: Options, calib: np.ndarray, out: Path, threads: 
             "val_loss_first": round(curve["val_loss"][0][1], 5), "val_loss_last": round(curve["val_loss"][-1][1], 5),
             "train_seconds": round(train_seconds, 1), "trainable_params": sum(p.numel() for p in params),
             "kept_step": kept_step, "val_loss_kept": round(kept_val, 5), "base_bits": opt.base_bits or 32, "merge_max_abs_logit_diff": round(gap, 6), "adapter_dir": "adapter",
-            "adapter_gguf": adapter_gguf, "curve": curve}
+            "adapter_gguf": adapter_gguf, "curve": curve, **{f"curate.{k}": v for k, v in curated.items()}}
 
 
 def adapter_as_gguf(adapter: Path, model_dir: Path) -> str | None:

@@ -58,11 +58,16 @@ def chat(row: dict) -> list[dict]:
 
 
 def from_files(files: list[str]) -> list[list[dict]]:
+    return [c for _, c in located(files)]
+
+
+def located(files: list[str]) -> list[tuple[str, list[dict]]]:
+    """('file:line', chat) for every chat of the files, in order."""
     out = []
     for f in files:
-        for line in Path(f).expanduser().read_text(encoding="utf-8").splitlines():
+        for n, line in enumerate(Path(f).expanduser().read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
-                out.append(chat(json.loads(line)))
+                out.append((f"{f}:{n}", chat(json.loads(line))))
     return out
 
 

@@ -18,8 +18,8 @@ from farm.export import BASELINE, FORMATS
 from farm.inputs.modelref import contents
 from farm.plan import codeid
 from farm.stages import CHAIN, STAGES
-from farm.stages.common import declared, measurements
-from farm.sweep.spec import Sweep, grid_fields, uses_teacher
+from farm.stages.common import declared, measurements, scored_tasks
+from farm.sweep.spec import Sweep, grid_fields, step_options, uses_teacher
 
 BASELINE_RUNTIME = {"name": FORMATS.options(BASELINE["format"]).RUNTIME}
 BASE, REFERENCE, COMPRESS, EXPORT = CHAIN
@@ -148,6 +148,7 @@ def build(sweep: Sweep) -> Grid:
     if not any(p == [] and v == baseline_variant and BASELINE_RUNTIME in e.runtimes() for p, e, v in plan):
         plan.insert(0, ([], baseline, baseline_variant))
 
+    scored = scored_tasks(sweep.model_dump())  # task items the sweep scores, which a step's data must not hold
     kinds = [(k, declared(k, "PER"), declared(k, "INPUTS")) for k in measurements()]
     # the sections every cell is measured under (base, data, bench, ...), in its spec and flat params
     sections = {m.SECTION: getattr(sweep, m.SECTION).model_dump() for m in STAGES.modules()
@@ -157,8 +158,8 @@ def build(sweep: Sweep) -> Grid:
         model, chain = base, []
         for step in steps:  # shared prefixes map to the same stage ids
             teacher = (base,) if uses_teacher(step["method"]) else ()
-            model = g.add(COMPRESS, with_digests({"step": step}, step.get("files") or []),
-                          (model, reference, *teacher))
+            ran = step_options(step["method"]).with_scored(step, scored)  # what the sweep scores, if it reads it
+            model = g.add(COMPRESS, with_digests({"step": ran}, step.get("files") or []), (model, reference, *teacher))
             chain.append(model)
         src = model
         if variant.source is not None:  # made from the format's shared base-level export

@@ -28,6 +28,16 @@ def measurements(after: bool | None = None) -> list[str]:
     return [m.KIND for m in kinds() if declared(m, "PER") and (after is None or declared(m, "AFTER") == after)]
 
 
+def scored_tasks(data: dict) -> dict[str, str]:
+    """task -> which of its items the sweep scores ('held_out' half or whole 'split'), from every kind that
+    declares `scored(data)`; read from the sweep as plain data (validation reads it before the schema passed)."""
+    out: dict[str, str] = {}
+    for m in kinds():
+        if hasattr(m, "scored"):
+            out.update(m.scored(data))
+    return out
+
+
 def path_keys() -> tuple[str, ...]:
     return tuple(k for m in kinds() for k in declared(m, "PATHS"))
 

@@ -88,6 +88,19 @@ def held_out(sweep, pipelines: list[list[dict]]) -> dict:
     return {**out, "held_out": trained} if trained else out  # unchanged (and its stage ids) without one
 
 
+def scored(data: dict) -> dict[str, str]:
+    """task -> 'held_out' (some step trains on it: its held-out half is scored, as held_out() says) or 'split'
+    (a sample of the whole split), for the sweep as plain data; what an sft step keeps out of its chats."""
+    section = data.get(SECTION)
+    items = section.get("items") if isinstance(section, dict) else None
+    if not isinstance(items, dict):
+        return {}
+    pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
+    trained = {s["task"] for p in pipelines if isinstance(p, list) for s in p
+               if isinstance(s, dict) and isinstance(s.get("task"), str)}
+    return {t: "held_out" if t in trained else "split" for t in sorted(t for t in items if t in TASKS)}
+
+
 def params(ctx: dict) -> dict | None:
     if ctx["sweep"].tasks is None:
         return None

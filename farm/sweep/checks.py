@@ -1,5 +1,6 @@
 """Checks of a sweep against the world, cheap and before any task runs: the files it names exist, its model is
-one farm can open, each step fits the shape of the model entering it, and the calibration text suffices.
+one farm can open, each step fits the shape of the model entering it (and, for a step that learns from data, what
+the sweep scores: StepOptions.with_scored), and the calibration text suffices.
 Works on the raw data, step by step, so these problems are reported together with the schema's."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from farm.export import FORMATS
 from farm.inputs.modelref import EMBEDDED_MODELS, ModelShape, base_config, model_dir_problems, model_kind
 from farm.plugin import Calibrated
 from farm.stages.base import Config as BaseConfig
+from farm.stages.common import scored_tasks
 from farm.stages.reference import Config as DataConfig
 from farm.sweep.messages import _suggest
 
@@ -52,11 +54,13 @@ def check_world(data: dict) -> list[str]:
     d = data.get("data") if isinstance(data.get("data"), dict) else {}
     calib_tokens = d.get("calib_tokens", DataConfig().calib_tokens)
     pipelines = data.get("pipelines") if isinstance(data.get("pipelines"), list) else []
+    scored = scored_tasks(data)  # what a step's data is checked against (farm.plugin.StepOptions.with_scored)
     for i, pipeline in enumerate(pipelines):
         shape = shape0  # the model entering each step (the largest of a grid)
         for j, step in enumerate(pipeline if isinstance(pipeline, list) else []):
             method = step.get("method") if isinstance(step, dict) else None
-            opt = _valid(METHODS.options(method), step) if method in METHODS else None
+            options = METHODS.options(method) if method in METHODS else None
+            opt = _valid(options, options.with_scored(step, scored)) if options else None
             if opt is not None:
                 found, shape = opt.check(shape)
                 found += calibration_problems(opt, calib_tokens)
