@@ -71,9 +71,9 @@ def located(files: list[str]) -> list[tuple[str, list[dict]]]:
     return out
 
 
-def from_task(task: str) -> list[list[dict]]:
-    """The train half of a task's split as chats: lm-eval's prompt as the user's message, the correct choice
-    as the answer (its leading space, lm-eval's target delimiter, dropped)."""
+def from_task(task: str, ids: list[int] | None = None) -> list[list[dict]]:
+    """The train half of a task's split (or the items `ids`) as chats: lm-eval's prompt as the user's message,
+    the correct choice as the answer (its leading space, lm-eval's target delimiter, dropped)."""
     from lm_eval.api.task import ConfigurableTask
 
     from farm.inputs import taskdata as tasks
@@ -83,9 +83,8 @@ def from_task(task: str) -> list[list[dict]]:
     [cfg] = tasks.task_configs([task])
     t = ConfigurableTask(config=cfg)
     docs = t.validation_docs()  # with the task's own process_docs, indexed as lm-eval's doc ids
-    train, _ = tasks.halves(task)
     out = []
-    for i in train:
+    for i in tasks.halves(task)[0] if ids is None else ids:
         doc = docs[i]
         choices, target = t.doc_to_choice(doc), t.doc_to_target(doc)
         answer = choices[target] if isinstance(target, int) else str(target)
