@@ -121,7 +121,7 @@ def test_weights_target_reaches_its_sparsity_and_stays_dense(trained_tiny_dir, t
     assert info["sparsity_achieved"] == pytest.approx(0.6, abs=0.01)
 
 
-def test_a_sparsity_the_model_cannot_take_is_refused_before_work(tiny_model_dir):
+def test_a_sparsity_or_model_it_cannot_take_is_refused_before_work(tiny_model_dir, tmp_path):
     base = f"name: t\nbase: {{model: {tiny_model_dir}}}\nexports: [{{format: gguf, quant: F16}}]\n"
     bad = {"[[{method: movement_pruning, target: heads, sparsity: 0.1}]]": "must remove some but not all",
            "[[{method: movement_pruning, target: mlp, sparsity: 0.01}]]": "keeps all 512 MLP channels",
@@ -129,3 +129,9 @@ def test_a_sparsity_the_model_cannot_take_is_refused_before_work(tiny_model_dir)
     for text, want in bad.items():
         with pytest.raises(SpecError, match=want):
             spec.loads(base + f"pipelines: {text}\n")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(SpecError, match="supports the architectures llama"):
+        spec.loads(base.replace(str(tiny_model_dir), str(gpt2)) +
+                   "pipelines: [[{method: movement_pruning, target: weights, sparsity: 0.5}]]\n")

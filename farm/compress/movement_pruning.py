@@ -30,7 +30,10 @@ from farm.compress.kd import ce_loss, kd_loss, windows
 from farm.compress.prune_heads import head_dim_of, kept_per_group, slice_heads
 from farm.compress.prune_mlp import kept_width, shrink
 from farm.inputs.modelref import ModelShape
-from farm.plugin import FractionGrid, as_list
+from farm.plugin import FractionGrid, architecture_problems, as_list
+
+# decoder blocks at model.model.layers with a gated MLP (gate/up/down_proj) and q/k/v/o_proj attention
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class Options(Training):
@@ -51,7 +54,7 @@ class Options(Training):
     multiple_of: int = Field(64, ge=1, le=4096, description="mlp: the kept width is a multiple of this.")
 
     def check(self, shape: ModelShape):
-        values, problems = as_list(self.sparsity), []
+        values, problems = as_list(self.sparsity), architecture_problems("movement_pruning", shape, SUPPORTED)
         if self.target == "mlp" and shape.intermediate:
             kept = {s: kept_width(shape.intermediate, s, self.multiple_of) for s in values}
             if bad := [s for s, k in kept.items() if k >= shape.intermediate]:
