@@ -57,6 +57,7 @@ def test_a_score_gradient_is_the_movement_of_its_weight():
     torch.testing.assert_close(masked.scores.grad, ref.grad * w)
 
 
+@pytest.mark.slow
 def test_movement_removes_the_channels_that_hurt_the_loss_not_the_small_ones(trained_tiny_dir, tokens):
     """Half of every block's MLP channels get large random output weights (noise that raises the loss):
     by magnitude they would be the last to go; movement pruning on the text's loss removes most of them
@@ -86,6 +87,7 @@ def test_movement_removes_the_channels_that_hurt_the_loss_not_the_small_ones(tra
     assert info["loss_last"] < info["loss_first"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target,sparsity,field,after", [("mlp", 0.5, "intermediate_size", 256),
                                                           ("heads", 0.5, "num_attention_heads", 2)])
 def test_the_saved_smaller_model_computes_what_the_masked_model_computed(trained_tiny_dir, tokens, tmp_path,
@@ -115,6 +117,7 @@ def test_the_saved_smaller_model_computes_what_the_masked_model_computed(trained
     load_model(out)  # loads as an ordinary dense checkpoint
 
 
+@pytest.mark.slow
 def test_weights_target_reaches_its_sparsity_and_stays_dense(trained_tiny_dir, tokens, tmp_path):
     info = run_method("movement_pruning", trained_tiny_dir, {"target": "weights", "sparsity": 0.6, "steps": 3,
                                                              "batch": 2, "seq_len": 32}, tokens, tmp_path, 1)
