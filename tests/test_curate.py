@@ -167,3 +167,6 @@ def test_the_sft_stage_identity_follows_the_tasks_the_sweep_scores(tiny_model_di
     # the cell's label does not change with the default curation
     g = gridmod.build(spec.loads(base.replace("STEP", "") + "tasks: {items: {piqa: 20}}\n"))
     assert [spec.step_label(s) for s in g.cells[-1].spec["compress"]] == ["prune_layers-drop1", "sft-chats-r16"]
+    # ... and curation switched off shows in it, so two cells that differ only there are told apart
+    g = gridmod.build(spec.loads(base.replace("STEP", off) + "tasks: {items: {piqa: 20}}\n"))
+    assert [spec.step_label(s) for s in g.cells[-1].spec["compress"]][-1] == "sft-chats-r16-nodecon"

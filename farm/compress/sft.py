@@ -77,7 +77,9 @@ class Options(StepOptions):
     @classmethod
     def label_of(cls, values: dict) -> str:
         source = values.get("task") or Path((values.get("files") or ["chats"])[0]).stem
-        return super().label_of({**values, "source": source})
+        curate = values.get("curate") if isinstance(values.get("curate"), dict) else {}
+        off = [tag for key, tag in (("decontaminate", "nodecon"), ("dedupe", "nodedupe")) if curate.get(key) is False]
+        return "-".join([super().label_of({**values, "source": source}), *off])
 
     @classmethod
     def with_scored(cls, step: dict, scored: dict[str, str]) -> dict:
