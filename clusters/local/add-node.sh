@@ -21,12 +21,18 @@ fi
 ncpus=$(taskset -c "$CPUSET" nproc)
 n=$(find "$RUN" -maxdepth 1 -name "node-*.pid" | wc -l)
 b=$(( ${FARM_PORT_BASE:-17400} + 20 * n + 20 ))
+# Its own temp dir: Ray unpacks a job's working_dir into <temp dir>/session_*/runtime_resources, and a node's
+# runtime-env agent that first sees a package removes and re-unpacks that directory (overwrite=True). Two raylets
+# sharing one temp dir then pull the code from under each other's running driver and workers
+# (ModuleNotFoundError: farm.run.progress, seen under load); separate machines never share it.
+TMPD="/tmp/farm-ray-$RAY_PORT-$NAME"  # short: Ray's socket paths must fit 107 bytes
+echo "$TMPD" >>"$RUN/ray-temp-dir"
 setsid nohup taskset -c "$CPUSET" ray start --block --disable-usage-stats --address "127.0.0.1:$RAY_PORT" \
   --node-ip-address 127.0.0.1 --num-cpus "$ncpus" --resources '{"bench_slot": 1}' \
   --labels "$(farm labels "farm/node=$NAME" "$@")" \
   --object-manager-port $((b + 2)) --node-manager-port $((b + 3)) --dashboard-agent-listen-port $((b + 4)) \
   --dashboard-agent-grpc-port $((b + 5)) --runtime-env-agent-port $((b + 6)) --metrics-export-port $((b + 7)) \
-  --min-worker-port $((b + 8)) --max-worker-port $((b + 19)) \
+  --min-worker-port $((b + 8)) --max-worker-port $((b + 19)) --temp-dir "$TMPD" \
   >"$RUN/node-$NAME.log" 2>&1 </dev/null &
 echo $! >"$RUN/node-$NAME.pid"
 for i in $(seq 1 60); do

@@ -16,4 +16,7 @@ for f in "$RUN"/node-*.pid "$RUN/ray.pid" "$RUN/mlflow.pid"; do
   echo "farm: stopped $svc"
 done
 rm -f "$RUN/ray-mode"
-if [ -f "$RUN/ray-temp-dir" ]; then rm -rf "$(cat "$RUN/ray-temp-dir")" "$RUN/ray-temp-dir"; fi
+if [ -f "$RUN/ray-temp-dir" ]; then  # the head's and each added node's (add-node.sh), one per line
+  while IFS= read -r d; do [ -n "$d" ] && rm -rf "$d"; done <"$RUN/ray-temp-dir"
+  rm -f "$RUN/ray-temp-dir"
+fi
