@@ -188,8 +188,8 @@ def finalize(model, places: list, opt: Options) -> dict:
     import torch
     from torch.nn.utils import parametrize
 
-    keeps = [lin.parametrizations.weight[0] for lin, *_ in places]
-    keeps = [keep(m.scores.detach(), m.share) for m, (_, _, keep, _) in zip(keeps, places)]
+    keeps = [keep(lin.parametrizations.weight[0].scores.detach(), lin.parametrizations.weight[0].share)
+             for lin, _, keep, _ in places]
     for lin, *_ in places:
         parametrize.remove_parametrizations(lin, "weight", leave_parametrized=True)
     cfg = model.config
