@@ -246,24 +246,36 @@ def parked(home: Path | None = None) -> list[tuple[Path, str]]:
     return [(f, json.loads(f.read_text()).get("last_error", "")) for f in files]
 
 
-def _cell_run_id(c: MlflowClient, record: dict, what: str) -> str:
+def _cell_run(c: MlflowClient, record: dict, what: str):
     found = c.search_runs([record["experiment_id"]], f"tags.`mlflow.parentRunId` = '{record['parent_id']}' and "
                           f"tags.`farm.cell_id` = '{record['cell_id']}'", max_results=1)
     if not found:
         raise FarmError(f"{what} of {record['label']}: its cell run is not in MLflow yet")
-    return found[0].info.run_id
+    return found[0]
+
+
+def _files(c: MlflowClient, run_id: str, files: dict, artifact_uri: str | None) -> None:
+    """Write files into a run's artifacts, at the URI its creation or a search returned where known:
+    MlflowClient.log_artifacts would first fetch the run again only to learn it (one more request per run)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, obj in files.items():
+            _write(Path(d), name, obj)
+        if artifact_uri:
+            get_artifact_repository(artifact_uri).log_artifacts(d)
+        else:
+            c.log_artifacts(run_id, d)
 
 
 def _deliver_update(c: MlflowClient, record: dict) -> None:
-    rid = _cell_run_id(c, record, f"the {record['kind']} results")
+    run = _cell_run(c, record, f"the {record['kind']} results")
+    rid = run.info.run_id
     now = int(time.time() * 1000)
     c.log_batch(rid, metrics=[Metric(k, float(v), now, int(step)) for k, v, step in record.get("metrics") or []],
                 tags=[RunTag(k, str(v)) for k, v in (record.get("tags") or {}).items()])
     if record.get("files"):
-        with tempfile.TemporaryDirectory() as d:
-            for name, obj in record["files"].items():
-                _write(Path(d), name, obj)
-            c.log_artifacts(rid, d)
+        _files(c, rid, record["files"], run.info.artifact_uri)
 
 
 def _deliver(c: MlflowClient, record: dict, path: Path | None) -> None:
@@ -283,7 +295,7 @@ def _deliver(c: MlflowClient, record: dict, path: Path | None) -> None:
         run = found[0] if found else c.create_run(record["experiment_id"], run_name=record["run_name"],
                                                   tags={k: record["tags"][k] for k in
                                                         ("mlflow.parentRunId", "farm.kind", "farm.cell_id")})
-        record["run_id"] = run.info.run_id
+        record["run_id"], record["artifact_uri"] = run.info.run_id, run.info.artifact_uri
         if path is not None:
             storage.atomic_write_text(path, json.dumps(record, default=str))
     rid = record["run_id"]
@@ -297,10 +309,7 @@ def _deliver(c: MlflowClient, record: dict, path: Path | None) -> None:
     for i in range(0, len(points), 1000):  # MLflow takes at most 1000 metrics per batch
         c.log_batch(rid, metrics=points[i:i + 1000])
     if record.get("files"):
-        with tempfile.TemporaryDirectory() as d:
-            for name, obj in record["files"].items():
-                _write(Path(d), name, obj)
-            c.log_artifacts(rid, d)
+        _files(c, rid, record["files"], record.get("artifact_uri"))
     for folder, path in (record.get("artifacts") or {}).items():  # files from storage, logged as they are
         if Path(path).is_file():
             c.log_artifact(rid, path, artifact_path=folder)

@@ -139,6 +139,21 @@ def task_options(stage, bench_cpus: dict[str, int], model_bytes: int | None, tru
     return opts
 
 
+def check_fits(asks: dict[tuple[float, float], str]) -> None:
+    """Each (CPUs, memory bytes) a stage asks for, with what asks it, fits one node: an alive one, or a node type
+    the autoscaler can start (its declared CPU and memory; undeclared counts as enough). Ray would otherwise keep
+    such a stage pending for ever; this refuses the sweep before anything runs."""
+    sizes = [(n["Resources"].get("CPU", 0), n["Resources"].get("memory", 0)) for n in ray.nodes() if n["Alive"]]
+    sizes += [((t.get("resources") or {}).get("CPU", float("inf")), (t.get("resources") or {}).get("memory", float("inf")))
+              for t in node_types().values()]
+    problems = [f"{who}: asks for {cpus:g} CPU(s) and {memory / 2**30:.1f} GiB of memory, which no node has (the "
+                f"largest: {max(c for c, _ in sizes):g} CPUs, {max(m for _, m in sizes) / 2**30:.1f} GiB); lower "
+                "stage_cpus / stage_memory_gb, or add a node that holds it"
+                for (cpus, memory), who in asks.items() if not any(cpus <= c and memory <= m for c, m in sizes)]
+    if problems:
+        raise SpecError(problems, "cluster")
+
+
 def strand(waiting: dict, stranded: dict) -> None:
     """Cancel the node-owning stages (benchmarks, and what reads them) whose target has lost every node it could
     run on (a node died): Ray would keep them pending forever. Every such stage of a cell is cancelled, not only
@@ -150,6 +165,24 @@ def strand(waiting: dict, stranded: dict) -> None:
             stranded.setdefault(cell.id, f"target '{target['name']}' lost every node that matches {target['labels']}; "
                                          "its benchmark was cancelled")
             ray.cancel(ref)
+
+
+def running_tasks(job_id: str, grid) -> dict[str, str] | None:
+    """stage id -> node, for this job's RUNNING tasks (Ray's state API; None if it cannot answer in time)."""
+    try:
+        from ray.util.state import list_tasks
+
+        tasks = list_tasks(filters=[("job_id", "=", job_id), ("state", "=", "RUNNING")], limit=1000,
+                           raise_on_missing_output=False, timeout=10)
+        names = {n["NodeID"]: n.get("Labels", {}).get("farm/node") or n["NodeManagerAddress"] for n in ray.nodes()}
+    except Exception:  # noqa: BLE001 (progress is informative; the sweep goes on without it)
+        return None
+    out = {}
+    for t in tasks:
+        sid = (t.name or "").partition(":")[2]
+        if sid in grid.stages:
+            out[sid] = names.get(t.node_id, (t.node_id or "?")[:8])
+    return out
 
 
 def describe_nodes(address: str) -> str:

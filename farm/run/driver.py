@@ -13,6 +13,7 @@ The driver names no stage kind: what it needs of one it reads from the kind's de
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import time
@@ -23,7 +24,7 @@ import ray
 from farm.errors import SpecError, StageError
 from farm.inputs import modelref
 from farm.plan import grid as gridmod
-from farm.run.cluster import check_targets, exclusive, release_nodes, strand, task_options
+from farm.run.cluster import check_fits, check_targets, exclusive, release_nodes, running_tasks, strand, task_options
 from farm.stages import STAGES
 from farm.stages.common import declared, measurements
 from farm.stages.runner import run_stage
@@ -54,11 +55,13 @@ def submit(grid, sweep, only: list[str] | None = None, refs: dict | None = None)
     stage_memory = int(sweep.stage_memory_gb * 2**30) if sweep.stage_memory_gb else None
     later = set(measurements(after=True))
     refs = dict(refs or {})
-    for sid, stage in grid.stages.items():  # insertion order is topological
-        if (only is None and stage.kind in later) or (only is not None and sid not in only):
-            continue
-        opts = task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory,
-                            sweep.stage_cpus)
+    todo = [(sid, stage, task_options(stage, bench_cpus, model_bytes, sweep.base.trust_remote_code, stage_memory,
+                                      sweep.stage_cpus))
+            for sid, stage in grid.stages.items()  # insertion order is topological
+            if (only is None and stage.kind not in later) or (only is not None and sid in only)]
+    why = "stage_memory_gb" if stage_memory else "three copies of the base model"
+    check_fits({(o["num_cpus"], o["memory"]): f"stage {st.kind} ({why})" for _, st, o in todo if "memory" in o})
+    for sid, stage, opts in todo:
         limit = stage_memory if not exclusive(stage.kind) else None  # a measurement owns its node
         refs[sid] = stage_task.options(**opts).remote(stage, *[refs[d] for d in stage.deps], memory_limit=limit)
     return refs
@@ -91,29 +94,12 @@ def unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def _get(ref):
+def _outcome(fut):
+    """(result, None) or (None, the stage's error) of a finished stage's future."""
     try:
-        return ray.get(ref), None
-    except Exception as e:  # a failed stage, or one whose dependency failed
+        return fut.result(), None
+    except Exception as e:  # a failed stage, or one whose dependency failed, or one cancelled
         return None, unwrap(e)
-
-
-def running_tasks(job_id: str, grid) -> dict[str, str] | None:
-    """stage id -> node, for this job's RUNNING tasks (Ray's state API; None if it cannot answer in time)."""
-    try:
-        from ray.util.state import list_tasks
-
-        tasks = list_tasks(filters=[("job_id", "=", job_id), ("state", "=", "RUNNING")], limit=1000,
-                           raise_on_missing_output=False, timeout=10)
-        names = {n["NodeID"]: n.get("Labels", {}).get("farm/node") or n["NodeManagerAddress"] for n in ray.nodes()}
-    except Exception:  # noqa: BLE001 (progress is informative; the sweep goes on without it)
-        return None
-    out = {}
-    for t in tasks:
-        sid = (t.name or "").partition(":")[2]
-        if sid in grid.stages:
-            out[sid] = names.get(t.node_id, (t.node_id or "?")[:8])
-    return out
 
 
 def exit_code(finished: int, failed: int, later_failed: int = 0) -> int:
@@ -149,17 +135,24 @@ class Job:
 
     def wait(self, sids: list[str], progress, each, tick=None) -> None:
         """Wait for these submitted stages, each(sid) as each finishes, tick() every few seconds whatever happens;
-        a progress line every FARM_PROGRESS_S."""
-        stage_of = {self.refs[s]: s for s in sids}
+        a progress line every FARM_PROGRESS_S. Ray calls back as each result arrives (ObjectRef.future): a
+        completion costs the same however many stages are still pending."""
+        arrived: queue.SimpleQueue = queue.SimpleQueue()
+        left = {s for s in sids if s not in self.outcome}
+        for sid in left:
+            self.refs[sid].future().add_done_callback(lambda fut, sid=sid: arrived.put((sid, fut)))
         last = time.time()
-        while left := [r for r, s in stage_of.items() if s not in self.outcome]:
-            ready, _ = ray.wait(left, num_returns=1, timeout=5)
-            if ready:
-                rest = [r for r in left if r not in ready]
-                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0] if rest else []
-            for ref in ready:
-                sid = stage_of[ref]
-                self.outcome[sid] = result, error = _get(ref)
+        while left:
+            batch = []
+            try:
+                batch.append(arrived.get(timeout=5))
+                while True:
+                    batch.append(arrived.get_nowait())
+            except queue.Empty:
+                pass
+            for sid, fut in batch:
+                left.discard(sid)
+                self.outcome[sid] = result, error = _outcome(fut)
                 if error is None:
                     progress.stage_finished(sid, result)
                 else:
@@ -168,7 +161,7 @@ class Job:
             if tick is not None:
                 tick()
             now = time.time()
-            if now - last >= self.every and any(s not in self.outcome for s in sids):
+            if now - last >= self.every and left:
                 self.report(progress, now)
                 last = now
 
@@ -178,26 +171,35 @@ class Job:
         grid = self.grid
         self.refs = refs
         pending = {cell.id: cell for cell in grid.cells}
+        needs = {c.id: {c.stages[k] for k in self.first if k in c.stages} for c in grid.cells}
+        readers: dict[str, list] = {}  # stage id -> the cells waiting for it
+        for c in grid.cells:
+            for sid in needs[c.id]:
+                readers.setdefault(sid, []).append(c)
         stranded: dict[str, str] = {}  # cell id -> why a benchmark of it can no longer run anywhere
         failed, last_strand = 0, time.time()
 
-        def each(_sid):
+        def log(cell):
             nonlocal failed
-            for cell in [c for c in pending.values() if all(c.stages[k] in self.outcome for k in self.first
-                                                            if k in c.stages)]:
-                results = {k: self.outcome[c_sid][0] for k in self.first if (c_sid := cell.stages.get(k))}
-                errors = [self.outcome[cell.stages[k]][1] for k in self.first if k in cell.stages]
-                export, err = self.outcome.get(cell.export, (None, None))
-                errors.append(err)
-                error = StageError(stranded[cell.id]) if cell.id in stranded else next(
-                    (e for e in errors if e is not None), None)
-                steps = [self.outcome.get(s, (None, None))[0] for s in cell.compress]
-                self.log.log_cell(cell, export, {k: r for k, r in results.items() if r is not None}, error=error,
-                                  steps=steps)
-                del pending[cell.id]
-                failed += error is not None
-                self.progress.cell_logged(error is not None)
-                print_cell(len(grid.cells) - len(pending), len(grid.cells), cell, results, error)
+            results = {k: self.outcome[c_sid][0] for k in self.first if (c_sid := cell.stages.get(k))}
+            errors = [self.outcome[cell.stages[k]][1] for k in self.first if k in cell.stages]
+            export, err = self.outcome.get(cell.export, (None, None))
+            errors.append(err)
+            error = StageError(stranded[cell.id]) if cell.id in stranded else next(
+                (e for e in errors if e is not None), None)
+            steps = [self.outcome.get(s, (None, None))[0] for s in cell.compress]
+            self.log.log_cell(cell, export, {k: r for k, r in results.items() if r is not None}, error=error,
+                              steps=steps)
+            del pending[cell.id]
+            failed += error is not None
+            self.progress.cell_logged(error is not None)
+            print_cell(len(grid.cells) - len(pending), len(grid.cells), cell, results, error)
+
+        def each(sid):
+            for cell in readers.pop(sid, ()):
+                needs[cell.id].discard(sid)
+                if not needs[cell.id]:
+                    log(cell)
 
         def tick():
             nonlocal last_strand
@@ -209,6 +211,8 @@ class Job:
                 self.log.flush()  # cells queued while MLflow was unreachable
                 last_strand = now
 
+        for cell in [c for c in grid.cells if not needs[c.id]]:  # nothing to measure single-stream
+            log(cell)
         self.wait(list(self.refs), self.progress, each, tick)
         self.log.progress(self.progress.line())
         return failed
@@ -330,7 +334,8 @@ def run(path: str) -> int:
     text = Path(path).read_text(encoding="utf-8")  # read once: ray.init may change the working directory
     sweep = specmod.loads(text, path)  # raises SpecError before anything is written anywhere
     grid = gridmod.build(sweep)
-    ray.init(address="auto", log_to_driver=False)
+    if not ray.is_initialized():  # the cluster simulation (benchmarks/simcluster.py) connects first
+        ray.init(address="auto", log_to_driver=False)
     refs = submit(grid, sweep)  # check_targets may raise: still nothing written to MLflow
     log = outbox.SweepLog(sweep, grid, text)
 
