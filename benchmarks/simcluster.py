@@ -352,7 +352,21 @@ def main() -> None:
               f"{r['makespan_over_ideal']} x ideal, reruns {r['reruns_after_publishing']}, bench shared "
               f"{r['exclusivity']['shared_with_another_stage']}", flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"cpu": cpu_name(), "results": results}, indent=1))
+        a.out.write_text(json.dumps({"cpu": cpu_name(), "command": " ".join(sys.argv), "results": results}, indent=1))
+        a.out.with_suffix(".md").write_text(table(results, cpu_name(), " ".join(sys.argv)))
+
+
+def table(results: list[dict], cpu: str, command: str) -> str:
+    """The results as a Markdown table (benchmarks/results/simcluster-*.md is written by --out)."""
+    rows = ["| cells | stages | driver CPU ms/stage (all) | main loop ms/stage | MLflow requests/cell | makespan s "
+            "| ideal s | runner overhead s/stage | cells logged once | reruns | node-owning stages shared |",
+            "|" + " --- |" * 11]
+    for r in results:
+        rows.append(f"| {r['cells']} | {r['stages']} | {r['driver_cpu_ms_per_stage']} | {r['loop_cpu_ms_per_stage']} "
+                    f"| {r['mlflow']['per_cell']} | {r['makespan_s']} | {r['ideal_s']} | {r['runner_overhead_mean_s']} "
+                    f"| {r['cell_runs_distinct']} of {r['cells']} | {r['reruns_after_publishing']} "
+                    f"| {r['exclusivity']['shared_with_another_stage']} of {r['exclusivity']['node_owning_stages']} |")
+    return f"CPU: {cpu}. Command: `{command}`.\n\n" + "\n".join(rows) + "\n"
 
 
 def cpu_name() -> str:

@@ -101,3 +101,43 @@ def test_a_stage_no_node_can_hold_is_refused_before_anything_runs(monkeypatch):
     # a node type the autoscaler can start that holds it makes it feasible
     monkeypatch.setattr(cluster, "node_types", lambda: {"big": {"resources": {"CPU": 8, "memory": 64 * 2**30}}})
     cluster.check_fits({(5, 20 * 2**30): "stage compress"})
+
+
+def _bench_node(cpus, **labels):
+    return {"Alive": True, "NodeID": f"n{cpus}{len(labels)}", "Labels": labels,
+            "Resources": {"CPU": float(cpus), "bench_slot": 1.0, "memory": 2**34}}
+
+
+def test_a_target_over_bench_nodes_of_two_sizes_is_refused(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    import pytest
+
+    from farm.errors import SpecError
+    from farm.run import cluster
+
+    monkeypatch.setattr(cluster, "node_types", lambda: {})
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: [_bench_node(8, **{"farm/isa": "amx", "farm/cores": "8"}),
+                                                       _bench_node(4, **{"farm/isa": "amx", "farm/cores": "4"})])
+    with pytest.raises(SpecError) as e:  # a bench of 4 CPUs would share the 8-CPU node with other stages
+        cluster.check_targets(NS(targets=[NS(name="amx", labels={"farm/isa": "amx"})]))
+    assert "targets[0] 'amx'" in str(e.value) and "4, 8 CPUs" in str(e.value) and "farm/cores" in str(e.value)
+    one_size = NS(targets=[NS(name="amx8", labels={"farm/isa": "amx", "farm/cores": "8"})])
+    assert cluster.check_targets(one_size) == {"amx8": 8}
+
+
+def test_with_an_autoscaler_every_target_holds_its_bench_node_for_the_job(monkeypatch):
+    from types import SimpleNamespace as NS
+
+    import ray.autoscaler.sdk
+
+    from farm.run import cluster
+
+    asked = []
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda **k: asked.append(k))
+    types = {"spr": {"labels": {"farm/isa": "amx"}, "resources": {"CPU": 8, "bench_slot": 1}, "max_workers": 2}}
+    monkeypatch.setattr(cluster, "node_types", lambda: types)
+    monkeypatch.setattr(cluster.ray, "nodes", lambda: [_bench_node(8, **{"farm/isa": "amx"})])
+    # its node is up: no waiting, but a standing request, so that the idle node is not scaled away mid-job
+    assert cluster.check_targets(NS(targets=[NS(name="amx", labels={"farm/isa": "amx"})])) == {"amx": 8}
+    assert asked == [{"bundles": [{"bench_slot": 1}], "bundle_label_selectors": [{"farm/isa": "amx"}]}]

@@ -48,20 +48,31 @@ def node_types() -> dict[str, dict]:
 
 
 def check_targets(sweep) -> dict[str, int]:
-    """target name -> CPUs a benchmark there reserves; a target no node satisfies is a SpecError. A target
-    only a node type of the autoscaler satisfies (min_workers: 0) is valid: its node is asked for and waited on."""
+    """target name -> CPUs a benchmark there reserves (every CPU of each of its nodes); a target no node satisfies,
+    or whose bench nodes differ in size (a benchmark would not own the larger ones), is a SpecError. A target
+    only a node type of the autoscaler satisfies (min_workers: 0) is valid: its node is asked for and waited on.
+    With an autoscaler, every target holds a standing request for one bench node until the job ends, so that
+    idle bench nodes are not scaled away while the job compresses for hours."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     types = node_types()
     inventory = "\n".join(
         [f"      node {n['NodeID'][:12]}: {n.get('Labels', {})} resources {dict(n['Resources'])}" for n in nodes]
         + [f"      node type {k} (autoscaled): {t.get('labels', {})} resources {t.get('resources', {})}"
            for k, t in types.items()])
-    problems, wanted = [], {}
+    problems, wanted, held = [], {}, {}
     for i, t in enumerate(sweep.targets):
-        if _bench_nodes(t.labels, nodes):
-            continue
         startable = [k for k, nt in types.items() if selector_matches(t.labels, nt.get("labels") or {})
                      and (nt.get("resources") or {}).get(BENCH_SLOT, 0) >= 1]
+        sizes = {int(n["Resources"].get("CPU", 1)) for n in _bench_nodes(t.labels, nodes)}
+        sizes |= {int(types[k]["resources"]["CPU"]) for k in startable if "CPU" in types[k]["resources"]}
+        if len(sizes) > 1:
+            problems.append(f"targets[{i}] '{t.name}': labels {t.labels} match bench nodes of different sizes "
+                            f"({', '.join(map(str, sorted(sizes)))} CPUs); a benchmark owns a whole node, so give the "
+                            f"target labels that pick one size (e.g. farm/cores); the cluster has:\n{inventory}")
+        if startable:
+            held[t.name] = (t.labels, startable)
+        if _bench_nodes(t.labels, nodes):
+            continue
         if startable:
             wanted[t.name] = (t.labels, startable)
         else:
@@ -69,6 +80,8 @@ def check_targets(sweep) -> dict[str, int]:
                             f"autoscaler can start, matches labels {t.labels}; the cluster has:\n{inventory}")
     if problems:
         raise SpecError(problems, "cluster")
+    if held:
+        hold_nodes(held)
     if wanted:
         scale_up(wanted)
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -84,14 +97,19 @@ def _bench_nodes(labels: dict, nodes: list[dict]) -> list[dict]:
 SCALE_UP_WAIT_S = 900.0
 
 
-def scale_up(wanted: dict[str, tuple[dict, list[str]]]) -> None:
-    """Ask the autoscaler for one benchmark node per target (a bench slot under the target's labels) and
-    wait until each has one. The request stands for the rest of the job, so an idle node is not scaled
-    away before its benchmarks are scheduled; the next job's request (or `release_nodes`) replaces it."""
+def hold_nodes(held: dict[str, tuple[dict, list[str]]]) -> None:
+    """Ask the autoscaler for one benchmark node per target (a bench slot under the target's labels), whether one
+    is up or not: the request stands for the rest of the job, so an idle bench node is neither scaled away before
+    its benchmarks are scheduled nor left unreplaced when it is lost; the next job's request (or `release_nodes`)
+    replaces it."""
     from ray.autoscaler.sdk import request_resources
 
-    request_resources(bundles=[{BENCH_SLOT: 1} for _ in wanted],
-                      bundle_label_selectors=[dict(labels) for labels, _ in wanted.values()])
+    request_resources(bundles=[{BENCH_SLOT: 1} for _ in held],
+                      bundle_label_selectors=[dict(labels) for labels, _ in held.values()])
+
+
+def scale_up(wanted: dict[str, tuple[dict, list[str]]]) -> None:
+    """Wait until each target the autoscaler was asked a node for (hold_nodes) has one."""
     wait = float(os.environ.get("FARM_SCALE_UP_WAIT_S", SCALE_UP_WAIT_S))
     deadline, t0 = time.time() + wait, time.time()
     for name, (labels, types) in wanted.items():
