@@ -90,5 +90,21 @@ def test_benchmarks_are_reused_only_where_the_reuse_policy_allows(monkeypatch):
     assert name("same_host") != here
     host["model_name"], host["hostname"] = "AMD EPYC", "b"
     assert name("same_host") != here
+    # same_kind (the default): another host of the same kind reuses it; another CPU, other labels or other
+    # library versions do not
+    def kind_name(labels=None):
+        return stages.storage_name(Stage("abc", "bench", {"bench": {}}, ()), None, labels)
+
+    host.update(family="zen4", isa="avx512", numa_nodes=1)
+    labels = {"farm/node": "a", "farm/isa": "avx512"}
+    mine = kind_name(labels)
+    host["hostname"] = "autoscaled-7"
+    assert kind_name({**labels, "farm/node": "b"}) == mine  # a new host name and node name: the same kind
+    assert kind_name({**labels, "farm/isa": "avx2"}) != mine
+    host["model_name"] = "AMD EPYC 9R14"
+    assert kind_name(labels) != mine
+    host["model_name"] = "AMD EPYC"
+    monkeypatch.setattr(stages, "library_versions", lambda: {"llama-cpp-python": "0.0.1"})
+    assert kind_name(labels) != mine
     never = name("never", job="a-job")
     assert name("never", job="a-job") == never and name("never", job="another-job") != never  # each job anew

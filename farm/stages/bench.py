@@ -47,12 +47,13 @@ class BenchSpec(Strict):
     pinning: Literal["compact", "spread", "none"] = Field(
         "compact", description="Which cores a benchmark's threads are pinned to: 'compact' neighbouring cores "
         "(shared caches), 'spread' one per physical core round-robin over sockets, 'none' no pinning.")
-    reuse: Literal["always", "same_host", "never"] = Field(
-        "same_host", description="When a resubmitted sweep reuses an earlier benchmark (single-stream, roofline "
-        "and serve) of the same cell and "
-        "target: 'same_host' only if it was measured on this very machine (host name, CPU model, cores, "
-        "memory), 'always' wherever it was measured, 'never' (measure again in every job). A front then never "
-        "mixes machines silently; each cell records when and where it was measured.")
+    reuse: Literal["always", "same_kind", "same_host", "never"] = Field(
+        "same_kind", description="When a resubmitted sweep reuses an earlier benchmark (single-stream, roofline "
+        "and serve) of the same cell and target: 'same_kind' only if it was measured on a machine of the same kind "
+        "(CPU model, family, ISA, CPUs, memory, NUMA nodes, node labels but farm/node, library versions), "
+        "wherever its host name (an autoscaled node replacing another); 'same_host' only on this very machine; "
+        "'always' wherever it was measured; 'never' (measure again in every job). A front then never mixes "
+        "kinds of machine silently; each cell records when and where it was measured.")
     prompt_tokens: int = Field(128, ge=8, le=8192)
     decode_tokens: int = Field(64, ge=4, le=4096)
     warmup: int = Field(1, ge=0, le=20)
@@ -115,7 +116,7 @@ def run(stage, deps: list[dict], out: Path) -> dict:
 
 
 def reuse(stage) -> str:
-    return stage.params["bench"].get("reuse", "same_host")
+    return stage.params["bench"].get("reuse", "same_kind")
 
 
 def stands(result: dict) -> bool:

@@ -58,17 +58,24 @@ def local(dep: dict) -> dict:
     return {k: str(storage.here(v, dep.get("pins"))) if k in keys else v for k, v in dep.items()}
 
 
-def storage_name(stage, job: str | None = None) -> str:
+def storage_name(stage, job: str | None = None, labels: dict | None = None) -> str:
     """Where a stage's result is kept. A benchmark measures a machine at a time, so under its kind's reuse
-    policy (the sweep's bench.reuse) its name also carries the machine (same_host: host name, CPU model, cores,
-    memory of the node running it now) or the Ray job (never): another machine, or another job, measures anew
+    policy (the sweep's bench.reuse) its name also carries what decides its speed (same_kind: CPU model, family,
+    ISA, CPUs, memory, NUMA nodes, the Ray node's labels but its name, the libraries' versions, so that a node
+    the autoscaler starts in place of another of its kind reuses what that one measured; same_host: this very
+    machine, host name included) or the Ray job (never): another kind of machine, or another job, measures anew
     rather than reusing a figure from elsewhere. 'always' (every kind without a policy) keeps the content id.
-    job: the Ray job running it (the driver says; else this process stands for the job)."""
+    job: the Ray job running it (the driver says; else this process stands for the job); labels: its node's."""
     reuse = getattr(STAGES.get(stage.kind), "reuse", None)
     policy = reuse(stage) if reuse else "always"
     if policy == "always":
         return stage.name
-    if policy == "same_host":
+    if policy == "same_kind":
+        f = nodes.facts()
+        key = [f["model_name"], f.get("family"), f.get("isa"), f["logical_cpus"], f["memory_gb"], f.get("numa_nodes"),
+               len(os.sched_getaffinity(0)), sorted((k, v) for k, v in (labels or {}).items() if k != "farm/node"),
+               sorted(library_versions().items())]
+    elif policy == "same_host":
         f = nodes.facts()
         key = [f["hostname"], f["model_name"], f["logical_cpus"], f["memory_gb"], sorted(os.sched_getaffinity(0))]
     else:
@@ -86,7 +93,7 @@ PROCESS_START = time.time()
 def run_stage(stage, deps: list[dict], node: dict | None = None) -> dict:
     """Run a stage, or return its stored result. `node`: where it runs (recorded with the result)."""
     started = time.time()  # before the look-up: a run that finds nothing began before any other run's end
-    name = storage_name(stage, (node or {}).get("job_id"))
+    name = storage_name(stage, (node or {}).get("job_id"), (node or {}).get("node_labels"))
     final = storage.stage_dir(name)
     # the manifests of every stage this one reads from, as the driver holds them (a remote store only)
     pins = {k: v for d in deps for k, v in (d.get("pins") or {}).items()}
