@@ -274,6 +274,23 @@ def main(argv: list[str] | None = None) -> int:
     except FarmError as e:
         print(f"farm: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+        print(f"farm: MLflow at {uri} is unreachable ({type(e).__name__}); start the local farm with `make up`, or "
+              "point MLFLOW_TRACKING_URI at your tracking server", file=sys.stderr)
+        return 1
+
+
+def unreachable(e: BaseException) -> bool:
+    """An error that only says the MLflow server could not be reached (the client wraps urllib3's)."""
+    import requests
+
+    text = str(e)
+    return isinstance(e, requests.exceptions.ConnectionError) or (
+        type(e).__name__ == "MlflowException" and ("Failed to establish a new connection" in text
+                                                   or "Max retries exceeded" in text))
 
 
 if __name__ == "__main__":

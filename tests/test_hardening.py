@@ -301,3 +301,18 @@ def test_the_torch_baseline_prefills_like_a_serving_engine_last_logits_only(tiny
     tokens = list(range(5, 25))
     assert np.allclose(rt.prefill(tokens), rt.logits(tokens)[-1], atol=1e-4)
     assert rt.settings["prefill_logits"] == "last"
+
+
+def test_farm_status_with_mlflow_down_says_so_without_a_traceback(monkeypatch, capsys):
+    import socket
+
+    from farm import cli
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert cli.main(["status", "demo"]) == 1
+    err = capsys.readouterr().err
+    assert f"MLflow at http://127.0.0.1:{port} is unreachable" in err and "Traceback" not in err
