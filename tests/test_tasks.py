@@ -5,6 +5,7 @@ against lm-eval's own Hugging Face model on a tiny model whose tokenizer adds a 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -245,3 +246,19 @@ def test_the_consistency_gate_is_not_skipped_silently_when_a_runtimes_full_preci
     row = {"id": q4.id, "metrics": {"task_consistency": share[q4.id]}}
     ok, why = pareto.feasible(row, [{"metric": "task_consistency", "min": 0.9}], None, later())
     assert not ok and why == "task_consistency could not be measured"
+
+
+def test_scoring_every_item_of_a_split_sizes_its_time_limit_by_the_items(monkeypatch, tmp_path):
+    """items: {task: all} (the held-out half of a task some step trains on) used to fail before scoring began:
+    the time limit summed the item counts, and 'all' is not a number."""
+    from farm.inputs.taskdata import halves
+    from farm.measure import isolate, tasks
+
+    asked = {}
+    monkeypatch.setattr(isolate, "timeout_for", lambda artifact, prefill: asked.setdefault("prefill", prefill))
+    monkeypatch.setattr(isolate, "run_child", lambda args, *a: Path(args[8]).write_text("{}"))
+    artifact = tmp_path / "model.gguf"
+    artifact.write_bytes(b"x")
+    out = tasks.score_isolated({"name": "llamacpp"}, artifact, tmp_path, {"arc_easy": "all", "piqa": 3}, 0, 1,
+                               tmp_path / "tasks.json", held_out=["arc_easy"])
+    assert out == {} and asked["prefill"] == (len(halves("arc_easy")[1]) + 3) * tasks.CHOICE_TOKENS

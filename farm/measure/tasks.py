@@ -204,13 +204,15 @@ def score_isolated(runtime: dict, artifact: Path, tokenizer_dir: Path, items: di
     """`score` in a child process (farm.isolate): a runtime that crashes is reported as a crash."""
     import json
 
+    from farm.inputs.taskdata import sample
     from farm.measure.isolate import run_child, timeout_for
     from farm.runtimes import RUNTIMES
 
+    n_items = sum(len(sample(t, n, seed, t in held_out)) for t, n in items.items())  # 'all' is a split's size
     run_child(["-m", "farm.measure.tasks", json.dumps(runtime), str(artifact), str(tokenizer_dir), json.dumps(items),
                str(seed), str(threads), str(out_json), json.dumps(list(held_out)), json.dumps(chat)],
               RUNTIMES.options(runtime["name"]).TITLE, f"scoring tasks on {what or runtime['name']}",
-              timeout_for(artifact, prefill=sum(items.values()) * CHOICE_TOKENS))
+              timeout_for(artifact, prefill=n_items * CHOICE_TOKENS))
     return json.loads(out_json.read_text())
 
 
