@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -260,6 +261,10 @@ def one(cells: int, scale: float, bench_nodes: int, build_nodes: int, cpus: int,
     os.environ.update({"RAY_TMPDIR": str(home), "FARM_HOME": str(home), "FARM_STAGE_WORK": "benchmarks.simcluster:work",
                        "FARM_SIM_SCALE": str(scale), "FARM_PROGRESS_S": "60",
                        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+    token = home / "auth_token"  # token authentication on, as on the farm's clusters, with the simulation's own token
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     mlflow_proc, uri, mlflow_log = start_mlflow(home, workers)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     cluster, nodes, total_cpus = start_cluster(bench_nodes, build_nodes, cpus, home / "ray")
